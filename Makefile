@@ -1,0 +1,26 @@
+# make example / make test: each sets up a local .venv on a fresh machine, then runs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fxscale-installed
+
+.PHONY: example test lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# The local CPU wheel of torch installs in seconds; an unpinned torch would pull a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q "torch>=2.5" --index-url https://download.pytorch.org/whl/cpu
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+example: $(STAMP)
+	$(PY) examples/mlp.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(PY) -m pip install -q ruff && $(PY) -m ruff check fxscale passes tests examples benchmarks
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,6 @@
+"""fxscale: scaled low-precision tensors with compile-time, never-overflow scales."""
+
+from . import ops  # noqa: F401  (registers torch.ops.fxscale.*)
+from .formats import FORMATS, Format, get_format, wasted_bits
+
+__all__ = ["FORMATS", "Format", "get_format", "wasted_bits"]

@@ -1,0 +1,211 @@
+"""The custom ops that transformed graphs call: ``torch.ops.fxscale.*``.
+
+Each op has a reference implementation (used on the CPU, and on any device without a
+faster kernel) and a fake implementation, so graphs that call them can be exported and
+``torch.compile``d. Faster device kernels register themselves in :mod:`fxscale.kernels`.
+
+Conventions shared by every op:
+
+* a scaled value travels as ``data`` (a tensor in a low-precision format) and ``scale``
+  (a 0-d float32 tensor): the value is ``data * scale``;
+* ``fmt`` is a format name from :data:`fxscale.formats.FORMATS`;
+* weights are stored ``(N, K)`` row-major like ``nn.Linear.weight`` (so ``w.t()`` is the
+  column-major ``(K, N)`` operand that ``torch._scaled_mm`` wants);
+* ``activation`` is one of :data:`ACTIVATIONS`, applied after bias, before the output cast;
+* matmuls accumulate in float32 (float64 on the CPU for integer formats: exact).
+
+>>> import torch, fxscale.ops
+>>> x = torch.tensor([[1.0, -2.0]])
+>>> d = torch.ops.fxscale.quantise(x, torch.tensor(0.5), "float8_e4m3fn")
+>>> torch.ops.fxscale.dequantise(d, torch.tensor(0.5), torch.float32)
+tensor([[ 1., -2.]])
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .formats import get_format
+
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+
+
+def apply_activation(y: Tensor, activation: str) -> Tensor:
+    """Apply one of :data:`ACTIVATIONS` to ``y``."""
+    if activation == "none":
+        return y
+    if activation == "relu":
+        return torch.relu(y)
+    if activation == "gelu":
+        return F.gelu(y)
+    if activation == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    if activation == "silu":
+        return F.silu(y)
+    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def _upcast(data: Tensor) -> Tensor:
+    """Data to the type the reference accumulates in (exact for every format)."""
+    return data.to(torch.float32 if data.dtype.is_floating_point else torch.float64)
+
+
+def row_stats(y: Tensor) -> Tensor:
+    """``[max |y|, max L2 norm along the last dim]`` as a float32 tensor of 2 (NaN propagates)."""
+    y32 = y.detach().to(torch.float32)
+    if y32.numel() == 0:
+        return torch.zeros(2, dtype=torch.float32, device=y.device)
+    amax = y32.abs().amax()
+    rn = torch.linalg.vector_norm(y32, dim=-1).amax() if y32.dim() else amax
+    nan = torch.isnan(y32).any()
+    out = torch.stack([amax, rn])
+    return torch.where(nan, torch.full_like(out, float("nan")), out)
+
+
+# ---------------------------------------------------------------------------- quantise
+@torch.library.custom_op("fxscale::quantise", mutates_args=())
+def quantise(x: Tensor, scale: Tensor, fmt: str) -> Tensor:
+    """``data = cast(x / scale)`` into ``fmt`` (saturating; NaN/Inf stay non-finite)."""
+    f = get_format(fmt)
+    return f.cast(x.to(torch.float32) / scale)
+
+
+@quantise.register_fake
+def _(x, scale, fmt):
+    return torch.empty_like(x, dtype=get_format(fmt).dtype)
+
+
+@torch.library.custom_op("fxscale::dequantise", mutates_args=())
+def dequantise(data: Tensor, scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """``data * scale`` in ``out_dtype``."""
+    return (data.to(torch.float32) * scale).to(out_dtype)
+
+
+@dequantise.register_fake
+def _(data, scale, out_dtype):
+    return torch.empty_like(data, dtype=out_dtype)
+
+
+@torch.library.custom_op("fxscale::stats", mutates_args=())
+def stats(x: Tensor) -> Tensor:
+    """Run-time ``[max |x|, max row L2 norm]`` (one pass): the measurement behind a dynamic scale."""
+    return row_stats(x)
+
+
+@stats.register_fake
+def _(x):
+    return x.new_empty(2, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------- linear
+def _linear_ref(x, x_scale, w, w_scale, bias, activation) -> Tensor:
+    acc = torch.matmul(_upcast(x), _upcast(w).t()).to(torch.float32)
+    y = acc * (x_scale * w_scale)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return apply_activation(y, activation)
+
+
+@torch.library.custom_op("fxscale::scaled_linear", mutates_args=())
+def scaled_linear(
+    x: Tensor,
+    x_scale: Tensor,
+    w: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    activation: str,
+    out_scale: Tensor | None,
+    out_fmt: str | None,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """``act(x @ w.T * x_scale * w_scale + bias)``; x ``(..., K)``, w ``(N, K)``.
+
+    With ``out_fmt`` the result is quantised with the static ``out_scale`` and returned as
+    data in ``out_fmt``; otherwise it is returned in ``out_dtype``.
+    """
+    y = _linear_ref(x, x_scale, w, w_scale, bias, activation)
+    if out_fmt is not None:
+        return get_format(out_fmt).cast(y / out_scale)
+    return y.to(out_dtype)
+
+
+@scaled_linear.register_fake
+def _(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype):
+    dt = get_format(out_fmt).dtype if out_fmt is not None else out_dtype
+    return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=dt)
+
+
+@torch.library.custom_op("fxscale::scaled_linear_requantise", mutates_args=())
+def scaled_linear_requantise(
+    x: Tensor,
+    x_scale: Tensor,
+    w: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    activation: str,
+    out_fmt: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Like :func:`scaled_linear`, but the output scale comes from the result's own amax.
+
+    Returns ``(data, scale, stats)``: the result quantised into ``out_fmt`` with the power of
+    two scale that fits its max |value|, that scale, and ``stats = [amax, max row norm]`` of
+    the high-precision result (the measurement a requantise restarts the bounds from).
+    This is the requantise fused into its producer: the bits are never lost to a loose scale.
+    """
+    y = _linear_ref(x, x_scale, w, w_scale, bias, activation)
+    f = get_format(out_fmt)
+    st = row_stats(y)
+    scale = f.scale_tensor(st[0])
+    return f.cast(y / scale), scale, st
+
+
+@scaled_linear_requantise.register_fake
+def _(x, x_scale, w, w_scale, bias, activation, out_fmt):
+    data = x.new_empty((*x.shape[:-1], w.shape[0]), dtype=get_format(out_fmt).dtype)
+    return data, x.new_empty((), dtype=torch.float32), x.new_empty(2, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------- matmul / conv
+@torch.library.custom_op("fxscale::scaled_matmul", mutates_args=())
+def scaled_matmul(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """``(a @ b) * a_scale * b_scale`` for two scaled activations (broadcasting batch dims)."""
+    acc = torch.matmul(_upcast(a), _upcast(b)).to(torch.float32)
+    return (acc * (a_scale * b_scale)).to(out_dtype)
+
+
+@scaled_matmul.register_fake
+def _(a, a_scale, b, b_scale, out_dtype):
+    shape = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
+    return a.new_empty(shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("fxscale::scaled_conv2d", mutates_args=())
+def scaled_conv2d(
+    x: Tensor,
+    x_scale: Tensor,
+    w: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """2-D convolution of scaled input and weight, accumulated in float32 (reference only)."""
+    acc = F.conv2d(_upcast(x), _upcast(w), None, stride, padding, dilation, groups).to(torch.float32)
+    y = acc * (x_scale * w_scale)
+    if bias is not None:
+        y = y + bias.to(torch.float32).reshape(1, -1, 1, 1)
+    return y.to(out_dtype)
+
+
+@scaled_conv2d.register_fake
+def _(x, x_scale, w, w_scale, bias, stride, padding, dilation, groups, out_dtype):
+    h, wd = x.shape[-2:]
+    kh, kw = w.shape[-2:]
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return x.new_empty((*x.shape[:-3], w.shape[0], oh, ow), dtype=out_dtype)
