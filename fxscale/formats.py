@@ -98,7 +98,7 @@ class Format:
             else:
                 y = torch.where(torch.isinf(x), x, y)
             return y.to(self.dtype)
-        if not bool(torch.isfinite(x).all()):
+        if _concrete() and not bool(torch.isfinite(x).all()):
             raise ValueError(
                 f"{self.name} has no NaN/Inf: cannot store a non-finite value; "
                 "check the model input or use a float8 format"
@@ -107,6 +107,13 @@ class Format:
 
     def info(self) -> torch.finfo | torch.iinfo:
         return torch.finfo(self.dtype) if self.is_float else torch.iinfo(self.dtype)
+
+
+def _concrete() -> bool:
+    """True outside tracing (export / compile), where a data-dependent check is allowed."""
+    from torch._guards import detect_fake_mode
+
+    return not torch.compiler.is_compiling() and detect_fake_mode() is None
 
 
 def pow2_scale(ratio: float) -> float:

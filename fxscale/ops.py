@@ -65,38 +65,33 @@ def row_stats(y: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- quantise
-@torch.library.custom_op("fxscale::quantise", mutates_args=())
+# quantise / dequantise / stats are CompositeImplicitAutograd: they show up by name in the
+# transformed GraphModule, and decompose into plain aten ops when exported or compiled, so
+# inductor fuses them into their neighbours (the cast into the producer's epilogue).
+_lib = torch.library.Library("fxscale", "FRAGMENT")
+_lib.define("quantise(Tensor x, Tensor scale, str fmt) -> Tensor")
+_lib.define("dequantise(Tensor data, Tensor scale, ScalarType out_dtype) -> Tensor")
+_lib.define("stats(Tensor x) -> Tensor")
+
+
 def quantise(x: Tensor, scale: Tensor, fmt: str) -> Tensor:
     """``data = cast(x / scale)`` into ``fmt`` (saturating; NaN/Inf stay non-finite)."""
-    f = get_format(fmt)
-    return f.cast(x.to(torch.float32) / scale)
+    return get_format(fmt).cast(x.to(torch.float32) / scale)
 
 
-@quantise.register_fake
-def _(x, scale, fmt):
-    return torch.empty_like(x, dtype=get_format(fmt).dtype)
-
-
-@torch.library.custom_op("fxscale::dequantise", mutates_args=())
 def dequantise(data: Tensor, scale: Tensor, out_dtype: torch.dtype) -> Tensor:
     """``data * scale`` in ``out_dtype``."""
     return (data.to(torch.float32) * scale).to(out_dtype)
 
 
-@dequantise.register_fake
-def _(data, scale, out_dtype):
-    return torch.empty_like(data, dtype=out_dtype)
-
-
-@torch.library.custom_op("fxscale::stats", mutates_args=())
 def stats(x: Tensor) -> Tensor:
     """Run-time ``[max |x|, max row L2 norm]`` (one pass): the measurement behind a dynamic scale."""
     return row_stats(x)
 
 
-@stats.register_fake
-def _(x):
-    return x.new_empty(2, dtype=torch.float32)
+_lib.impl("quantise", quantise, "CompositeImplicitAutograd")
+_lib.impl("dequantise", dequantise, "CompositeImplicitAutograd")
+_lib.impl("stats", stats, "CompositeImplicitAutograd")
 
 
 # ---------------------------------------------------------------------------- linear
