@@ -1,0 +1,195 @@
+"""``Bound``: what the compiler proves about a value, and how quantising widens it.
+
+A :class:`Bound` holds upper bounds on six norms of a tensor, each ``inf`` when unknown:
+
+* ``absmax``   max |x|
+* ``rownorm``  max L2 norm along the last dim (a "row")
+* ``colnorm``  max L2 norm along dim -2 (a "column" of the trailing matrix)
+* ``rowsum``   max L1 norm along the last dim
+* ``colsum``   max L1 norm along dim -2
+* ``spectral`` max operator 2-norm of the trailing 2-D matrices
+
+Fields are Python floats at compile time, or 0-d tensors when a bound depends on a value
+measured at run time (an input without a declared bound, a requantise point): the same
+rules evaluate either way.
+
+>>> b = Bound(absmax=1.0).tighten((4, 16))
+>>> b.rownorm, b.rowsum, b.colnorm
+(4.0, 16.0, 2.0)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from .formats import Format
+
+Number = Union[float, Tensor]
+INF = math.inf
+
+__all__ = ["Bound", "Number", "INF", "fmin", "fprod", "fsqrt", "as_float", "quantised_bound"]
+
+
+def _is_t(x) -> bool:
+    return isinstance(x, Tensor)
+
+
+def fmin(*xs: Number) -> Number:
+    """Minimum of floats and 0-d tensors (a tensor if any input is one)."""
+    if not any(_is_t(x) for x in xs):
+        return min(float(x) for x in xs)
+    t = next(x for x in xs if _is_t(x))
+    out = None
+    for x in xs:
+        x = x if _is_t(x) else torch.tensor(float(x), dtype=t.dtype, device=t.device)
+        out = x if out is None else torch.minimum(out, x)
+    return out
+
+
+def fprod(*xs: Number) -> Number:
+    """Product of bounds where 0 * inf is 0 (a zero bound means the value is exactly zero)."""
+    if not any(_is_t(x) for x in xs):
+        if any(float(x) == 0.0 for x in xs):
+            return 0.0
+        return math.prod(float(x) for x in xs)
+    out = 1.0
+    zero = None
+    for x in xs:
+        out = out * x
+        z = (x == 0) if _is_t(x) else torch.tensor(float(x) == 0.0)
+        zero = z if zero is None else (zero | z)
+    return torch.where(zero, torch.zeros_like(out), out)
+
+
+def fsqrt(x: Number) -> Number:
+    return torch.sqrt(x) if _is_t(x) else math.sqrt(x)
+
+
+def as_float(x: Number) -> float:
+    return float(x.detach()) if _is_t(x) else float(x)
+
+
+@dataclass(frozen=True)
+class Bound:
+    absmax: Number
+    rownorm: Number = INF
+    colnorm: Number = INF
+    rowsum: Number = INF
+    colsum: Number = INF
+    spectral: Number = INF
+
+    # ------------------------------------------------------------------ constructors
+    @staticmethod
+    def unknown() -> Bound:
+        return Bound(INF)
+
+    @staticmethod
+    def zero() -> Bound:
+        return Bound(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+    @staticmethod
+    def of_tensor(t: Tensor, *, spectral: bool = True) -> Bound:
+        """Exact norms of a concrete tensor (weights, constants; eager operands)."""
+        x = t.detach().to(torch.float64 if t.device.type == "cpu" and t.numel() < 2**16 else torch.float32)
+        if x.numel() == 0:
+            return Bound.zero()
+        if x.dim() == 0:
+            v = float(x.abs())
+            return Bound(v, v, v, v, v, v)
+        a = x.abs()
+        absmax = float(a.max())
+        rownorm = float(torch.linalg.vector_norm(x, dim=-1).max())
+        rowsum = float(a.sum(-1).max())
+        if x.dim() == 1:
+            return Bound(absmax, rownorm, absmax, rowsum, absmax, rownorm)
+        colnorm = float(torch.linalg.vector_norm(x, dim=-2).max())
+        colsum = float(a.sum(-2).max())
+        spec = INF
+        if spectral and x.dim() == 2:
+            m = x.to(torch.float32)
+            gram = m @ m.t() if m.shape[0] <= m.shape[1] else m.t() @ m
+            lam = float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0))
+            # float32 eigenvalues are accurate to ~1e-6 of ||G||; 1e-3 of margin is safe.
+            spec = math.sqrt(lam * (1 + 1e-3))
+        return Bound(absmax, rownorm, colnorm, rowsum, colsum, spec).tighten(tuple(x.shape))
+
+    # ------------------------------------------------------------------ algebra
+    def map(self, fn) -> Bound:
+        return Bound(*(fn(getattr(self, f.name)) for f in fields(self)))
+
+    def scaled(self, c: Number) -> Bound:
+        """Bound of ``c * x`` for a scalar ``c`` (sign irrelevant)."""
+        c = abs(c) if not _is_t(c) else c.abs()
+        return self.map(lambda v: fprod(v, c))
+
+    def plus(self, other: Bound) -> Bound:
+        """Bound of ``x + y`` for same-shaped (already broadcast) operands."""
+        return Bound(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def transposed(self) -> Bound:
+        """Bound after swapping the last two dims."""
+        return replace(self, rownorm=self.colnorm, colnorm=self.rownorm, rowsum=self.colsum, colsum=self.rowsum)
+
+    def widen(self, factor: float) -> Bound:
+        """Every field times ``factor`` (a margin for rounding in the arithmetic)."""
+        return self.map(lambda v: v * factor)
+
+    def elementwise(self) -> Bound:
+        """Only what survives a shape change that keeps no row or column structure."""
+        return Bound(self.absmax)
+
+    def tighten(self, shape: tuple[int, ...]) -> Bound:
+        """Derive each field from the others where that is tighter, for a value of ``shape``."""
+        nd = len(shape)
+        d = shape[-1] if nd >= 1 else 1
+        r = shape[-2] if nd >= 2 else 1
+        am, rn, cn, rs, cs, sp = self.absmax, self.rownorm, self.colnorm, self.rowsum, self.colsum, self.spectral
+        am = fmin(am, rn, cn, rs, cs)
+        rn = fmin(rn, fprod(math.sqrt(d), am), rs, fsqrt(fprod(rs, am)) if not _inf(rs) else INF)
+        rs = fmin(rs, fprod(d, am), fprod(math.sqrt(d), rn))
+        cn = fmin(cn, fprod(math.sqrt(r), am), cs, fsqrt(fprod(cs, am)) if not _inf(cs) else INF)
+        cs = fmin(cs, fprod(r, am), fprod(math.sqrt(r), cn))
+        sp = fmin(sp, fprod(math.sqrt(r), rn), fprod(math.sqrt(d), cn), fsqrt(fprod(rs, cs)) if not (_inf(rs) or _inf(cs)) else INF)
+        if nd <= 1:
+            cn, cs = am, am
+            sp = fmin(sp, rn)
+        return Bound(am, rn, cn, rs, cs, sp)
+
+    def as_floats(self) -> Bound:
+        return self.map(as_float)
+
+    def is_finite(self) -> bool:
+        return math.isfinite(as_float(self.absmax))
+
+
+def _inf(x: Number) -> bool:
+    return not _is_t(x) and math.isinf(x)
+
+
+def quantised_bound(b: Bound, fmt: Format, scale: Number, shape: tuple[int, ...]) -> Bound:
+    """Bound of ``dequantise(quantise(x, scale))`` given a bound ``b`` of ``x``.
+
+    Round to nearest moves each element by at most ``rel * |x|`` (normal floats) plus half
+    the format's smallest step (subnormals; integers: 0.5) times ``scale``, and never past
+    ``max * scale``. Norms grow by the norm of that error.
+    """
+    rel = fmt.rel_rounding if fmt.is_float else 0.0
+    half = (fmt.smallest_subnormal if fmt.is_float else 1.0) / 2
+    d = shape[-1] if shape else 1
+    r = shape[-2] if len(shape) >= 2 else 1
+    step = fprod(half, scale)
+    k = 1 + rel
+    out = Bound(
+        absmax=fmin(fprod(b.absmax, k) + step, fprod(fmt.max, scale)),
+        rownorm=fprod(b.rownorm, k) + fprod(math.sqrt(d), step),
+        colnorm=fprod(b.colnorm, k) + fprod(math.sqrt(r), step),
+        rowsum=fprod(b.rowsum, k) + fprod(d, step),
+        colsum=fprod(b.colsum, k) + fprod(r, step),
+        spectral=b.spectral + fprod(math.sqrt(r * d), fprod(rel, b.absmax) + step),
+    )
+    return out.tighten(shape)
