@@ -72,6 +72,7 @@ _lib = torch.library.Library("fxscale", "FRAGMENT")
 _lib.define("quantise(Tensor x, Tensor scale, str fmt) -> Tensor")
 _lib.define("dequantise(Tensor data, Tensor scale, ScalarType out_dtype) -> Tensor")
 _lib.define("stats(Tensor x) -> Tensor")
+_lib.define("scale_from_amax(Tensor amax, str fmt) -> Tensor")
 
 
 def quantise(x: Tensor, scale: Tensor, fmt: str) -> Tensor:
@@ -89,7 +90,13 @@ def stats(x: Tensor) -> Tensor:
     return row_stats(x)
 
 
+def scale_from_amax(amax: Tensor, fmt: str) -> Tensor:
+    """The power-of-two scale that fits ``amax`` into ``fmt`` (computed on device, no sync)."""
+    return get_format(fmt).scale_tensor(amax)
+
+
 _lib.impl("quantise", quantise, "CompositeImplicitAutograd")
+_lib.impl("scale_from_amax", scale_from_amax, "CompositeImplicitAutograd")
 _lib.impl("dequantise", dequantise, "CompositeImplicitAutograd")
 _lib.impl("stats", stats, "CompositeImplicitAutograd")
 

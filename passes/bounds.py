@@ -1,0 +1,218 @@
+"""Bounds pass: a proven :class:`~fxscale.bound.Bound` for every node, from ``fxscale.rules``.
+
+A dataflow over the ATen graph in topological order. Sources of bounds:
+
+* constants (parameters, buffers): their exact norms (``Bound.of_tensor``), computed once;
+* inputs with a declared bound: ``max|x| <= bound`` (row norms follow from the shape);
+* *measured* nodes, whose bound is known only at run time: inputs without a declared bound,
+  ops without a rule that feed a low-precision value, and requantise points. At compile time
+  their calibration stats stand in; the transformed graph measures them on every call
+  (one fused amax + row-norm reduction) and re-evaluates the same rules on the measurements.
+
+Every other node's bound comes from its op's rule. Operands of matmul-like ops are stored in
+the low-precision format, so the rule sees the bound of the *quantised* operand
+(:func:`fxscale.bound.quantised_bound`): rounding can push a value up by half a step.
+
+The pass's state is an :class:`Analysis`; the same :func:`evaluate_step` runs inside
+:class:`ScaleFn` modules of the transformed graph with 0-d tensors instead of floats.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, fx
+
+from fxscale.bound import Bound, quantised_bound
+from fxscale.formats import Format
+from fxscale.nodeinfo import info
+from fxscale.rules import Arg, evaluate, lookup
+
+aten = torch.ops.aten
+
+#: Matmul-like ops whose tensor operands are stored low-precision, by schema argument name.
+QUANTISED_OPERANDS: dict[Any, tuple[str, ...]] = {
+    aten.linear.default: ("input", "weight"),
+    aten.addmm.default: ("mat1", "mat2"),
+    aten.mm.default: ("self", "mat2"),
+    aten.bmm.default: ("self", "mat2"),
+    aten.matmul.default: ("self", "other"),
+    aten.baddbmm.default: ("batch1", "batch2"),
+    aten.conv2d.default: ("input", "weight"),
+}
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A reference to another node's value inside a :class:`Step`."""
+
+    name: str
+
+
+@dataclass
+class Step:
+    """One node, as the bound propagation needs it (no reference to the fx graph)."""
+
+    name: str
+    op: Any
+    args: tuple
+    kwargs: dict
+    out_shapes: list[tuple[int, ...]]
+    quantised: tuple[int, ...] = ()  # positions in ``args`` that are low-precision operands
+    getitem: int | None = None       # for operator.getitem: the index taken
+
+
+def concrete_shape(val: Any) -> tuple[int, ...] | None:
+    if not isinstance(val, Tensor):
+        return None
+    return tuple(int(d) if isinstance(d, int) else int(d.node.hint) for d in val.shape)
+
+
+def is_float_value(node: fx.Node) -> bool:
+    v = node.meta.get("val")
+    return isinstance(v, Tensor) and v.dtype.is_floating_point
+
+
+def _to_ref(a: Any) -> Any:
+    if isinstance(a, fx.Node):
+        return Ref(a.name)
+    if isinstance(a, (list, tuple)):
+        return type(a)(_to_ref(x) for x in a)
+    if isinstance(a, torch.SymInt):
+        return int(a.node.hint)
+    return a
+
+
+def operand_positions(node: fx.Node) -> tuple[int, ...]:
+    """Positions in ``node.args`` of its low-precision matmul operands (empty if none)."""
+    names = QUANTISED_OPERANDS.get(node.target)
+    if names is None or node.kwargs:
+        return ()
+    schema = node.target._schema
+    pos = tuple(i for i, a in enumerate(schema.arguments) if a.name in names and i < len(node.args))
+    if len(pos) != 2:
+        return ()
+    if not all(isinstance(node.args[i], fx.Node) and is_float_value(node.args[i]) for i in pos):
+        return ()
+    if node.target in (aten.addmm.default, aten.baddbmm.default):
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            return ()
+    return pos
+
+
+def build_steps(gm: fx.GraphModule) -> list[Step]:
+    steps = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        val = n.meta.get("val")
+        shapes = [concrete_shape(v) for v in val] if isinstance(val, (list, tuple)) else [concrete_shape(val)]
+        if n.target is operator.getitem:
+            steps.append(Step(n.name, n.target, (Ref(n.args[0].name),), {}, shapes, getitem=int(n.args[1])))
+            continue
+        steps.append(
+            Step(n.name, n.target, _to_ref(tuple(n.args)), _to_ref(dict(n.kwargs)), shapes, operand_positions(n))
+        )
+    return steps
+
+
+@dataclass
+class Analysis:
+    """Bounds of every node, and which run-time measurements each one depends on."""
+
+    fmt: Format
+    mode: str
+    bounds: dict[str, Any] = field(default_factory=dict)       # name -> Bound | list | None
+    deps: dict[str, frozenset] = field(default_factory=dict)   # name -> measured sources
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    consts: dict[str, Tensor] = field(default_factory=dict)    # get_attr name -> value
+    measured: dict[str, str] = field(default_factory=dict)     # name -> why it is measured
+    operand_bounds: dict[tuple[str, int], Bound] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)     # name -> why no rule applied
+
+    def arg(self, ref: Ref) -> Arg | None:
+        b = self.bounds.get(ref.name)
+        if b is None or isinstance(b, list):
+            return None
+        return Arg(b, self.shapes[ref.name], self.consts.get(ref.name))
+
+
+def operand_scale(fmt: Format, b: Bound):
+    """The scale a low-precision operand with bound ``b`` is stored with."""
+    if isinstance(b.absmax, Tensor):
+        return fmt.scale_tensor(b.absmax)
+    return fmt.scale_for(b.absmax)
+
+
+def _materialise(a: Any, an: Analysis, quantise: bool, step: Step, pos: int) -> Any:
+    if isinstance(a, Ref):
+        arg = an.arg(a)
+        if arg is None:
+            raise _NoBound(a.name)
+        if quantise and a.name not in an.consts:
+            qb = quantised_bound(arg.bound, an.fmt, operand_scale(an.fmt, arg.bound), arg.shape)
+            an.operand_bounds[(step.name, pos)] = qb
+            return Arg(qb, arg.shape, None)
+        return arg
+    if isinstance(a, (list, tuple)):
+        return type(a)(_materialise(x, an, False, step, pos) for x in a)
+    return a
+
+
+class _NoBound(Exception):
+    pass
+
+
+def evaluate_step(step: Step, an: Analysis) -> None:
+    """Compute ``step``'s bound into ``an.bounds`` (None where no rule applies)."""
+    if step.getitem is not None:
+        src = an.bounds.get(step.args[0].name)
+        an.bounds[step.name] = src[step.getitem] if isinstance(src, list) and step.getitem < len(src) else None
+        an.deps[step.name] = an.deps.get(step.args[0].name, frozenset())
+        return
+    deps: set = set()
+    for r in _refs(step.args) + _refs(step.kwargs):
+        deps |= an.deps.get(r.name, frozenset())
+    an.deps[step.name] = frozenset(deps)
+    if lookup(step.op) is None or any(s is None for s in step.out_shapes):
+        an.bounds[step.name] = None
+        an.failures[step.name] = "no rule" if lookup(step.op) is None else "not a tensor"
+        return
+    try:
+        args = tuple(_materialise(a, an, i in step.quantised, step, i) for i, a in enumerate(step.args))
+        kwargs = {k: _materialise(v, an, False, step, -1) for k, v in step.kwargs.items()}
+        res = evaluate(step.op, args, kwargs, step.out_shapes, mode=an.mode)
+    except _NoBound as e:
+        an.bounds[step.name] = None
+        an.failures[step.name] = f"input {e.args[0]} has no bound"
+        return
+    an.bounds[step.name] = res[0] if len(res) == 1 and len(step.out_shapes) == 1 else list(res)
+    if res[0] is None and len(res) == 1:
+        an.failures[step.name] = "rule does not apply to these arguments"
+
+
+def _refs(a: Any) -> list[Ref]:
+    if isinstance(a, Ref):
+        return [a]
+    if isinstance(a, (list, tuple)):
+        return [r for x in a for r in _refs(x)]
+    if isinstance(a, dict):
+        return [r for x in a.values() for r in _refs(x)]
+    return []
+
+
+def measured_bound(stats, shape: tuple[int, ...]) -> Bound:
+    """Bound from a measurement ``[absmax, rownorm]`` (floats or a tensor of 2)."""
+    if isinstance(stats, Tensor):
+        return Bound(stats[0], stats[1]).tighten(shape)
+    return Bound(float(stats[0]), float(stats[1])).tighten(shape)
+
+
+def declared_bound(value: float, shape: tuple[int, ...]) -> Bound:
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"a declared input bound must be finite and >= 0, got {value}")
+    return Bound(float(value)).tighten(shape)

@@ -1,0 +1,157 @@
+"""Requantise placement: where projected wasted bits pass the threshold, measure at run time.
+
+The projected waste of a low-precision value ``v`` is ``log2(bound(v) / observed(v))``: how
+many bits (integers) or binades (floats) the proven scale leaves unused on the calibration
+data. Where it passes the format's threshold, a *requantise* goes in: ``v``'s scale comes
+from a run-time amax of its high-precision value (fused into ``v``'s producer when that is
+a matmul), and ``v``'s bound restarts from that measurement, tightening everything after it.
+
+Placement is greedy in topological order: walk the graph computing bounds; at the first
+low-precision value over the threshold, requantise *that value* and go on. On a chain this
+is optimal: any placement must requantise at or before the first violation, and moving that
+requantise down to the violation itself only tightens the bounds after it (the measured
+bound is the tightest there is). On a DAG it is a heuristic: an earlier requantise at a
+common ancestor could serve two branches at once.
+
+>>> # see tests/test_requantise.py for worked examples
+"""
+
+from __future__ import annotations
+
+import math
+
+import networkx as nx
+from torch import fx
+
+from fxscale.bound import Bound
+from fxscale.formats import Format
+from fxscale.nodeinfo import info
+
+from .bounds import (
+    Analysis,
+    build_steps,
+    concrete_shape,
+    declared_bound,
+    evaluate_step,
+    is_float_value,
+    measured_bound,
+)
+
+__all__ = ["analyse", "dependency_graph", "projected_waste"]
+
+
+def projected_waste(bound: Bound | None, observed) -> float | None:
+    """``log2(bound.absmax / observed absmax)``; None if either is unknown, inf if observed is 0."""
+    if bound is None or observed is None:
+        return None
+    b, o = float(bound.absmax), float(observed[0])
+    if b == 0:
+        return 0.0
+    if o == 0:
+        return math.inf
+    return max(0.0, math.log2(b / o))
+
+
+def dependency_graph(gm: fx.GraphModule) -> nx.DiGraph:
+    """The dataflow graph: an edge ``a -> b`` where node ``b`` reads node ``a``."""
+    g = nx.DiGraph()
+    for i, n in enumerate(gm.graph.nodes):
+        g.add_node(n.name, order=i)
+        for a in n.all_input_nodes:
+            g.add_edge(a.name, n.name)
+    return g
+
+
+def analyse(
+    gm: fx.GraphModule,
+    *,
+    fmt: Format,
+    mode: str = "rownorm",
+    threshold: float | None = None,
+    input_bounds: dict[str, float | None] | None = None,
+    requantise: bool = True,
+) -> Analysis:
+    """Bounds for every node, with requantise points placed greedily (see module docstring).
+
+    ``input_bounds`` maps placeholder names to a declared max |x| (None: measured at run time).
+    Writes each node's ``NodeInfo`` (bound, dynamic, wasted_bits, requantise, kind, note).
+    """
+    threshold = fmt.threshold if threshold is None else float(threshold)
+    input_bounds = input_bounds or {}
+    an = Analysis(fmt, mode)
+    steps = {s.name: s for s in build_steps(gm)}
+    operand_of: dict[str, list[str]] = {}
+    for s in steps.values():
+        for pos in s.quantised:
+            operand_of.setdefault(s.args[pos].name, []).append(s.name)
+
+    for n in gm.graph.nodes:
+        ni = info(n)
+        shape = concrete_shape(n.meta.get("val"))
+        if shape is not None:
+            an.shapes[n.name] = shape
+        if n.op == "placeholder":
+            ni.kind = "input"
+            if not is_float_value(n):
+                ni.note = "not floating point: passed through"
+                continue
+            declared = input_bounds.get(n.name)
+            if declared is not None:
+                an.bounds[n.name] = declared_bound(declared, shape)
+                an.deps[n.name] = frozenset()
+                ni.note = f"declared max|x| <= {declared:g}"
+            else:
+                _measure(an, n, "input without a declared bound: run-time amax")
+        elif n.op == "get_attr":
+            value = _attr(gm, n.target)
+            if not hasattr(value, "dtype") or not value.dtype.is_floating_point:
+                continue
+            an.consts[n.name] = value
+            an.bounds[n.name] = Bound.of_tensor(value, spectral=n.name in operand_of)
+            an.deps[n.name] = frozenset()
+            ni.kind = "weight"
+        elif n.op == "call_function":
+            step = steps[n.name]
+            evaluate_step(step, an)
+            if step.quantised:
+                ni.kind = "quantised"
+            elif n.name in an.failures and is_float_value(n) and an.failures[n.name] == "no rule":
+                ni.kind = "fallback"
+                ni.note = f"no rule for {ni.op}: runs in high precision"
+            if n.name in operand_of and is_float_value(n):
+                b = an.bounds.get(n.name)
+                if not isinstance(b, Bound) or not b.is_finite():
+                    _measure(an, n, f"no proven bound ({an.failures.get(n.name, 'unbounded')}): run-time amax")
+                elif requantise:
+                    waste = projected_waste(b, ni.observed)
+                    if waste is not None and waste > threshold:
+                        ni.wasted_bits = waste
+                        _measure(an, n, f"requantise: projected {waste:.1f} wasted bits > {threshold:g}")
+                        ni.requantise = True
+        b = an.bounds.get(n.name)
+        if isinstance(b, Bound):
+            ni.bound = b.as_floats()
+            ni.dynamic = bool(an.deps.get(n.name))
+            if ni.wasted_bits is None:
+                ni.wasted_bits = projected_waste(ni.bound, ni.observed)
+    return an
+
+
+def _measure(an: Analysis, n: fx.Node, why: str) -> None:
+    ni = info(n)
+    if ni.observed is None:
+        raise ValueError(
+            f"node {n.format_node()} needs a run-time scale but calibration recorded no value for it; "
+            "run calibrate() first"
+        )
+    an.bounds[n.name] = measured_bound(ni.observed, an.shapes[n.name])
+    an.deps[n.name] = frozenset([n.name])
+    an.measured[n.name] = why
+    ni.note = why
+
+
+def _attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
