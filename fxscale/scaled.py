@@ -1,0 +1,486 @@
+"""Eager scaled tensors: ``ScaledTensorData(data, scale)`` and the ``ScaledTensor`` subclass.
+
+A scaled value is ``data * scale`` with ``data`` in a low-precision format (int8, float8, ...)
+and ``scale`` a 0-d float32 tensor (a power of two). This is the seed notebook's API, fixed:
+
+* matmuls accumulate in float32 (float64 for integer formats: exact), never in int16;
+* output scales come from the shared rule table :mod:`fxscale.rules` (the tight ``"rownorm"``
+  rules by default, the seed's ``"absmax"`` rule on request, see :func:`eager_options`), fed
+  with the operands' exact statistics;
+* where the proven bound would waste more than the format's threshold, the op requantises
+  its high-precision result (scale from its real max |value|) instead of casting with the
+  loose scale, so a chain of matmuls never collapses to zeros (DESIGN decision 5);
+* ops without a scaled implementation run in float32 with a :class:`ScaledFallbackWarning`.
+
+>>> import torch
+>>> from fxscale.scaled import quantise
+>>> a = quantise(torch.full((2, 3), 100.0), torch.int8)
+>>> b = quantise(torch.full((3, 4), 200.0), torch.int8)
+>>> (a @ b).to(torch.float32)[0, 0]   # 60000 in int8 at scale 512
+tensor(59904.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_map
+
+from . import rules as _rules
+from .bound import Bound
+from .formats import Format, get_format
+
+__all__ = [
+    "EagerOptions",
+    "ScaledFallbackWarning",
+    "ScaledTensor",
+    "ScaledTensorData",
+    "dequantise",
+    "eager_options",
+    "quantise",
+    "requantise",
+]
+
+aten = torch.ops.aten
+
+
+# ============================================================================ options
+@dataclass(frozen=True)
+class EagerOptions:
+    """How eager ``ScaledTensor`` ops choose output scales.
+
+    ``rules``: ``"rownorm"`` (tight, default) or ``"absmax"`` (the seed's worst case).
+    ``threshold``: wasted bits (log2 of proven bound over the real max |value|) above which an
+    op requantises its result; ``None`` uses the format's own :attr:`Format.threshold`,
+    ``math.inf`` never requantises (the seed's behaviour).
+    """
+
+    rules: str = "rownorm"
+    threshold: float | None = None
+
+
+_OPTIONS: contextvars.ContextVar[EagerOptions] = contextvars.ContextVar(
+    "fxscale_eager_options", default=EagerOptions()  # noqa: B039  (frozen: immutable)
+)
+
+
+@contextlib.contextmanager
+def eager_options(*, rules: str | None = None, threshold: float | None = None) -> Iterator[EagerOptions]:
+    """Context manager selecting the eager rule strength and requantise threshold.
+
+    >>> import math, torch
+    >>> x = quantise(torch.ones(2, 8), torch.int8)
+    >>> with eager_options(rules="absmax", threshold=math.inf):
+    ...     y = x @ x.t()              # the seed's scale: 1 * 1 * 8, plus margin
+    >>> y.st.scale.item()
+    0.125
+    """
+    cur = _OPTIONS.get()
+    if rules is not None and rules not in ("rownorm", "absmax"):
+        raise ValueError(f"rules must be 'rownorm' or 'absmax', got {rules!r}")
+    new = EagerOptions(rules if rules is not None else cur.rules, threshold if threshold is not None else cur.threshold)
+    token = _OPTIONS.set(new)
+    try:
+        yield new
+    finally:
+        _OPTIONS.reset(token)
+
+
+class ScaledFallbackWarning(UserWarning):
+    """An op on a ScaledTensor had no scaled implementation and ran in float32."""
+
+
+# ============================================================================ data
+def _acc_dtype(fmt: Format) -> torch.dtype:
+    """High-precision type to compute in: float64 for integers (int8 products sum exactly)."""
+    return torch.float32 if fmt.is_float else torch.float64
+
+
+@dataclass
+class ScaledTensorData:
+    """``data * scale``: ``data`` in a low-precision format, ``scale`` a 0-d float32 tensor.
+
+    >>> import torch
+    >>> ScaledTensorData(torch.tensor([1, 2], dtype=torch.int8), 0.5).to_tensor(torch.float32)
+    tensor([0.5000, 1.0000])
+    """
+
+    data: Tensor
+    scale: Tensor
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.scale, Tensor):
+            self.scale = torch.tensor(float(self.scale), dtype=torch.float32, device=self.data.device)
+        if self.scale.dtype != torch.float32 or self.scale.dim() != 0:
+            raise ValueError(
+                f"scale must be a 0-d float32 tensor, got dtype {self.scale.dtype} shape {tuple(self.scale.shape)}"
+            )
+        get_format(self.data.dtype)  # raises ValueError for an unsupported data dtype
+
+    def __repr__(self) -> str:
+        return f"ScaledTensor({_scale_str(self.scale)} * {self.data})"
+
+    @property
+    def format(self) -> Format:
+        """The :class:`~fxscale.formats.Format` of ``data``."""
+        return get_format(self.data.dtype)
+
+    def to_tensor(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The represented value ``data * scale`` in ``dtype`` (computed in float32 or wider)."""
+        hp = torch.float64 if dtype == torch.float64 else _acc_dtype(self.format)
+        return (self.data.to(hp) * self.scale.to(hp)).to(dtype)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    @property
+    def dtype_max(self) -> float:
+        """Largest finite magnitude of the data format (127 for int8, 448 for e4m3)."""
+        return self.format.max
+
+
+def _scale_str(scale: Tensor) -> str:
+    try:
+        return repr(float(scale))
+    except (RuntimeError, TypeError, ValueError, NotImplementedError):  # fake / meta under tracing
+        return "scale"
+
+
+# ============================================================================ quantise
+def _finite_amax(x: Tensor) -> float:
+    """max |x| over the finite elements (0 if none)."""
+    if x.numel() == 0:
+        return 0.0
+    a = x.detach().abs()
+    a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
+    return float(a.max())
+
+
+def _quantise_data(x: Tensor, fmt: Format) -> ScaledTensorData:
+    scale = fmt.scale_for(_finite_amax(x))
+    hp = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return ScaledTensorData(fmt.cast(x.to(hp) / scale), torch.tensor(scale, dtype=torch.float32, device=x.device))
+
+
+def quantise(x: Tensor, dtype: torch.dtype | str) -> ScaledTensor:
+    """Quantise ``x`` into ``dtype`` with the power-of-two scale that fits its max |x|.
+
+    An all-zero tensor gets scale 1. NaN stays NaN (float formats; integer formats raise).
+
+    >>> import torch
+    >>> quantise(torch.tensor([1.0, 2.0, 3.0]), torch.int8)
+    ScaledTensor(0.03125 * tensor([32, 64, 96], dtype=torch.int8))
+    """
+    if isinstance(x, ScaledTensor):
+        x = dequantise(x, torch.float32)
+    return ScaledTensor(_quantise_data(x, get_format(dtype)))
+
+
+def requantise(st: ScaledTensor | ScaledTensorData) -> ScaledTensor:
+    """Rescale so that max |data| uses the format's range (equivalent to re-quantising the value).
+
+    All-zero data is returned unchanged.
+
+    >>> import torch
+    >>> requantise(ScaledTensor(ScaledTensorData(torch.tensor([2, -4], dtype=torch.int8), 1.0)))
+    ScaledTensor(0.0625 * tensor([ 32, -64], dtype=torch.int8))
+    """
+    d = st.st if isinstance(st, ScaledTensor) else st
+    fmt = d.format
+    mx = _finite_amax(d.data.to(_acc_dtype(fmt)))
+    if mx == 0.0:
+        return ScaledTensor(ScaledTensorData(d.data, d.scale))
+    new_scale = fmt.scale_for(mx * float(d.scale))
+    ratio = d.scale.to(torch.float64) / new_scale
+    data = fmt.cast((d.data.to(torch.float64) * ratio).to(_acc_dtype(fmt)))
+    return ScaledTensor(ScaledTensorData(data, torch.tensor(new_scale, dtype=torch.float32, device=d.data.device)))
+
+
+def dequantise(st: ScaledTensor | ScaledTensorData, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The value ``data * scale`` as a plain tensor of ``dtype``."""
+    d = st.st if isinstance(st, ScaledTensor) else st
+    return d.to_tensor(dtype)
+
+
+# ============================================================================ the subclass
+_TO_FUNCS = {Tensor.to, Tensor.float, Tensor.double, Tensor.half, Tensor.bfloat16}
+_HOST_FUNCS = {Tensor.tolist, Tensor.numpy, Tensor.item, Tensor.__array__}
+
+
+class ScaledTensor(Tensor):
+    """A tensor holding ``ScaledTensorData``; ``.st`` is the data, ``.to(dtype)`` dequantises.
+
+    Its logical dtype is float32; its storage is the low-precision ``data`` plus ``scale``,
+    and no view of it ever exposes ``data`` uninterpreted. ``@``, ``+``, ``-``, ``*``, relu,
+    gelu, silu, tanh and shape ops stay scaled; anything else runs in float32 with a
+    :class:`ScaledFallbackWarning`.
+
+    >>> import torch
+    >>> x = quantise(torch.tensor([16.0]), torch.int8)
+    >>> (x + x).to(torch.float32)
+    tensor([32.])
+    """
+
+    _data: Tensor
+    _scale: Tensor
+
+    @staticmethod
+    def __new__(cls, st: ScaledTensorData) -> ScaledTensor:  # noqa: PYI034
+        if not isinstance(st, ScaledTensorData):
+            raise TypeError(f"ScaledTensor takes a ScaledTensorData, got {type(st).__name__}; use fxscale.quantise(x, dtype)")
+        d = st.data
+        self = Tensor._make_wrapper_subclass(
+            cls, d.shape, strides=d.stride(), dtype=torch.float32, device=d.device, requires_grad=False
+        )
+        self._data = d
+        self._scale = st.scale
+        return self
+
+    def __init__(self, st: ScaledTensorData) -> None:
+        super().__init__()
+
+    @property
+    def st(self) -> ScaledTensorData:
+        return ScaledTensorData(self._data, self._scale)
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:
+        return repr(self.st)
+
+    def __tensor_flatten__(self):
+        return ["_data", "_scale"], None
+
+    @staticmethod
+    def __tensor_unflatten__(inner_tensors, ctx, outer_size, outer_stride):
+        return ScaledTensor(ScaledTensorData(inner_tensors["_data"], inner_tensors["_scale"]))
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        # Tensor.to(float32) on a float32-typed wrapper would return self: dequantise instead.
+        if func in _TO_FUNCS and args and isinstance(args[0], ScaledTensor):
+            return _to(func, args[0], args[1:], kwargs)
+        if func in _HOST_FUNCS and args and isinstance(args[0], ScaledTensor):
+            return func(dequantise(args[0]), *args[1:], **kwargs)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = _HANDLERS.get(func) or _HANDLERS.get(func.overloadpacket)
+        if handler is not None:
+            out = handler(func, args, kwargs)
+            if out is not NotImplemented:
+                return out
+        return _fallback(func, args, kwargs)
+
+
+def _to(func, x: ScaledTensor, args, kwargs) -> Tensor:
+    if func is not Tensor.to:
+        dtype = {Tensor.float: torch.float32, Tensor.double: torch.float64, Tensor.half: torch.float16,
+                 Tensor.bfloat16: torch.bfloat16}[func]
+        return dequantise(x, dtype)
+    device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+    d = x.st
+    if device is not None and torch.device(device) != d.data.device:
+        d = ScaledTensorData(d.data.to(device, non_blocking=non_blocking), d.scale.to(device, non_blocking=non_blocking))
+    if dtype is None:
+        return ScaledTensor(d)
+    return d.to_tensor(dtype)
+
+
+# ============================================================================ dispatch handlers
+_HANDLERS: dict[Any, Any] = {}
+
+
+def _handles(*ops):
+    def deco(fn):
+        for op in ops:
+            _HANDLERS[op] = fn
+        return fn
+
+    return deco
+
+
+def _fmt_of(*xs: Any) -> Format:
+    fmts = {x._data.dtype for x in xs if isinstance(x, ScaledTensor)}
+    if len(fmts) > 1:
+        names = sorted(get_format(f).name for f in fmts)
+        raise ValueError(
+            f"ScaledTensor operands have mixed formats {names}; convert one first, "
+            f"e.g. fxscale.quantise(x.to(torch.float32), {names[0]!r})"
+        )
+    return get_format(fmts.pop())
+
+
+def _hp(x: Any, dtype: torch.dtype) -> Any:
+    if isinstance(x, ScaledTensor):
+        return x.st.to_tensor(dtype)
+    if isinstance(x, Tensor):
+        return x.to(dtype) if x.is_floating_point() else x
+    return x
+
+
+def _arg(x: Any, hp: Any) -> Any:
+    """A rule argument: exact stats of the (dequantised) operand; no spectral norm per op."""
+    if isinstance(x, Tensor):
+        value = hp if not isinstance(x, ScaledTensor) else None
+        return _rules.Arg(Bound.of_tensor(hp, spectral=False), tuple(hp.shape), value)
+    return x
+
+
+def _finish(hp: Tensor, bound: Bound | None, fmt: Format) -> ScaledTensor:
+    """Cast the high-precision result ``hp`` into ``fmt`` with the proven scale, or requantise.
+
+    Requantises (scale from the real max |hp|) where the bound wastes more than the threshold.
+    """
+    opts = _OPTIONS.get()
+    threshold = fmt.threshold if opts.threshold is None else opts.threshold
+    amax = _finite_amax(hp)
+    b = float(bound.absmax) if bound is not None else math.inf
+    if not math.isfinite(b) or amax == 0.0 or math.log2(b / amax) > threshold:
+        scale = fmt.scale_for(amax)
+    else:
+        scale = fmt.scale_for(b)
+        if amax > scale * fmt.max:  # a rule under-estimated: never saturate silently
+            warnings.warn(f"fxscale rule bound {b} below the real max |value| {amax}; requantising",
+                          RuntimeWarning, stacklevel=4)
+            scale = fmt.scale_for(amax)
+    data = fmt.cast(hp / scale)
+    return ScaledTensor(ScaledTensorData(data, torch.tensor(scale, dtype=torch.float32, device=hp.device)))
+
+
+def _computed(func, args, kwargs, scaled_positions: tuple[str, ...]):
+    """Run ``func`` on the dequantised operands in high precision, bound it, cast back."""
+    named = _rules._normalise(func, args, kwargs)
+    if any(not isinstance(named.get(n), ScaledTensor) for n in scaled_positions):
+        return NotImplemented
+    tensors = [x for x in named.values() if isinstance(x, Tensor)]
+    fmt = _fmt_of(*tensors)
+    dt = _acc_dtype(fmt)
+    hp_args = tree_map(lambda x: _hp(x, dt), args)
+    hp_kwargs = tree_map(lambda x: _hp(x, dt), kwargs)
+    out = func(*hp_args, **hp_kwargs)
+    r_args = tuple(_map2(_arg, a, h) for a, h in zip(args, hp_args))
+    r_kwargs = {k: _map2(_arg, kwargs[k], hp_kwargs[k]) for k in kwargs}
+    bound = None
+    if func in _rules.RULES:
+        bound = _rules.evaluate(func, r_args, r_kwargs, [tuple(out.shape)], mode=_OPTIONS.get().rules)[0]
+    return _finish(out, bound, fmt)
+
+
+def _map2(fn, a, b):
+    if isinstance(a, (list, tuple)):
+        return type(a)(_map2(fn, x, y) for x, y in zip(a, b))
+    return fn(a, b)
+
+
+@_handles(aten.mm.default, aten.bmm.default, aten.matmul.default, aten.mv.default, aten.dot.default)
+def _matmul(func, args, kwargs):
+    """Both operands scaled; float32 accumulation (float64 for integer formats)."""
+    a, b = args[0], args[1]
+    if not (isinstance(a, ScaledTensor) and isinstance(b, ScaledTensor)):
+        return NotImplemented
+    fmt = _fmt_of(a, b)
+    dt = _acc_dtype(fmt)
+    ha, hb = a.st.to_tensor(dt), b.st.to_tensor(dt)
+    out = func(ha, hb)
+    op, sa, sb, shape = func, ha, hb, tuple(out.shape)
+    if func in (aten.mv.default, aten.dot.default):  # the rules see them as (M, K) @ (K, 1)
+        op, sa, sb = aten.mm.default, ha.reshape(-1, ha.shape[-1]), hb.reshape(-1, 1)
+        shape = (sa.shape[0], 1)
+    bound = _rules.evaluate(op, (_arg(a, sa), _arg(b, sb)), {}, [shape], mode=_OPTIONS.get().rules)[0]
+    return _finish(out, bound, fmt)
+
+
+@_handles(aten.addmm.default, aten.baddbmm.default)
+def _addmm(func, args, kwargs):
+    """Matrix operands scaled; the bias may be scaled or a float tensor (added in high precision)."""
+    return _computed(func, args, kwargs, ("mat1", "mat2") if func is aten.addmm.default else ("batch1", "batch2"))
+
+
+@_handles(aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor)
+def _binary(func, args, kwargs):
+    """Both operands scaled, same format; the result keeps it."""
+    return _computed(func, args, kwargs, ("self", "other"))
+
+
+@_handles(aten.gelu.default, aten.silu.default, aten.tanh.default, aten.neg.default, aten.abs.default)
+def _unary(func, args, kwargs):
+    return _computed(func, args, kwargs, ("self",))
+
+
+@_handles(aten.relu.default)
+def _relu(func, args, kwargs):
+    """relu is exact on the data: same format, same scale."""
+    d = args[0].st
+    fmt = d.format
+    return ScaledTensor(ScaledTensorData(fmt.cast(torch.relu(d.data.to(_acc_dtype(fmt)))), d.scale))
+
+
+_SHAPE_OPS = (
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.t.default, aten.transpose.int,
+    aten.permute.default, aten.expand.default, aten.clone.default, aten.detach.default, aten.alias.default,
+    aten.slice.Tensor, aten.select.int, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
+    aten.unsqueeze.default, aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int,
+    aten._reshape_alias.default, aten.contiguous.default, aten.flatten.using_ints, aten.narrow.default,
+    aten.lift_fresh.default,
+)
+
+
+@_handles(*_SHAPE_OPS)
+def _shape_op(func, args, kwargs):
+    """Moves elements without arithmetic: apply to the data, keep the scale."""
+    x = args[0]
+    if not isinstance(x, ScaledTensor) or any(isinstance(a, ScaledTensor) for a in args[1:]):
+        return NotImplemented
+    d = x.st
+    try:
+        out = func(d.data, *args[1:], **kwargs)
+    except (RuntimeError, NotImplementedError):  # some shape ops lack float8 kernels: go via float32
+        fmt = d.format
+        out = tree_map(lambda t: fmt.cast(t) if isinstance(t, Tensor) else t,
+                       func(d.data.to(_acc_dtype(fmt)), *args[1:], **kwargs))
+    return tree_map(lambda t: ScaledTensor(ScaledTensorData(t, d.scale)) if isinstance(t, Tensor) else t, out)
+
+
+@_handles(aten._to_copy.default)
+def _to_copy(func, args, kwargs):
+    x = args[0]
+    dtype = kwargs.get("dtype")
+    device = kwargs.get("device")
+    d = x.st
+    if device is not None:
+        d = ScaledTensorData(d.data.to(device), d.scale.to(device))
+    if dtype is None:
+        return ScaledTensor(d)
+    return d.to_tensor(dtype)
+
+
+def _fallback(func, args, kwargs):
+    if func._schema.is_mutable and any(
+        isinstance(x, ScaledTensor) for x in args[:1]
+    ):
+        raise NotImplementedError(
+            f"{func} would modify a ScaledTensor in place; use the out-of-place op "
+            "or dequantise first with .to(torch.float32)"
+        )
+    warnings.warn(
+        f"ScaledTensor: no scaled implementation of {func}; computing it in float32",
+        ScaledFallbackWarning,
+        stacklevel=3,
+    )
+
+    def deq(t):
+        return t.st.to_tensor(torch.float32) if isinstance(t, ScaledTensor) else t
+
+    return func(*tree_map(deq, args), **tree_map(deq, kwargs))
