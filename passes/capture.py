@@ -1,0 +1,257 @@
+"""Capture: a model and example inputs -> an ATen-level ``torch.fx.GraphModule``.
+
+The default, ``method="export"``, runs ``torch.export.export(model.eval(), args, strict=False)``
+with a dynamic batch (dim 0 of every tensor input) and unlifts the result with ``.module()``:
+parameters and buffers become ``get_attr`` nodes, and the module keeps export's pytree
+handling, so it takes the model's inputs and returns outputs of the model's structure
+(a ``ModelOutput``, a tuple, ...). ``method="symbolic_trace"`` runs ``torch.fx.symbolic_trace``
+on a copy of the model (a torch-level graph of ``call_module`` / ``call_function`` nodes,
+static shapes) for models that export rejects but FX can trace.
+
+Every node carries ``meta["val"]``: a FakeTensor (or a tuple of them), a SymInt, or ``None``
+for nodes that return nothing (export's input guard ``_guards_fn``); the output node's
+``meta["val"]`` holds the values of the graph outputs.
+
+>>> import torch
+>>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+>>> gm = capture(model, (torch.randn(2, 4),))
+>>> [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+['aten.linear.default', 'aten.relu.default']
+>>> gm(torch.randn(5, 4)).shape     # dynamic batch
+torch.Size([5, 8])
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import traceback
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+__all__ = ["METHODS", "CaptureError", "capture"]
+
+log = logging.getLogger(__name__)
+log.addHandler(logging.NullHandler())
+
+METHODS = ("export", "symbolic_trace")
+
+_TRY_COMPILE = 'torch.compile(model, backend="fxscale") (it tolerates graph breaks)'
+_TRY_FX = 'capture="symbolic_trace"'
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured as a graph; the message says where and what to try."""
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    method: str = "export",
+    dynamic_batch: bool = True,
+) -> torch.fx.GraphModule:
+    """Capture ``model`` called on ``example_inputs`` as an fx graph (see the module docstring).
+
+    ``example_inputs``: a tuple of positional arguments (a single tensor is accepted).
+    ``dynamic_batch``: export with dim 0 of each tensor input symbolic, so the result runs
+    on other batch sizes; where the model fixes its batch size, a warning says so.
+    The model is run in eval mode; its training flag is restored afterwards.
+    Raises :class:`CaptureError` saying why and what to try instead.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown capture method {method!r}; choose one of {list(METHODS)}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"capture needs an nn.Module, got {type(model).__name__}; wrap a function in an nn.Module "
+            f"or use {_TRY_COMPILE}"
+        )
+    args = _as_args(example_inputs)
+    was_training = model.training
+    try:
+        model.eval()
+        if method == "export":
+            gm = _export(model, args, dynamic_batch)
+        else:
+            gm = _symbolic_trace(model, args)
+    finally:
+        model.train(was_training)
+    _fill_output_val(gm)
+    return gm
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def _as_args(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    if not isinstance(example_inputs, tuple):
+        raise TypeError(
+            f"example_inputs must be a tuple of the model's positional arguments, got "
+            f"{type(example_inputs).__name__}; e.g. capture(model, (x,))"
+        )
+    return example_inputs
+
+
+def _batch_dims(args: tuple) -> tuple:
+    """``dynamic_shapes`` for export: dim 0 of every tensor with at least one dim is AUTO."""
+
+    def one(x):
+        if isinstance(x, torch.Tensor) and x.dim() >= 1:
+            return {0: torch.export.Dim.AUTO}
+        return None
+
+    return tuple(pytree.tree_map(one, a) if not isinstance(a, torch.Tensor) else one(a) for a in args)
+
+
+def _export(model: nn.Module, args: tuple, dynamic_batch: bool) -> torch.fx.GraphModule:
+    ep = None
+    if dynamic_batch and _has_batched_tensor(args):
+        try:
+            ep = torch.export.export(model, args, strict=False, dynamic_shapes=_batch_dims(args))
+        except Exception as e:  # noqa: BLE001  (any failure: retry with static shapes below)
+            log.debug("export with a dynamic batch failed, retrying static: %s", e)
+            dyn_err = e
+            try:
+                ep = torch.export.export(model, args, strict=False)
+            except Exception as e2:
+                raise _capture_error(model, e2, "torch.export") from e2
+            warnings.warn(
+                f"{type(model).__name__}: torch.export failed with a dynamic batch dimension "
+                f"({_first_line(dyn_err)}); captured with the example's static shapes, so other batch "
+                "sizes will fail. Pass example inputs of the batch size you will run.",
+                stacklevel=3,
+            )
+    else:
+        try:
+            ep = torch.export.export(model, args, strict=False)
+        except Exception as e:
+            raise _capture_error(model, e, "torch.export") from e
+    gm = ep.module()
+    if dynamic_batch:
+        _warn_if_static_batch(model, gm)
+    return gm
+
+
+def _has_batched_tensor(args: tuple) -> bool:
+    return any(isinstance(x, torch.Tensor) and x.dim() >= 1 for x in pytree.tree_leaves(args))
+
+
+def _warn_if_static_batch(model: nn.Module, gm: torch.fx.GraphModule) -> None:
+    static = []
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        batched = n.op == "placeholder" and isinstance(v, torch.Tensor) and v.dim() >= 1
+        if batched and not isinstance(v.shape[0], torch.SymInt):
+            static.append(f"{n.name} (batch {int(v.shape[0])})")
+    if static:
+        warnings.warn(
+            f"{type(model).__name__}: the batch dimension of input(s) {', '.join(static)} was "
+            "specialised to the example's size (the model's code depends on it, or the example batch "
+            "is 0 or 1); other batch sizes will fail. Use an example batch of at least 2.",
+            stacklevel=4,
+        )
+
+
+# ---------------------------------------------------------------------------- symbolic_trace
+
+
+def _symbolic_trace(model: nn.Module, args: tuple) -> torch.fx.GraphModule:
+    # A copy: the GraphModule shares submodules with what it traced, and those must stay in
+    # eval mode after the user's model gets its training flag back.
+    traced = copy.deepcopy(model).eval()
+    try:
+        gm = torch.fx.symbolic_trace(traced)
+    except Exception as e:
+        raise _capture_error(model, e, "torch.fx.symbolic_trace") from e
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    try:
+        with torch.no_grad():
+            FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*args)
+    except Exception as e:
+        raise _capture_error(model, e, "shape propagation of the symbolic_trace graph") from e
+    for n in gm.graph.nodes:
+        n.meta.setdefault("val", None)
+    return gm
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _fill_output_val(gm: torch.fx.GraphModule) -> None:
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            n.meta["val"] = pytree.tree_map(
+                lambda a: a.meta.get("val") if isinstance(a, torch.fx.Node) else a, n.args[0]
+            )
+        elif "val" not in n.meta:
+            n.meta["val"] = None  # e.g. export's _guards_fn: returns nothing
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    s = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return s if len(s) <= limit else s[:limit] + "..."
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_TORCH_MODULES = os.path.join(_TORCH_DIR, "nn", "modules")
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _is_model_code(filename: str) -> bool:
+    f = os.path.abspath(filename)
+    if "<" in filename or f.startswith(_OWN_DIR):
+        return False
+    return not f.startswith(_TORCH_DIR) or f.startswith(_TORCH_MODULES)
+
+
+def _user_frame(e: BaseException) -> str | None:
+    """The innermost traceback frame in model code (outside torch's machinery and fxscale)."""
+    best = None
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        for fr in traceback.extract_tb(e.__traceback__):
+            if not _is_model_code(fr.filename):
+                continue
+            best = f"{fr.filename}:{fr.lineno} in {fr.name}" + (f": {fr.line.strip()}" if fr.line else "")
+        e = e.__cause__ or e.__context__
+    return best
+
+
+def _uses_cache(model: nn.Module) -> bool:
+    cfg = getattr(model, "config", None)
+    return bool(getattr(cfg, "use_cache", False))
+
+
+def _capture_error(model: nn.Module, e: BaseException, what: str) -> CaptureError:
+    name = type(model).__name__
+    msg = str(e).strip()
+    if len(msg) > 2000:
+        msg = msg[:2000] + " ..."
+    lines = [f"{what} could not capture {name}: {type(e).__name__}: {msg}"]
+    where = _user_frame(e)
+    if where:
+        lines.append(f"It failed at {where}")
+    if _uses_cache(model) and "cache" in msg.lower():
+        lines.append(
+            "The model returns a key/value cache (e.g. transformers' DynamicCache), which export "
+            "cannot return: set model.config.use_cache = False before transforming it."
+        )
+    tries = [_TRY_COMPILE]
+    if what == "torch.export":
+        tries.append(_TRY_FX)
+    elif what.startswith("torch.fx"):
+        tries.append('capture="export" (the default)')
+    lines.append("Try instead: " + "; or ".join(tries) + ".")
+    return CaptureError("\n".join(lines))
