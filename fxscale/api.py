@@ -1,0 +1,217 @@
+"""``fxscale.transform``: capture, calibrate, prove bounds, place requantises, lower, report.
+
+>>> import torch, fxscale
+>>> model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
+>>> sm = fxscale.transform(model, (torch.randn(8, 64),))
+>>> y = sm(torch.randn(3, 64))          # other batch sizes work
+>>> y.shape, y.dtype
+(torch.Size([3, 64]), torch.float32)
+>>> print(sm.report)                     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, fx, nn
+from torch.utils import _pytree as pytree
+
+from .formats import Format, get_format
+from .nodeinfo import info
+
+__all__ = ["TransformConfig", "ScaledGraphModule", "transform"]
+
+_ON_OVERFLOW = ("raise", "saturate", "requantise")
+_NONFINITE = ("propagate", "raise")
+
+
+@dataclass(frozen=True)
+class TransformConfig:
+    """All options of :func:`transform` (keyword-only there), validated.
+
+    ``format``: storage format of matmul operands. ``threshold``: projected wasted bits above
+    which a requantise goes in (None: the format's default). ``rules``: ``"rownorm"`` (tight,
+    default) or ``"absmax"`` (the seed's rule). ``input_bounds``: declared max |x| per
+    floating-point input (None: measured at run time). ``on_overflow``: what an input beyond
+    its declared bound does: ``"raise"`` (ValueError), ``"saturate"`` (clamp, warn once) or
+    ``"requantise"`` (that call uses run-time input scales). ``nonfinite``: NaN/Inf inputs
+    ``"propagate"`` to the outputs (default) or ``"raise"``. ``requantise``: False disables
+    requantise insertion (for comparison). ``capture``: ``"export"`` or ``"symbolic_trace"``.
+    """
+
+    format: Format
+    threshold: float | None = None
+    rules: str = "rownorm"
+    input_bounds: tuple[float | None, ...] | None = None
+    on_overflow: str = "raise"
+    nonfinite: str = "propagate"
+    requantise: bool = True
+    capture: str = "export"
+
+    def __post_init__(self):
+        if self.rules not in ("rownorm", "absmax"):
+            raise ValueError(f"rules must be 'rownorm' or 'absmax', got {self.rules!r}")
+        if self.on_overflow not in _ON_OVERFLOW:
+            raise ValueError(f"on_overflow must be one of {_ON_OVERFLOW}, got {self.on_overflow!r}")
+        if self.nonfinite not in _NONFINITE:
+            raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {self.nonfinite!r}")
+        if self.capture not in ("export", "symbolic_trace"):
+            raise ValueError(f"capture must be 'export' or 'symbolic_trace', got {self.capture!r}")
+        if self.threshold is not None and not (self.threshold >= 0):
+            raise ValueError(f"threshold must be >= 0 (bits), got {self.threshold!r}")
+
+
+class ScaledGraphModule(fx.GraphModule):
+    """The transformed model: a GraphModule of ``torch.ops.fxscale.*`` calls, plus ``report``.
+
+    Inputs with a declared bound are checked on every call (one reduction each, outside the
+    graph): beyond the bound, ``on_overflow`` decides. NaN/Inf inputs propagate or raise.
+    """
+
+    report: Any
+    config: TransformConfig
+
+    def __call__(self, *args, **kwargs):
+        checked = getattr(self, "_fxscale_checks", None)
+        if checked is not None:
+            args, kwargs, use_dynamic = _check_inputs(self, args, kwargs)
+            if use_dynamic:
+                return self._fxscale_dynamic(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+def _check_inputs(sm: ScaledGraphModule, args, kwargs):
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    cfg = sm.config
+    use_dynamic = False
+    changed = False
+    for i, (name, bound) in enumerate(sm._fxscale_checks):
+        if i >= len(leaves):
+            break
+        x = leaves[i]
+        if not isinstance(x, Tensor) or not x.dtype.is_floating_point or x.numel() == 0:
+            continue
+        amax = x.detach().abs().amax()
+        amax_f = float(amax)  # one reduction per input per call, outside the graph
+        if not math.isfinite(amax_f):
+            if cfg.nonfinite == "raise":
+                raise ValueError(f"input {name!r} holds NaN or Inf; pass nonfinite='propagate' to let it flow")
+            continue
+        if bound is None or amax_f <= bound:
+            continue
+        if cfg.on_overflow == "raise":
+            raise ValueError(
+                f"input {name!r} has max |x| = {amax_f:.6g} beyond its declared bound {bound:.6g}; "
+                "declare a larger input_bounds, or pass on_overflow='saturate' or 'requantise'"
+            )
+        if cfg.on_overflow == "saturate":
+            if not getattr(sm, "_fxscale_warned", False):
+                warnings.warn(
+                    f"input {name!r} has max |x| = {amax_f:.6g} beyond its declared bound {bound:.6g}: "
+                    "saturating to the bound (on_overflow='saturate'; warned once)",
+                    stacklevel=3,
+                )
+                sm._fxscale_warned = True
+            leaves[i] = x.clamp(-bound, bound)
+            changed = True
+        else:
+            use_dynamic = True
+    if changed:
+        args, kwargs = pytree.tree_unflatten(leaves, spec)
+    return args, kwargs, use_dynamic and sm._fxscale_dynamic is not None
+
+
+def _normalise_inputs(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)
+
+
+def _input_bounds(placeholders: list[fx.Node], input_bounds) -> dict[str, float | None]:
+    floats = [p for p in placeholders if isinstance(p.meta.get("val"), Tensor) and p.meta["val"].dtype.is_floating_point]
+    if input_bounds is None:
+        return {}
+    if isinstance(input_bounds, (int, float)):
+        return {p.name: float(input_bounds) for p in floats}
+    seq = list(input_bounds)
+    if len(seq) != len(placeholders):
+        raise ValueError(
+            f"input_bounds has {len(seq)} entries but the model takes {len(placeholders)} tensor inputs "
+            f"({', '.join(p.name for p in placeholders)}); give one per input (None for none) or a single float"
+        )
+    return {p.name: (None if b is None else float(b)) for p, b in zip(placeholders, seq)}
+
+
+def transform(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    format: str | torch.dtype | Format = torch.float8_e4m3fn,
+    threshold: float | None = None,
+    calibration: Sequence[Any] | None = None,
+    input_bounds: float | Sequence[float | None] | None = None,
+    on_overflow: str | None = None,
+    rules: str = "rownorm",
+    capture: str = "export",
+    requantise: bool = True,
+    nonfinite: str = "propagate",
+) -> ScaledGraphModule:
+    """Compile ``model`` to scaled low-precision ops with proven, never-overflow scales.
+
+    Returns a :class:`ScaledGraphModule` whose outputs have the structure and dtype of
+    ``model(*example_inputs)``; ``sm.report`` is the per-node table. See
+    :class:`TransformConfig` for the options. ``calibration`` is a list of further input
+    tuples, used (with ``example_inputs``) only to project wasted bits.
+    """
+    from passes.bounds import build_steps
+    from passes.calibrate import calibrate
+    from passes.capture import capture as capture_graph
+    from passes.lower import lower
+    from passes.requantise import analyse
+
+    try:
+        from .report import Report
+    except ImportError:  # pragma: no cover  (report lands separately)
+        Report = None
+
+    fmt = get_format(format)
+    cfg = TransformConfig(
+        format=fmt,
+        threshold=threshold,
+        rules=rules,
+        input_bounds=None if input_bounds is None or isinstance(input_bounds, (int, float)) else tuple(input_bounds),
+        on_overflow=on_overflow or "raise",
+        nonfinite=nonfinite,
+        requantise=requantise,
+        capture=capture,
+    )
+    args = _normalise_inputs(example_inputs)
+    batches = [args] + [_normalise_inputs(b) for b in (calibration or [])]
+
+    def build(bounds_override):
+        gm = capture_graph(model, args, method=cfg.capture)
+        calibrate(gm, batches)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        ib = _input_bounds(placeholders, bounds_override)
+        an = analyse(gm, fmt=fmt, mode=cfg.rules, threshold=cfg.threshold, input_bounds=ib, requantise=cfg.requantise)
+        rows = [(n.name, info(n)) for n in gm.graph.nodes]
+        lower(gm, an, {s.name: s for s in build_steps(gm)}, fmt)
+        return gm, rows, placeholders, ib
+
+    gm, rows, placeholders, ib = build(input_bounds)
+    sm = ScaledGraphModule(gm, gm.graph, class_name="ScaledGraphModule")
+    for k in ("_in_spec", "_out_spec"):
+        if hasattr(gm, k):
+            setattr(sm, k, getattr(gm, k))
+    sm.config = cfg
+    sm.report = Report.from_rows(rows, fmt) if Report is not None else rows
+    sm._fxscale_checks = [(p.name, ib.get(p.name)) for p in placeholders] if (ib or cfg.nonfinite == "raise") else None
+    sm._fxscale_dynamic = None
+    if ib and cfg.on_overflow == "requantise":
+        dyn, _, _, _ = build(None)
+        sm._fxscale_dynamic = dyn
+    return sm
