@@ -191,8 +191,14 @@ def evaluate_step(step: Step, an: Analysis) -> None:
         an.failures[step.name] = f"input {e.args[0]} has no bound"
         return
     an.bounds[step.name] = res[0] if len(res) == 1 and len(step.out_shapes) == 1 else list(res)
+    if not any(_has_tensor(b) for b in res):
+        an.deps[step.name] = frozenset()  # e.g. after a LayerNorm: no longer depends on measurements
     if res[0] is None and len(res) == 1:
         an.failures[step.name] = "rule does not apply to these arguments"
+
+
+def _has_tensor(b: Bound | None) -> bool:
+    return b is not None and any(isinstance(getattr(b, f), Tensor) for f in b.__dataclass_fields__)
 
 
 def _refs(a: Any) -> list[Ref]:
@@ -206,10 +212,14 @@ def _refs(a: Any) -> list[Ref]:
 
 
 def measured_bound(stats, shape: tuple[int, ...]) -> Bound:
-    """Bound from a measurement ``[absmax, rownorm]`` (floats or a tensor of 2)."""
-    if isinstance(stats, Tensor):
-        return Bound(stats[0], stats[1]).tighten(shape)
-    return Bound(float(stats[0]), float(stats[1])).tighten(shape)
+    """Bound from a measurement ``[absmax, rownorm]`` (a tensor of 2, or two floats).
+
+    The fields stay 0-d tensors, so that every bound computed from them is a tensor too:
+    that is how the analysis knows which bounds depend on run-time measurements.
+    """
+    if not isinstance(stats, Tensor):
+        stats = torch.tensor([float(stats[0]), float(stats[1])], dtype=torch.float64)
+    return Bound(stats[0], stats[1]).tighten(shape)
 
 
 def declared_bound(value: float, shape: tuple[int, ...]) -> Bound:

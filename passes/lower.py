@@ -66,7 +66,8 @@ class ScaleFn(nn.Module):
             an.bounds[name] = measured_bound(st, self.shapes[name])
         for step in self.steps:
             evaluate_step(step, an)
-        return operand_scale(self.fmt, an.bounds[self.target])
+        scale = operand_scale(self.fmt, an.bounds[self.target])
+        return torch.as_tensor(scale, dtype=torch.float32)
 
     def extra_repr(self) -> str:
         return f"target={self.target}, sources={self.sources}, steps={len(self.steps)}"
