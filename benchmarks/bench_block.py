@@ -1,0 +1,93 @@
+"""GPT-style block (pre-LN, causal SDPA in bf16, MLP 4x GELU) at d=4096 on one GPU.
+
+    PYTHONPATH=. python benchmarks/bench_block.py [--shape 4x2048 1x16] [--md out.md]
+
+Variants and method as in bench_ffn.py. TFLOP/s counts the linears and the causal attention
+(half the score matrix). Ratios against the faster of bf16 eager and bf16 torch.compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.common import (
+    Block,
+    HandBlock,
+    device_line,
+    dyn_fp8,
+    fxscale_transform,
+    init_,
+    kernel_breakdown,
+    run_variants,
+    table,
+    torchao_fp8,
+    torchao_version,
+)
+
+
+def build_variants(model, inputs, graph):
+    variants = [
+        ("bf16 eager", lambda: model),
+        ("bf16 compile", lambda: torch.compile(model)),
+        ("torchao fp8 tensorwise (compile)", lambda: torch.compile(torchao_fp8(model, rowwise=False))),
+        ("torchao fp8 rowwise (compile)", lambda: torch.compile(torchao_fp8(model, rowwise=True))),
+        ("dynamic per-tensor fp8, in-bench (compile)", lambda: torch.compile(dyn_fp8(model))),
+        ("fxscale.transform + compile", lambda: torch.compile(fxscale_transform(model, inputs[0]))),
+        ("fxscale hand block (compile)", lambda: torch.compile(HandBlock(model))),
+    ]
+    return variants
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", nargs="+", default=["4x2048", "1x16"], help="BxT")
+    ap.add_argument("--d", type=int, default=4096)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--md", default=None)
+    ap.add_argument("--log", default=None)
+    ap.add_argument("--skip", nargs="*", default=[])
+    ap.add_argument("--breakdown", action="store_true")
+    args = ap.parse_args()
+    log = open(args.log, "a") if args.log else None  # noqa: SIM115
+    torch.manual_seed(0)
+    dev = "cuda"
+    d = args.d
+    head = f"GPT block d={d}, {args.heads} heads, MLP 4x GELU; {device_line()}; torchao {torchao_version()}"
+    print(head, flush=True)
+    md = [f"## {head}\n"]
+    model = init_(Block(d, args.heads)).to(dev, torch.bfloat16).eval()
+    ref_model = Block(d, args.heads).to(dev).eval()
+    ref_model.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    for shape in args.shape:
+        B, T = (int(v) for v in shape.split("x"))
+        graph = B * T <= 64
+        inputs = [torch.randn(B, T, d, device=dev, dtype=torch.bfloat16) for _ in range(3)]
+        ref_in = torch.randn(B, T, d, device=dev, dtype=torch.bfloat16)
+        with torch.no_grad():
+            ref_out = ref_model(ref_in.float())
+        flops = 2.0 * B * T * 12 * d * d + 2.0 * B * T * T * d
+        print(f"B={B} T={T} ({'CUDA graph replays' if graph else 'plain calls'})", flush=True)
+        variants = [v for v in build_variants(model, inputs, graph) if not any(s in v[0] for s in args.skip)]
+        rows = run_variants(variants, inputs, ref_in, ref_out, flops, graph=graph, log=log)
+        md.append(table(rows, f"{B}x{T} = {B * T} tokens{' (CUDA graph replays)' if graph else ''}"))
+        if args.breakdown and not graph:
+            for name, build in [("bf16 eager", lambda: model),
+                                ("fxscale hand block (compile)", lambda: torch.compile(HandBlock(model)))]:
+                try:
+                    bd = kernel_breakdown(build(), inputs[0], top=16)
+                except Exception as e:  # noqa: BLE001
+                    bd = f"failed: {e}\n"
+                md.append(f"\nPer-kernel, {name}, {B}x{T}:\n\n{bd}")
+                print(f"per-kernel {name}\n{bd}", flush=True)
+                torch._dynamo.reset()
+    text = "\n".join(md)
+    print(text)
+    if args.md:
+        with open(args.md, "a") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One device call: environment, GPU tests, kernel timings, FFN and block benchmarks.
+#   STEPS="env tests kernels ffn block" OUT=/tmp/out bash benchmarks/run_gpu.sh
+# Each step has its own time cap, so a slow step never loses the ones after it.
+# Logs land in $OUT (tests.log, kernels.log, ffn.log, block.log, errors.log).
+set -u
+OUT=${OUT:-/tmp/fxscale-out}
+mkdir -p "$OUT"
+STEPS=${STEPS:-"env tests kernels ffn block"}
+if ls .whl/*.whl >/dev/null 2>&1; then  # torchao, carried as a wheel (see the device README)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
+for s in $STEPS; do
+  echo "=== $s $(date +%T)"
+  case $s in
+    env)
+      nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+      python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+      python3 -c "import torchao; print('torchao', torchao.__version__)" 2>&1 | tail -1
+      ;;
+    tests)
+      timeout "${T_TESTS:-300}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py ${TEST_ARGS:-} \
+        > "$OUT/tests.log" 2>&1
+      grep -E "passed|failed|error|FAILED|Error" "$OUT/tests.log" | tail -25
+      ;;
+    kernels)
+      timeout "${T_KERNELS:-180}" python3 benchmarks/bench_kernels.py ${KERNEL_ARGS:-} > "$OUT/kernels.log" 2>&1
+      grep -E "^\| " "$OUT/kernels.log" | sort -u | head -80; tail -3 "$OUT/kernels.log"
+      ;;
+    ffn)
+      timeout "${T_FFN:-420}" python3 benchmarks/bench_ffn.py --log "$OUT/errors.log" ${FFN_ARGS:-} > "$OUT/ffn.log" 2>&1
+      grep -E "^(  |M=|FFN|- |WARN)" "$OUT/ffn.log" | head -120; tail -3 "$OUT/ffn.log"
+      ;;
+    block)
+      timeout "${T_BLOCK:-300}" python3 benchmarks/bench_block.py --log "$OUT/errors.log" ${BLOCK_ARGS:-} > "$OUT/block.log" 2>&1
+      grep -E "^(  |B=|GPT)" "$OUT/block.log" | head -60; tail -3 "$OUT/block.log"
+      ;;
+  esac
+done
+echo "=== done $(date +%T)"

@@ -1,0 +1,387 @@
+"""CUDA implementations of the fxscale ops, registered with ``torch.library.register_kernel``.
+
+``scaled_linear`` picks, per shape, the fastest of these candidates (each computes exactly the
+op's contract; the choice is measured once per key and cached, see :func:`choices`):
+
+* ``cublas``: ``torch._scaled_mm`` (fp8, K and N multiples of 16) with bias, fast accumulation
+  and, for an fp8 output, the output scale as ``scale_result``; ReLU then runs on the fp8 data
+  (exact), other activations on a bf16/fp32 result;
+* ``triton``: the fp8 (or int8) matmul of :mod:`fxscale.kernels.triton_fp8` with bias,
+  activation, output scale and saturating cast fused into its epilogue, in several tilings;
+* ``intmm``: int8 through ``torch._int_mm`` with the epilogue in torch;
+* ``reference``: the CPU reference code, run on the GPU (always correct, slow).
+
+``scaled_linear_requantise`` measures the result's ``max |y|`` and row norms in the Triton
+epilogue (atomics), then casts in one light second pass. ``scaled_matmul`` (activation x
+activation) upcasts the 8-bit data to bf16 exactly and uses the bf16 tensor cores with float32
+accumulation. ``scaled_conv2d`` and ``quantise`` / ``dequantise`` / ``stats`` keep their
+reference / composite implementations (the latter decompose and fuse under torch.compile).
+
+Nothing here synchronises with the host except the one-time autotuning of a new shape, which
+is skipped while a CUDA graph is being captured (the heuristic default is used then), so a
+warmed-up model runs under CUDA graphs. ``FXSCALE_AUTOTUNE=0`` turns autotuning off;
+:func:`force` pins one candidate (for benchmarks and tests).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import warnings
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from .. import ops as _ops
+from ..formats import Format, get_format
+
+try:
+    from . import triton_fp8 as _tk
+except Exception:  # noqa: BLE001  (triton missing or too old: cuBLAS and the reference remain)
+    _tk = None
+
+__all__ = ["HAS_TRITON", "choices", "clear_cache", "force"]
+
+HAS_TRITON = _tk is not None
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The candidate chosen for one key, and what each candidate measured (ms; None: failed)."""
+
+    name: str
+    cfg: object
+    ms: float | None
+    timings: tuple = ()
+
+    @property
+    def label(self) -> str:
+        return self.name if self.cfg is None else f"{self.name}:{self.cfg!r}"
+
+
+_CHOICES: dict[tuple, Choice] = {}
+_FAILURES: dict[str, str] = {}
+_WARNED: set = set()
+_FORCED: str | None = None
+_BIAS16: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def choices() -> dict[tuple, Choice]:
+    """The autotuner's cache: key -> :class:`Choice` (what ran, and every candidate's time)."""
+    return dict(_CHOICES)
+
+
+def failures() -> dict[str, str]:
+    """Candidates that failed to compile or run during autotuning, with the error."""
+    return dict(_FAILURES)
+
+
+def clear_cache() -> None:
+    _CHOICES.clear()
+
+
+def force(name: str | None) -> None:
+    """Pin a candidate family (``"cublas"``, ``"triton"``, ``"intmm"``, ``"reference"``) or
+    ``None`` for automatic choice. Where the pinned family does not apply, the choice is automatic."""
+    global _FORCED
+    _FORCED = name
+    _CHOICES.clear()
+
+
+def _warn_once(key, msg: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(msg, stacklevel=3)
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("FXSCALE_AUTOTUNE", "1") != "0"
+
+
+def _bias16(bias: torch.Tensor | None, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor | None:
+    """``bias`` in bf16 for cuBLAS, cached per tensor (weights and biases are constants)."""
+    if bias is None or bias.dtype == dtype:
+        return bias
+    try:
+        ver = (bias._version, bias.data_ptr())
+        hit = _BIAS16.get(bias)
+        if hit is not None and hit[0] == ver:
+            return hit[1]
+        b = bias.to(dtype)
+        _BIAS16[bias] = (ver, b)
+        return b
+    except (RuntimeError, TypeError):  # inference tensors have no version counter
+        return bias.to(dtype)
+
+
+def _relu_fp8(d: torch.Tensor) -> torch.Tensor:
+    if _tk is not None:
+        return _tk.relu_fp8(d)
+    v = d.view(torch.uint8)
+    nan_lo = 0xFF if d.dtype == torch.float8_e4m3fn else 0xFD
+    return torch.where((v < 128) | (v >= nan_lo), v, torch.zeros_like(v)).view(d.dtype)
+
+
+# ------------------------------------------------------------------------------ candidates
+def _finish(y: torch.Tensor, activation: str, out_scale, fmt: Format | None, out_dtype) -> torch.Tensor:
+    y = _ops.apply_activation(y, activation)
+    if fmt is not None:
+        return fmt.cast(y.to(torch.float32) / out_scale)
+    return y.to(out_dtype)
+
+
+_SAT: dict[torch.dtype, bool] = {}
+
+
+def _cublas_saturates(dtype: torch.dtype, device) -> bool:
+    """Does ``_scaled_mm`` saturate finite overflow of an fp8 output (as the contract wants)?"""
+    if dtype not in _SAT:
+        if torch.cuda.is_current_stream_capturing():
+            return False  # cannot probe now; the float32-output path is always correct
+        a = torch.full((16, 16), 448.0, device=device).to(torch.float8_e4m3fn)
+        one = torch.ones((), device=device)
+        out = torch._scaled_mm(a, a.t(), one, one, scale_result=one, out_dtype=dtype)
+        v = out.to(torch.float32)
+        _SAT[dtype] = bool(torch.isfinite(v).all()) and float(v.max()) == torch.finfo(dtype).max
+    return _SAT[dtype]
+
+
+def _cublas(x2, xs, w, ws, bias, activation, out_scale, fmt, out_dtype):
+    wt = w.t()
+    if fmt is not None and fmt.dtype in _FP8 and activation in ("none", "relu") \
+            and _cublas_saturates(fmt.dtype, x2.device):
+        out = torch._scaled_mm(x2, wt, xs, ws, bias=_bias16(bias), scale_result=torch.reciprocal(out_scale),
+                               out_dtype=fmt.dtype, use_fast_accum=True)
+        return _relu_fp8(out) if activation == "relu" else out
+    if fmt is None and out_dtype == torch.bfloat16:
+        y = torch._scaled_mm(x2, wt, xs, ws, bias=_bias16(bias), out_dtype=torch.bfloat16, use_fast_accum=True)
+        if activation == "none":
+            return y
+        return _finish(y.to(torch.float32), activation, None, None, out_dtype)
+    y = torch._scaled_mm(x2, wt, xs, ws, out_dtype=torch.float32, use_fast_accum=True)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return _finish(y, activation, out_scale, fmt, out_dtype)
+
+
+def _intmm(x2, xs, w, ws, bias, activation, out_scale, fmt, out_dtype):
+    y = torch._int_mm(x2, w.t()).to(torch.float32) * (xs * ws)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return _finish(y, activation, out_scale, fmt, out_dtype)
+
+
+def _triton(cfg):
+    def run(x2, xs, w, ws, bias, activation, out_scale, fmt, out_dtype):
+        if fmt is not None and fmt.dtype not in _FP8:  # int8 etc.: fp32 out, cast in torch
+            y = _tk.linear(x2, xs, w, ws, bias, activation, None, torch.float32, cfg)
+            return fmt.cast(y / out_scale)
+        dt = fmt.dtype if fmt is not None else out_dtype
+        return _tk.linear(x2, xs, w, ws, bias, activation, out_scale, dt, cfg)
+
+    return run
+
+
+def _reference(x2, xs, w, ws, bias, activation, out_scale, fmt, out_dtype):
+    y = _ops._linear_ref(x2, xs, w, ws, bias, activation)
+    if fmt is not None:
+        return fmt.cast(y / out_scale)
+    return y.to(out_dtype)
+
+
+def _candidates(x2, w, fmt, out_dtype, activation):
+    """Every implementation that applies, heuristic default first."""
+    M, K = x2.shape
+    N = w.shape[0]
+    fp8_in = x2.dtype in _FP8 and w.dtype in _FP8
+    int_in = x2.dtype == torch.int8 and w.dtype == torch.int8
+    aligned = K % 16 == 0 and N % 16 == 0
+    cands = []
+    cublas_ok = fp8_in and aligned and not (x2.dtype == w.dtype == torch.float8_e5m2)
+    tri = []
+    if _tk is not None and (fp8_in or int_in):
+        kdt = fmt.dtype if fmt is not None and fmt.dtype in _FP8 else (
+            out_dtype if fmt is None else torch.float32)
+        if _tk.tma_ok(x2, w, kdt):
+            pool = _tk.CONFIGS_SMALL if M <= 64 else _tk.CONFIGS_LARGE
+        else:
+            pool = _tk.CONFIGS_GENERIC
+        tri = [("triton", c) for c in pool]
+    fuses_in_cublas = activation == "none" or (activation == "relu" and fmt is not None)
+    if cublas_ok and (fuses_in_cublas or not tri):
+        cands.append(("cublas", None))
+        cands += tri
+    else:
+        cands += tri
+        if cublas_ok:
+            cands.append(("cublas", None))
+    if int_in and M > 16 and K % 8 == 0 and N % 8 == 0:
+        cands.append(("intmm", None))
+    cands.append(("reference", None))
+    if (fp8_in or int_in) and not aligned:
+        how = "the masked Triton kernel" if tri else "the reference implementation (slow)"
+        _warn_once(("align", K, N), f"fxscale.scaled_linear: K={K} or N={N} is not a multiple of 16, so "
+                   f"torch._scaled_mm and the TMA kernel do not apply; using {how}")
+    if _FORCED is not None:
+        pinned = [c for c in cands if c[0] == _FORCED]
+        if pinned:
+            cands = pinned
+    return cands
+
+
+_IMPLS = {"cublas": _cublas, "intmm": _intmm, "reference": _reference}
+
+
+def _impl(name, cfg):
+    return _triton(cfg) if name == "triton" else _IMPLS[name]
+
+
+def _time_ms(fn, args, budget_ms: float = 20.0) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn(*args)
+    end.record()
+    end.synchronize()
+    first = start.elapsed_time(end)
+    reps = int(max(3, min(25, budget_ms / max(first, 1e-3))))
+    ts = []
+    for _ in range(reps):
+        start.record()
+        fn(*args)
+        end.record()
+        end.synchronize()
+        ts.append(start.elapsed_time(end))
+    return statistics.median(ts)
+
+
+def _select(key, cands, args, resolve) -> Choice:
+    hit = _CHOICES.get(key)
+    if hit is not None:
+        return hit
+    capturing = torch.cuda.is_current_stream_capturing()
+    if len(cands) == 1 or capturing or not _autotune_enabled():
+        c = Choice(cands[0][0], cands[0][1], None)
+        if not capturing:
+            _CHOICES[key] = c
+        return c
+    best = None
+    timings = []
+    for name, cfg in cands:
+        if name == "reference":  # only if nothing else runs
+            continue
+        fn = resolve(name, cfg)
+        try:
+            fn(*args)
+            torch.cuda.synchronize()
+            ms = _time_ms(fn, args)
+        except Exception as e:  # noqa: BLE001  (compile failure, out of shared memory, unsupported layout)
+            _FAILURES[f"{name}:{cfg!r}"] = f"{type(e).__name__}: {str(e)[:300]}"
+            timings.append((f"{name}:{cfg!r}" if cfg is not None else name, None))
+            continue
+        timings.append((f"{name}:{cfg!r}" if cfg is not None else name, ms))
+        if best is None or ms < best[2]:
+            best = (name, cfg, ms)
+    if best is None:
+        best = ("reference", None, None)
+    c = Choice(best[0], best[1], best[2], tuple(timings))
+    _CHOICES[key] = c
+    return c
+
+
+def _bucket(m: int) -> int:
+    return max(16, 1 << max(0, (m - 1).bit_length()))
+
+
+# ------------------------------------------------------------------------------ op kernels
+def scaled_linear_cuda(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype):
+    K = x.shape[-1]
+    N = w.shape[0]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    if not w.is_contiguous():
+        w = w.contiguous()
+    fmt = get_format(out_fmt) if out_fmt is not None else None
+    args = (x2, x_scale, w, w_scale, bias, activation, out_scale, fmt, out_dtype)
+    M = x2.shape[0]
+    if M == 0:
+        return _reference(*args).reshape(*lead, N)
+    # 16-byte alignment of the base pointers decides whether TMA applies: part of the key.
+    key = ("linear", x2.device.index, x2.dtype, w.dtype, _bucket(M), N, K, bias is not None, activation,
+           out_fmt, out_dtype, x2.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0)
+    c = _CHOICES.get(key)
+    if c is None:
+        c = _select(key, _candidates(x2, w, fmt, out_dtype, activation), args, _impl)
+    return _impl(c.name, c.cfg)(*args).reshape(*lead, N)
+
+
+def _requant_unfused(x2, xs, w, ws, bias, activation, f: Format):
+    y = scaled_linear_cuda(x2, xs, w, ws, bias, activation, None, None, torch.float32)
+    st = _ops.row_stats(y)
+    scale = f.scale_tensor(st[0])
+    return f.cast(y / scale), scale, st
+
+
+def _requant_triton(cfg):
+    def run(x2, xs, w, ws, bias, activation, f: Format):
+        y, amax_bits, rss = _tk.linear(x2, xs, w, ws, bias, activation, None, torch.bfloat16, cfg, stats=True)
+        amax = amax_bits.view(torch.float32)[0]
+        nan = torch.isnan(amax)
+        st = torch.stack([amax, torch.sqrt(rss.amax())])
+        st = torch.where(nan, torch.full_like(st, float("nan")), st)
+        scale = f.scale_tensor(amax)
+        return _tk.cast_fp8(y, scale, f.dtype), scale, st
+
+    return run
+
+
+def scaled_linear_requantise_cuda(x, x_scale, w, w_scale, bias, activation, out_fmt):
+    f = get_format(out_fmt)
+    K = x.shape[-1]
+    N = w.shape[0]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    w = w if w.is_contiguous() else w.contiguous()
+    cands = [("unfused", None)]
+    fused_ok = (_tk is not None and f.dtype in _FP8 and x2.shape[0] > 0
+                and ((x2.dtype in _FP8 and w.dtype in _FP8) or (x2.dtype == w.dtype == torch.int8)))
+    if fused_ok:
+        pool = (_tk.CONFIGS_SMALL if x2.shape[0] <= 64 else _tk.CONFIGS_LARGE) \
+            if _tk.tma_ok(x2, w, torch.bfloat16) else _tk.CONFIGS_GENERIC
+        cands = [("requant_triton", c) for c in pool] + cands
+    if _FORCED == "reference" or (_FORCED is not None and _FORCED != "triton"):
+        cands = [("unfused", None)]
+    key = ("requant", x2.device.index, x2.dtype, w.dtype, _bucket(x2.shape[0]), N, K, bias is not None,
+           activation, out_fmt, x2.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0)
+    args = (x2, x_scale, w, w_scale, bias, activation, f)
+    c = _select(key, cands, args, _impl_requant)
+    data, scale, st = _impl_requant(c.name, c.cfg)(*args)
+    return data.reshape(*lead, N), scale, st
+
+
+def _impl_requant(name, cfg):
+    return _requant_triton(cfg) if name == "requant_triton" else _requant_unfused
+
+
+def scaled_matmul_cuda(a, a_scale, b, b_scale, out_dtype):
+    eight_bit = (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8)
+    if a.dtype in eight_bit and b.dtype in eight_bit and out_dtype != torch.float32:
+        # 8-bit values are exact in bf16; the bf16 tensor cores accumulate in float32.
+        acc = torch.matmul(a.to(torch.bfloat16), b.to(torch.bfloat16))
+        return (acc.to(torch.float32) * (a_scale * b_scale)).to(out_dtype)
+    acc = torch.matmul(_ops._upcast(a), _ops._upcast(b)).to(torch.float32)
+    return (acc * (a_scale * b_scale)).to(out_dtype)
+
+
+def _register() -> None:
+    torch.library.register_kernel("fxscale::scaled_linear", "cuda", scaled_linear_cuda)
+    torch.library.register_kernel("fxscale::scaled_linear_requantise", "cuda", scaled_linear_requantise_cuda)
+    torch.library.register_kernel("fxscale::scaled_matmul", "cuda", scaled_matmul_cuda)
+
+
+_register()

@@ -1,0 +1,335 @@
+"""The CUDA kernels of fxscale against the CPU reference ops (skipped without CUDA).
+
+Error thresholds (stated per check): outputs in bf16/fp32 within 1e-2 relative (Frobenius)
+of the reference -- fp8 products are exact, fast accumulation and bf16 rounding cost ~1e-3;
+fp8 outputs within one fp8 ulp elementwise (|a - b| <= 2**-3 * max(|a|, |b|) plus the smallest
+subnormal times the scale), since a float32 result that differs in the last bits can round to
+the neighbouring fp8 value. Every check draws fresh random data.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import fxscale  # noqa: F401  (registers the ops and, on CUDA, the kernels)
+from fxscale.formats import get_format
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+ACTS = ["none", "relu", "gelu", "gelu_tanh", "silu"]
+
+
+@pytest.fixture(autouse=True)
+def _no_autotune(monkeypatch):
+    """Tests pin each candidate family; autotuning would hide all but the winner."""
+    monkeypatch.setenv("FXSCALE_AUTOTUNE", "0")
+    yield
+    from fxscale.kernels import cuda
+
+    cuda.force(None)
+
+
+def _cuda():
+    from fxscale.kernels import cuda
+
+    return cuda
+
+
+def _operands(M, K, N, *, fmt="float8_e4m3fn", lead=(), seed=None, device="cuda"):
+    f = get_format(fmt)
+    g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(1 << 30, ())))
+    x = torch.randn(*lead, M, K, generator=g)
+    w = torch.randn(N, K, generator=g) / K**0.5
+    b = torch.randn(N, generator=g) * 0.1
+    xs = torch.tensor(f.scale_for(float(x.abs().max())))
+    ws = torch.tensor(f.scale_for(float(w.abs().max())))
+    xq, wq = f.cast(x / xs), f.cast(w / ws)
+    return [t.to(device) for t in (xq, xs, wq, ws, b)]
+
+
+def _ref_linear(xq, xs, wq, ws, b, act, out_scale, out_fmt, out_dtype):
+    cpu = [t.cpu() if isinstance(t, torch.Tensor) else t for t in (xq, xs, wq, ws, b, out_scale)]
+    return torch.ops.fxscale.scaled_linear(*cpu[:5], act, cpu[5], out_fmt, out_dtype)
+
+
+def _rel(a, b):
+    a, b = a.float().cpu(), b.float().cpu()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def _assert_fp8_close(out, ref, scale, fmt):
+    """Within one fp8 ulp elementwise (see the module docstring); NaN exactly where ref is NaN."""
+    f = get_format(fmt)
+    a = out.cpu().float() * float(scale)
+    r = ref.cpu().float() * float(scale)
+    assert torch.equal(torch.isnan(a), torch.isnan(r))
+    fin = ~torch.isnan(r)
+    a, r = a[fin], r[fin]
+    tol = 2.0 ** -f.mantissa_bits * torch.maximum(a.abs(), r.abs()) + f.smallest_subnormal * float(scale)
+    bad = (a - r).abs() > tol
+    assert not bool(bad.any()), f"{int(bad.sum())} of {a.numel()} elements beyond one ulp"
+    assert _rel(a, r) < 0.03
+
+
+def _check(out, ref, out_scale, out_fmt):
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    if out_fmt is not None:
+        _assert_fp8_close(out, ref, out_scale, out_fmt)
+    else:
+        assert _rel(out, ref) < 1e-2
+
+
+def _out_scale(xq, xs, wq, ws, b, act, fmt):
+    """A sound static output scale: Cauchy-Schwarz on the operands as quantised."""
+    f = get_format(fmt)
+    xn = (xq.float() * xs).norm(dim=-1).max()
+    wn = (wq.float() * ws).norm(dim=-1).max()
+    return torch.tensor(f.scale_for(float(xn * wn + b.abs().max())), device=xq.device)
+
+
+FAMILIES = ["cublas", "triton", "auto"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("out", ["bfloat16", "float8_e4m3fn"])
+def test_scaled_linear__matches_reference__activations(family, act, out):
+    cuda = _cuda()
+    cuda.force(None if family == "auto" else family)
+    xq, xs, wq, ws, b = _operands(256, 512, 384)
+    out_fmt = out if out.startswith("float8") else None
+    os_ = _out_scale(xq, xs, wq, ws, b, act, out) if out_fmt else None
+    got = torch.ops.fxscale.scaled_linear(xq, xs, wq, ws, b, act, os_, out_fmt, torch.bfloat16)
+    ref = _ref_linear(xq, xs, wq, ws, b, act, os_, out_fmt, torch.bfloat16)
+    _check(got, ref, os_, out_fmt)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("out", ["float32", "float8_e5m2", "bfloat16-nobias"])
+def test_scaled_linear__matches_reference__outputs(family, out):
+    cuda = _cuda()
+    cuda.force(None if family == "auto" else family)
+    xq, xs, wq, ws, b = _operands(128, 256, 256)
+    if out == "bfloat16-nobias":
+        b = None
+    bb = b if b is not None else torch.zeros(1, device="cuda")
+    out_fmt = "float8_e5m2" if out == "float8_e5m2" else None
+    odt = torch.float32 if out == "float32" else torch.bfloat16
+    os_ = _out_scale(xq, xs, wq, ws, bb, "relu", out_fmt) if out_fmt else None
+    got = torch.ops.fxscale.scaled_linear(xq, xs, wq, ws, b, "relu", os_, out_fmt, odt)
+    ref = _ref_linear(xq, xs, wq, ws, b, "relu", os_, out_fmt, odt)
+    _check(got, ref, os_, out_fmt)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("shape", [(16, 4096, 1024), (1, 512, 256), (300, 640, 272), (3, 40, 64, 128)])
+def test_scaled_linear__matches_reference__shapes(family, shape):
+    cuda = _cuda()
+    cuda.force(None if family == "auto" else family)
+    lead = shape[:-3]
+    M, K, N = shape[-3:]
+    xq, xs, wq, ws, b = _operands(M, K, N, lead=lead)
+    os_ = _out_scale(xq, xs, wq, ws, b, "relu", "e4m3")
+    got = torch.ops.fxscale.scaled_linear(xq, xs, wq, ws, b, "relu", os_, "float8_e4m3fn", torch.bfloat16)
+    ref = _ref_linear(xq, xs, wq, ws, b, "relu", os_, "float8_e4m3fn", torch.bfloat16)
+    _check(got, ref, os_, "float8_e4m3fn")
+    got = torch.ops.fxscale.scaled_linear(xq, xs, wq, ws, b, "none", None, None, torch.bfloat16)
+    _check(got, _ref_linear(xq, xs, wq, ws, b, "none", None, None, torch.bfloat16), None, None)
+
+
+def test_scaled_linear__unaligned_dims__warns_and_matches():
+    xq, xs, wq, ws, b = _operands(33, 40, 24)
+    os_ = _out_scale(xq, xs, wq, ws, b, "relu", "e4m3")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        got = torch.ops.fxscale.scaled_linear(xq, xs, wq, ws, b, "relu", os_, "float8_e4m3fn", torch.bfloat16)
+    assert any("multiple of 16" in str(r.message) for r in rec)
+    _check(got, _ref_linear(xq, xs, wq, ws, b, "relu", os_, "float8_e4m3fn", torch.bfloat16), os_,
+           "float8_e4m3fn")
+
+
+def test_triton_linear__every_tiling__matches_reference():
+    cuda = _cuda()
+    tk = cuda._tk
+    if tk is None:
+        pytest.skip("triton not available")
+    xq, xs, wq, ws, b = _operands(300, 384, 512)
+    os_ = _out_scale(xq, xs, wq, ws, b, "relu", "e4m3")
+    ref = _ref_linear(xq, xs, wq, ws, b, "relu", os_, "float8_e4m3fn", torch.bfloat16)
+    for cfg in tk.CONFIGS_LARGE + tk.CONFIGS_SMALL + tk.CONFIGS_GENERIC:
+        got = tk.linear(xq, xs, wq, ws, b, "relu", os_, E4M3, cfg)
+        _check(got, ref, os_, "float8_e4m3fn")
+
+
+@pytest.mark.parametrize("family", ["triton", "intmm", "auto"])
+def test_scaled_linear__int8__matches_reference(family):
+    cuda = _cuda()
+    cuda.force(None if family == "auto" else family)
+    xq, xs, wq, ws, b = _operands(64, 256, 128, fmt="int8")
+    got = torch.ops.fxscale.scaled_linear(xq, xs, wq, ws, b, "gelu", None, None, torch.float32)
+    ref = _ref_linear(xq, xs, wq, ws, b, "gelu", None, None, torch.float32)
+    _check(got, ref, None, None)
+
+
+@pytest.mark.parametrize("family", ["triton", "auto"])
+@pytest.mark.parametrize("M", [16, 200])
+@pytest.mark.parametrize("act", ["none", "relu", "gelu"])
+def test_scaled_linear_requantise__matches_reference(family, M, act):
+    cuda = _cuda()
+    cuda.force(None if family == "auto" else family)
+    xq, xs, wq, ws, b = _operands(M, 512, 256)
+    data, scale, st = torch.ops.fxscale.scaled_linear_requantise(xq, xs, wq, ws, b, act, "float8_e4m3fn")
+    cpu = [t.cpu() for t in (xq, xs, wq, ws, b)]
+    rd, rs, rst = torch.ops.fxscale.scaled_linear_requantise(*cpu, act, "float8_e4m3fn")
+    assert data.dtype == E4M3 and scale.shape == () and st.shape == (2,)
+    assert _rel(st, rst) < 1e-2
+    # the scale is the power of two that fits amax: equal unless amax sits on a binade edge
+    assert float(scale) in (float(rs), 2 * float(rs), 0.5 * float(rs))
+    assert float(st[0]) / float(scale) <= 448.0
+    if float(scale) == float(rs):
+        _assert_fp8_close(data, rd, scale, "float8_e4m3fn")
+    assert _rel(data.float() * scale, rd.float() * rs) < 0.05
+
+
+def test_scaled_linear_requantise__nan_propagates():
+    xq, xs, wq, ws, b = _operands(64, 256, 128)
+    xq[3, 5] = float("nan")
+    data, _, st = torch.ops.fxscale.scaled_linear_requantise(xq, xs, wq, ws, b, "relu", "float8_e4m3fn")
+    assert bool(torch.isnan(st).all())
+    assert bool(torch.isnan(data[3].float()).all())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scaled_linear__adversarial_at_declared_bound__no_overflow(family):
+    """Inputs at their declared bound, aligned with the weight row of largest norm: the
+    output reaches its Cauchy-Schwarz bound exactly, and still fits the format, unclamped."""
+    cuda = _cuda()
+    cuda.force(None if family == "auto" else family)
+    f = get_format("e4m3")
+    M, K, N = 64, 512, 256
+    bound = 3.0  # declared max |x|
+    xs = torch.tensor(f.scale_for(bound), device="cuda")
+    w = torch.randn(N, K, device="cuda") / K**0.5
+    ws = torch.tensor(f.scale_for(float(w.abs().max())), device="cuda")
+    wq = f.cast(w / ws)
+    wdq = wq.float() * ws
+    j = int(wdq.norm(dim=1).argmax())
+    # x_i = bound * sign(w_j): |x| == bound everywhere, x . w_j == bound * ||w_j||_1
+    xq = f.cast(bound * torch.sign(wdq[j]).expand(M, K) / xs)
+    b = torch.full((N,), 0.25, device="cuda")
+    hb = bound * K**0.5 * float(wdq.norm(dim=1).max()) + 0.25
+    os_ = torch.tensor(f.scale_for(hb), device="cuda")
+    for act in ("none", "relu"):
+        got = torch.ops.fxscale.scaled_linear(xq, xs, wq, ws, b, act, os_, f.name, torch.bfloat16)
+        ref = _ref_linear(xq, xs, wq, ws, b, act, os_, f.name, torch.bfloat16)
+        y = got.float()
+        assert bool(torch.isfinite(y).all())
+        assert float(y.abs().max()) < f.max  # not saturated: the scale is sound
+        _check(got, ref, os_, f.name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scaled_linear__too_small_scale__saturates_and_nan_stays_nan(family):
+    cuda = _cuda()
+    cuda.force(None if family == "auto" else family)
+    xq, xs, wq, ws, b = _operands(32, 256, 128)
+    xq[1, 0] = float("nan")
+    tiny = torch.tensor(2.0**-20, device="cuda")
+    got = torch.ops.fxscale.scaled_linear(xq, xs, wq, ws, b, "none", tiny, "float8_e4m3fn", torch.bfloat16)
+    y = got.float().cpu()
+    assert bool(torch.isnan(y[1]).all())
+    rest = torch.cat([y[:1], y[2:]])
+    assert not bool(torch.isnan(rest).any())
+    assert float(rest.abs().max()) == 448.0
+    ref = _ref_linear(xq, xs, wq, ws, b, "none", tiny, "float8_e4m3fn", torch.bfloat16)
+    _assert_fp8_close(got, ref, tiny, "float8_e4m3fn")
+
+
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+def test_relu_fp8__exact_for_every_byte(dtype):
+    tk = _cuda()._tk
+    if tk is None:
+        pytest.skip("triton not available")
+    d = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).repeat(40).cuda()
+    ref = torch.relu(d.cpu().float())
+    got = tk.relu_fp8(d.clone()).cpu().float()
+    assert torch.equal(torch.isnan(got), torch.isnan(ref))
+    fin = ~torch.isnan(ref)
+    assert torch.equal(got[fin], ref[fin])
+
+
+def test_cast_fp8__matches_format_cast():
+    tk = _cuda()._tk
+    if tk is None:
+        pytest.skip("triton not available")
+    f = get_format("e4m3")
+    y = torch.randn(1000, 77, device="cuda") * 100
+    y[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e9])
+    s = torch.tensor(0.25, device="cuda")
+    got = tk.cast_fp8(y.to(torch.bfloat16), s, E4M3)
+    ref = f.cast(y.to(torch.bfloat16).float().cpu() / 0.25)
+    _assert_fp8_close(got, ref, s, "e4m3")
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "int8"])
+def test_scaled_matmul__batched__matches_reference(dtype):
+    f = get_format(dtype)
+    a = torch.randn(2, 3, 64, 96)
+    b = torch.randn(3, 96, 80)
+    sa, sb = torch.tensor(f.scale_for(float(a.abs().max()))), torch.tensor(f.scale_for(float(b.abs().max())))
+    aq, bq = f.cast(a / sa), f.cast(b / sb)
+    ref = torch.ops.fxscale.scaled_matmul(aq, sa, bq, sb, torch.bfloat16)
+    got = torch.ops.fxscale.scaled_matmul(aq.cuda(), sa.cuda(), bq.cuda(), sb.cuda(), torch.bfloat16)
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    assert _rel(got, ref) < 1e-2
+
+
+def test_scaled_linear__cuda_graph_capture_and_replay():
+    """After warm-up nothing syncs with the host: the op records into a CUDA graph."""
+    xq, xs, wq, ws, b = _operands(16, 1024, 512)
+    _, _, w2, w2s, b2 = _operands(16, 512, 256)
+    os_ = _out_scale(xq, xs, wq, ws, b, "relu", "e4m3")
+
+    def chain(x):
+        h = torch.ops.fxscale.scaled_linear(x, xs, wq, ws, b, "relu", os_, "float8_e4m3fn", torch.bfloat16)
+        return torch.ops.fxscale.scaled_linear(h, os_, w2, w2s, b2, "none", None, None, torch.bfloat16)
+
+    static = xq.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            chain(static)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = chain(static)
+    fresh, *_ = _operands(16, 1024, 512)
+    static.copy_(fresh)
+    g.replay()
+    torch.cuda.synchronize()
+    assert _rel(out, chain(fresh)) < 1e-6
+
+
+def test_compiled_chain__matches_eager():
+    """torch.compile sees the ops through their fake impls and calls the CUDA kernels."""
+    f = get_format("e4m3")
+    xq, xs, wq, ws, b = _operands(64, 256, 256)
+    x = xq.float() * xs
+    os_ = _out_scale(xq, xs, wq, ws, b, "relu", "e4m3")
+
+    def chain(x):
+        st = torch.ops.fxscale.stats(x)
+        s = f.scale_tensor(st[0])
+        q = torch.ops.fxscale.quantise(x, s, f.name)
+        h = torch.ops.fxscale.scaled_linear(q, s, wq, ws, b, "relu", os_, f.name, torch.bfloat16)
+        return torch.ops.fxscale.scaled_linear(h, os_, wq, ws, b, "none", None, None, torch.float32)
+
+    assert _rel(torch.compile(chain)(x), chain(x)) < 1e-2
