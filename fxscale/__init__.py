@@ -8,3 +8,4 @@ __all__ = ["FORMATS", "Format", "get_format", "wasted_bits"]
 __all__ += ["ScaledTensor", "ScaledTensorData", "dequantise", "quantise", "requantise"]
 
 from . import kernels  # noqa: E402,F401  (device kernels register themselves where available)
+from .audit import audit  # noqa: E402
