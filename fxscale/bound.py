@@ -111,11 +111,13 @@ class Bound:
         colsum = float(a.sum(-2).max())
         spec = INF
         if spectral and x.dim() == 2:
-            m = x.to(torch.float32)
+            # Normalise by max |x| first: a float32 Gram matrix of tiny (< 1e-19) or huge
+            # entries under/overflows, and an underflowed spectral norm of 0 is unsound.
+            m = (x / absmax).to(torch.float32) if absmax > 0 else x.to(torch.float32)
             gram = m @ m.t() if m.shape[0] <= m.shape[1] else m.t() @ m
             lam = float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0))
             # float32 eigenvalues are accurate to ~1e-6 of ||G||; 1e-3 of margin is safe.
-            spec = math.sqrt(lam * (1 + 1e-3))
+            spec = math.sqrt(lam * (1 + 1e-3)) * (absmax if absmax > 0 else 1.0)
         return Bound(absmax, rownorm, colnorm, rowsum, colsum, spec).tighten(tuple(x.shape))
 
     # ------------------------------------------------------------------ algebra

@@ -66,7 +66,9 @@ class Format:
             raise ValueError(f"cannot choose a {self.name} scale for non-finite max |x| = {amax}")
         if amax == 0.0:
             return 1.0
-        return pow2_scale(amax / self.max) if pow2 else amax / self.max
+        # Never below float32's smallest normal: a smaller scale is not a float32 (tiny
+        # values in a wide format such as bfloat16 would otherwise divide by zero).
+        return max(pow2_scale(amax / self.max) if pow2 else amax / self.max, MIN_SCALE)
 
     def scale_tensor(self, amax: torch.Tensor, *, pow2: bool = True) -> torch.Tensor:
         """:meth:`scale_for` on a 0-d tensor, without a host sync (for run-time scales).
@@ -81,6 +83,7 @@ class Format:
             scale = torch.where(scale * self.max < amax, scale * 2, scale)
         else:
             scale = raw
+        scale = scale.clamp_min(MIN_SCALE)  # NaN stays NaN
         return torch.where(amax == 0, torch.ones_like(scale), scale)
 
     def cast(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,6 +117,10 @@ def _concrete() -> bool:
     from torch._guards import detect_fake_mode
 
     return not torch.compiler.is_compiling() and detect_fake_mode() is None
+
+
+#: Smallest scale ever chosen: float32's smallest normal, 2**-126.
+MIN_SCALE = 2.0**-126
 
 
 def pow2_scale(ratio: float) -> float:

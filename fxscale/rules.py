@@ -221,7 +221,14 @@ def _add_bias(out: Bound, bias: Any, out_shape, scale: float = 1.0) -> Bound:
 @register(aten.mm, aten.bmm, aten.matmul)
 def _mm(c: RuleCall) -> Bound:
     a, b = c["self"], c[("mat2" if "mat2" in c.args else "other")]
-    return matmul_bound(_as_matrix_lhs(a), _as_matrix_rhs(b), a.shape[-1])
+    out = matmul_bound(_as_matrix_lhs(a), _as_matrix_rhs(b), a.shape[-1])
+    if len(b.shape) == 1 and len(a.shape) >= 2:
+        # (..., M, K) @ (K,) -> (..., M): the output's rows are the (M, 1) products' columns.
+        return Bound(out.absmax, rownorm=out.colnorm)
+    if len(a.shape) == 1 and len(b.shape) >= 3:
+        # (K,) @ (..., K, N) -> (..., N): rows stack across the batch, so no column structure.
+        return Bound(out.absmax, rownorm=out.rownorm)
+    return out
 
 
 @register(aten.linear)
@@ -420,7 +427,11 @@ def _embedding(c: RuleCall) -> Bound:
 def _sdpa(c: RuleCall) -> Bound:
     """Each output row is a convex combination of rows of V (softmax weights sum to 1)."""
     v = c["value"].bound
-    return Bound(v.absmax, v.rownorm, INF, v.rowsum)
+    out = Bound(v.absmax, v.rownorm, INF, v.rowsum)
+    p = float(c.get("dropout_p", 0.0))
+    if p > 0:  # dropout keeps weights scaled by 1/(1-p): rows are no longer convex mixes
+        return Bound.zero() if p >= 1 else out.scaled(1.0 / (1.0 - p))
+    return out
 
 
 # ============================================================================ reductions / pools
