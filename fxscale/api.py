@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
@@ -23,7 +24,7 @@ from torch.utils import _pytree as pytree
 from .formats import Format, get_format
 from .nodeinfo import info
 
-__all__ = ["TransformConfig", "ScaledGraphModule", "transform"]
+__all__ = ["ScaledGraphModule", "TransformConfig", "transform"]
 
 _ON_OVERFLOW = ("raise", "saturate", "requantise")
 _NONFINITE = ("propagate", "raise")
@@ -198,7 +199,7 @@ def transform(
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         ib = _input_bounds(placeholders, bounds_override)
         an = analyse(gm, fmt=fmt, mode=cfg.rules, threshold=cfg.threshold, input_bounds=ib, requantise=cfg.requantise)
-        rows = [(n.name, info(n)) for n in gm.graph.nodes]
+        rows = [(n.name, info(n)) for n in gm.graph.nodes if not (n.op == "call_module" and "guards" in str(n.target))]
         lower(gm, an, {s.name: s for s in build_steps(gm)}, fmt)
         return gm, rows, placeholders, ib
 

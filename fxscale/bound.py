@@ -22,17 +22,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Union
 
 import torch
 from torch import Tensor
 
 from .formats import Format
 
-Number = Union[float, Tensor]
+Number = float | Tensor
 INF = math.inf
 
-__all__ = ["Bound", "Number", "INF", "fmin", "fprod", "fsqrt", "as_float", "quantised_bound"]
+__all__ = ["INF", "Bound", "Number", "as_float", "fmin", "fprod", "fsqrt", "quantised_bound"]
 
 
 def _is_t(x) -> bool:

@@ -29,7 +29,6 @@ from torch import Tensor, fx
 
 from fxscale.bound import Bound, quantised_bound
 from fxscale.formats import Format
-from fxscale.nodeinfo import info
 from fxscale.rules import Arg, evaluate, lookup
 
 aten = torch.ops.aten
@@ -98,9 +97,6 @@ def operand_positions(node: fx.Node) -> tuple[int, ...]:
         return ()
     if not all(isinstance(node.args[i], fx.Node) and is_float_value(node.args[i]) for i in pos):
         return ()
-    if node.target in (aten.addmm.default, aten.baddbmm.default):
-        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
-            return ()
     return pos
 
 

@@ -127,6 +127,9 @@ class Lowering:
             info(d).scale = scale
             info(d).bound = Bound.of_tensor(w, spectral=False)
             info(d).note = f"{node.name} quantised once{' (transposed)' if transpose else ''}"
+            src = info(node)
+            src.format, src.scale = self.fmt.name, scale
+            src.note = f"quantised once at transform time{' (stored transposed)' if transpose else ''}"
             self.weights[key] = (d, s, scale)
         d, s, _ = self.weights[key]
         return d, s
