@@ -427,6 +427,26 @@ def _relu(func, args, kwargs):
     return ScaledTensor(ScaledTensorData(fmt.cast(torch.relu(d.data.to(_acc_dtype(fmt)))), d.scale))
 
 
+@_handles(aten.cat.default, aten.stack.default)
+def _joined(func, args, kwargs):
+    """Concatenation of scaled tensors of one format: exact when the scales agree."""
+    named = _rules._normalise(func, args, kwargs)
+    xs = named["tensors"]
+    if not xs or not all(isinstance(x, ScaledTensor) for x in xs):
+        return NotImplemented
+    fmt = _fmt_of(*xs)
+    dim = named["dim"]
+    if all(torch.equal(x._scale, xs[0]._scale) for x in xs):
+        try:
+            data = func([x._data for x in xs], dim)
+        except (RuntimeError, NotImplementedError):  # no float8 kernel: via float32, exact
+            data = fmt.cast(func([x._data.to(_acc_dtype(fmt)) for x in xs], dim))
+        return ScaledTensor(ScaledTensorData(data, xs[0]._scale))
+    hp = func([x.st.to_tensor(_acc_dtype(fmt)) for x in xs], dim)
+    b = max(float(x._scale) * _finite_amax(x._data.to(_acc_dtype(fmt))) for x in xs)
+    return _finish(hp, Bound(b), fmt)
+
+
 _SHAPE_OPS = (
     aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.t.default, aten.transpose.int,
     aten.permute.default, aten.expand.default, aten.clone.default, aten.detach.default, aten.alias.default,
