@@ -146,11 +146,13 @@ def _has_batched_tensor(args: tuple) -> bool:
 
 
 def _warn_if_static_batch(model: nn.Module, gm: torch.fx.GraphModule) -> None:
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
     static = []
     for n in gm.graph.nodes:
         v = n.meta.get("val")
         batched = n.op == "placeholder" and isinstance(v, torch.Tensor) and v.dim() >= 1
-        if batched and not isinstance(v.shape[0], torch.SymInt):
+        if batched and is_concrete_int(v.shape[0]):  # a SymInt specialised to a constant counts
             static.append(f"{n.name} (batch {int(v.shape[0])})")
     if static:
         warnings.warn(

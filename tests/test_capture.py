@@ -1,0 +1,121 @@
+"""passes.capture: the whole zoo captures, runs like the model, at other batch sizes too."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
+from torch.utils import _pytree as pytree
+
+from passes.capture import CaptureError, capture
+from tests import models
+
+
+def _assert_same(out, ref):
+    assert type(out) is type(ref)
+    a, b = pytree.tree_leaves(out), pytree.tree_leaves(ref)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(models.ZOO))
+def test__capture__zoo_matches_model_at_example_and_other_batch(name):
+    model, args = models.ZOO[name]()
+    gm = capture(model, args)
+    assert isinstance(gm, torch.fx.GraphModule)
+    with torch.no_grad():
+        _assert_same(gm(*args), model(*args))
+        other = models.with_batch(name, 3)
+        _assert_same(gm(*other), model(*other))
+    for n in gm.graph.nodes:
+        assert "val" in n.meta, n.format_node()
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    assert not is_concrete_int(phs[0].meta["val"].shape[0])  # dynamic batch
+    assert any(n.op == "get_attr" for n in gm.graph.nodes)  # params unlifted
+    assert all(isinstance(n.target, torch._ops.OpOverload) or n.target.__module__ in ("_operator", "operator")
+               for n in gm.graph.nodes if n.op == "call_function")  # ATen level
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test__capture__symbolic_trace_has_vals_and_matches(name):
+    model, args = models.ZOO[name]()
+    gm = capture(model, args, method="symbolic_trace")
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*args), model(*args))
+    for n in gm.graph.nodes:
+        assert "val" in n.meta, n.format_node()
+    assert [n for n in gm.graph.nodes if n.op == "call_module"]
+
+
+def test__capture__restores_training_mode_and_graph_runs_in_eval():
+    model, args = models.encoder_layer()
+    model.train()
+    gm = capture(model, args)
+    assert model.training
+    assert all(m.training for m in model.modules())
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*args), model(*args))  # no dropout in the graph
+
+
+def test__capture__symbolic_trace_does_not_leave_user_model_in_eval():
+    model, args = models.mlp()
+    model.train()
+    gm = capture(model, args, method="symbolic_trace")
+    assert model.training and not gm.training
+
+
+def test__capture__gpt2_with_cache_says_use_cache_false():
+    model, args = models.gpt2(use_cache=True)
+    with pytest.raises(CaptureError, match="use_cache = False") as ei:
+        capture(model, args)
+    assert 'backend="fxscale"' in str(ei.value)
+
+
+class _DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: export cannot capture it
+            return x
+        return -x
+
+
+def test__capture__failure_names_the_line_and_what_to_try():
+    with pytest.raises(CaptureError) as ei:
+        capture(_DataDependent(), (torch.randn(3, 4),))
+    msg = str(ei.value)
+    assert "_DataDependent" in msg
+    assert "if x.sum() > 0" in msg
+    assert 'torch.compile(model, backend="fxscale")' in msg
+    assert 'capture="symbolic_trace"' in msg
+
+
+class _FixedBatch(nn.Module):
+    def forward(self, x):
+        return x.reshape(2, -1) * 2  # hard-codes the batch size
+
+
+def test__capture__static_batch_warns():
+    with pytest.warns(UserWarning, match="other batch sizes will fail"):
+        gm = capture(_FixedBatch(), (torch.randn(2, 4),))
+    torch.testing.assert_close(gm(torch.ones(2, 4)), torch.full((2, 4), 2.0))
+
+
+def test__capture__dynamic_batch_false_is_static_without_warning():
+    model, args = models.mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gm = capture(model, args, dynamic_batch=False)
+    ph = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    assert ph.meta["val"].shape[0] == 4
+
+
+def test__capture__bad_arguments():
+    model, args = models.mlp()
+    with pytest.raises(ValueError, match="unknown capture method"):
+        capture(model, args, method="jit")
+    with pytest.raises(TypeError, match="nn.Module"):
+        capture(lambda x: x, args)
+    gm = capture(model, args[0])  # a bare tensor is accepted
+    assert gm(*args).shape == (4, 16)
