@@ -150,6 +150,32 @@ def evaluate(op, args: tuple, kwargs: dict, out_shapes: list[tuple[int, ...]], *
     return out
 
 
+_CONST_CACHE: Any = None
+
+
+def const_float(fn: Callable[..., Tensor], *tensors: Tensor, key: Any = None) -> float:
+    """``float(fn(*tensors))`` for constant tensors (weights, buffers), computed once per ``key``.
+
+    Rules run again inside the transformed graph (``ScaleFn``) on every call; reading a
+    constant's data there would sync the host each call and break ``torch.export`` (a
+    data-dependent ``.item()``). The cache is keyed by the identity of ``tensors[0]`` (weakly)
+    and holds the other tensors strongly, so an identity match is never a stale id.
+    """
+    global _CONST_CACHE
+    if _CONST_CACHE is None:
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        _CONST_CACHE = WeakIdKeyDictionary()
+    ident = fn if key is None else key  # ``key`` names what ``fn`` computes (fn may be a lambda)
+    entries = _CONST_CACHE.setdefault(tensors[0], [])
+    for k, others, v in entries:
+        if k == ident and len(others) == len(tensors) - 1 and all(a is b for a, b in zip(others, tensors[1:])):
+            return v
+    v = float(fn(*tensors))
+    entries.append((ident, tensors[1:], v))
+    return v
+
+
 # ============================================================================ helpers
 def _bcast(a: Any, out_shape: tuple[int, ...]) -> Bound:
     """Bound of ``a`` broadcast to ``out_shape`` (a Python number is a constant)."""
@@ -252,7 +278,7 @@ def _conv(c: RuleCall) -> Bound:
     """``|y| <= max|x| * max_o ||W_o||_1 + max|b|`` (K = C_in/groups * kernel size)."""
     x, w = c["input"], c["weight"]
     if w.value is not None:
-        l1 = float(w.value.detach().abs().flatten(1).sum(1).max())
+        l1 = const_float(_conv_l1, w.value)
     else:
         l1 = fprod(w.bound.absmax, math.prod(w.shape[1:]))
     out = Bound(fprod(x.bound.absmax, l1))
@@ -291,7 +317,7 @@ def _div(c: RuleCall) -> Bound | None:
     if isinstance(d, Arg):
         if d.value is None:
             return None  # dividing by a run-time tensor: no bound
-        m = float(d.value.detach().abs().min())
+        m = const_float(_abs_min, d.value)
         if m == 0:
             return None
         return _keep_norms(a).scaled(1.0 / m)
@@ -394,6 +420,24 @@ def _rms_norm(c: RuleCall) -> Bound:
     return _affine(math.sqrt(d), rn, c.get("weight"), None)
 
 
+def _bn_terms(var: Tensor, mean: Tensor, w: Tensor | None, b: Tensor | None, eps: float):
+    """``(max_c |a_c|, max_c |a_c mu_c| + |beta_c|)`` with ``a_c = gamma_c / sqrt(var_c + eps)``."""
+    a = 1.0 / torch.sqrt(var.detach().double() + eps)
+    if w is not None:
+        a = a * w.detach().double()
+    beta = b.detach().double().abs() if b is not None else torch.zeros_like(a)
+    a = a.abs()
+    return a.max(), (a * mean.detach().double().abs() + beta).max()
+
+
+def _conv_l1(w: Tensor) -> Tensor:
+    return w.detach().abs().flatten(1).sum(1).max()
+
+
+def _abs_min(t: Tensor) -> Tensor:
+    return t.detach().abs().min()
+
+
 @register(aten.batch_norm, aten._native_batch_norm_legit_no_training)
 def _batch_norm(c: RuleCall):
     """Eval batch norm, per channel ``a_c (x - mean_c) + beta_c`` with ``a_c = gamma_c / sqrt(var_c + eps)``."""
@@ -404,13 +448,12 @@ def _batch_norm(c: RuleCall):
     if not isinstance(mean, Arg) or mean.value is None or var.value is None:
         return None
     eps = float(c.get("eps", 1e-5))
-    a = 1.0 / torch.sqrt(var.value.double() + eps)
-    if isinstance(w, Arg) and w.value is not None:
-        a = a * w.value.double()
-    beta = b.value.double().abs() if isinstance(b, Arg) and b.value is not None else torch.zeros_like(a)
-    mu = mean.value.double().abs()
-    a = a.abs()
-    am = fprod(float(a.max()), x.bound.absmax) + float((a * mu + beta).max())
+    wv = w.value if isinstance(w, Arg) else None
+    bv = b.value if isinstance(b, Arg) else None
+    ts = (var.value, mean.value, wv, bv)
+    a_max = const_float(lambda *t: _bn_terms(*t, eps)[0], *ts, key=("bn_a", eps))
+    shift = const_float(lambda *t: _bn_terms(*t, eps)[1], *ts, key=("bn_shift", eps))
+    am = fprod(a_max, x.bound.absmax) + shift
     out = Bound(am)
     if c.op == aten._native_batch_norm_legit_no_training.default:
         return (out, None, None)
