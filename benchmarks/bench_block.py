@@ -27,7 +27,7 @@ from benchmarks.common import (
 )
 
 
-def build_variants(model, inputs, graph):
+def build_variants(model, inputs):
     variants = [
         ("bf16 eager", lambda: model),
         ("bf16 compile", lambda: torch.compile(model)),
@@ -62,17 +62,17 @@ def main() -> None:
     ref_model.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
     for shape in args.shape:
         B, T = (int(v) for v in shape.split("x"))
-        graph = B * T <= 64
+        modes = ("graph",) if B * T <= 64 else ("plain",)
         inputs = [torch.randn(B, T, d, device=dev, dtype=torch.bfloat16) for _ in range(3)]
         ref_in = torch.randn(B, T, d, device=dev, dtype=torch.bfloat16)
         with torch.no_grad():
             ref_out = ref_model(ref_in.float())
         flops = 2.0 * B * T * 12 * d * d + 2.0 * B * T * T * d
-        print(f"B={B} T={T} ({'CUDA graph replays' if graph else 'plain calls'})", flush=True)
-        variants = [v for v in build_variants(model, inputs, graph) if not any(s in v[0] for s in args.skip)]
-        rows = run_variants(variants, inputs, ref_in, ref_out, flops, graph=graph, log=log)
-        md.append(table(rows, f"{B}x{T} = {B * T} tokens{' (CUDA graph replays)' if graph else ''}"))
-        if args.breakdown and not graph:
+        print(f"B={B} T={T} ({', '.join(modes)})", flush=True)
+        variants = [v for v in build_variants(model, inputs) if not any(s in v[0] for s in args.skip)]
+        rows = run_variants(variants, inputs, ref_in, ref_out, flops, modes=modes, log=log)
+        md.append(table(rows, f"{B}x{T} = {B * T} tokens"))
+        if args.breakdown and B * T > 64:
             for name, build in [("bf16 eager", lambda: model),
                                 ("fxscale hand block (compile)", lambda: torch.compile(HandBlock(model)))]:
                 try:

@@ -296,44 +296,61 @@ def fxscale_transform(model: nn.Module, example):
 
 
 # ------------------------------------------------------------------------------ running
-def run_variants(variants, inputs, ref_in, ref_out, flops, *, graph: bool, log) -> list[dict]:
-    """Time each ``(name, builder)``; builder() -> callable. Failures are reported, not fatal."""
+def run_variants(variants, inputs, ref_in, ref_out, flops, *, modes=("plain",), log=None) -> list[dict]:
+    """Time each ``(name, builder[, modes])``; builder() -> callable. ``modes``: "plain" calls
+    and/or "graph" (CUDA-graph replays). Failures are reported, not fatal."""
     rows = []
     for v in variants:
         name, build = v[0], v[1]
-        g = v[2] if len(v) > 2 else graph
-        row = {"variant": name, "ms": None, "tflops": None, "sqnr": None, "error": None}
+        vmodes = v[2] if len(v) > 2 else modes
+        fn, sq, err = None, None, None
         try:
             fn = build()
             with torch.no_grad():
                 out = fn(ref_in)
-                row["sqnr"] = sqnr_db(out, ref_out)
+                sq = sqnr_db(out, ref_out)
                 del out
-                row["ms"] = time_ms(fn, inputs, graph=g)
-            row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
         except Exception as e:  # noqa: BLE001  (a failing variant is a result, not a crash)
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            err = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             traceback.print_exc(file=log)
-        rows.append(row)
-        msg = (f"  {name:42s} " + (f"{row['ms']:8.4f} ms {row['tflops']:7.1f} TFLOP/s  SQNR {row['sqnr']:6.2f} dB"
-                                   if row["ms"] is not None else f"FAILED {row['error']}"))
-        print(msg, flush=True)
+        for mode in vmodes:
+            row = {"variant": name, "mode": mode, "ms": None, "tflops": None, "sqnr": sq, "error": err}
+            if err is None:
+                try:
+                    with torch.no_grad():
+                        row["ms"] = time_ms(fn, inputs, graph=mode == "graph")
+                    row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                    traceback.print_exc(file=log)
+            rows.append(row)
+            label = f"{name} [{mode}]"
+            msg = (f"  {label:58s} " + (f"{row['ms']:8.4f} ms {row['tflops']:7.1f} TFLOP/s  SQNR {sq:6.2f} dB"
+                                        if row["ms"] is not None else f"FAILED {row['error']}"))
+            print(msg, flush=True)
+        del fn
         torch._dynamo.reset()
         torch.cuda.empty_cache()
-    base = [r["ms"] for r in rows if r["variant"].startswith("bf16") and r["ms"] is not None]
-    best = min(base) if base else None
-    for r in rows:
-        r["ratio"] = best / r["ms"] if best and r["ms"] else None
+    for mode in {r["mode"] for r in rows}:
+        base = [r["ms"] for r in rows if r["mode"] == mode and r["variant"] in ("bf16 eager", "bf16 compile")
+                and r["ms"] is not None]
+        best = min(base) if base else None
+        for r in rows:
+            if r["mode"] == mode:
+                r["ratio"] = best / r["ms"] if best and r["ms"] else None
     return rows
 
 
 def table(rows, title: str) -> str:
-    lines = [f"### {title}", "", "| variant | ms | TFLOP/s | vs faster bf16 | SQNR dB |", "|---|---|---|---|---|"]
+    lines = [f"### {title}", "", "| variant | timing | ms | TFLOP/s | vs faster bf16 | SQNR dB |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
+        mode = "CUDA graph" if r["mode"] == "graph" else "plain calls"
         if r["ms"] is None:
-            lines.append(f"| {r['variant']} | failed: {r['error']} | | | |")
+            lines.append(f"| {r['variant']} | {mode} | failed: {r['error']} | | | |")
         else:
-            lines.append(f"| {r['variant']} | {r['ms']:.4f} | {r['tflops']:.1f} | {r['ratio']:.2f}x | "
+            ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
+            lines.append(f"| {r['variant']} | {mode} | {r['ms']:.4f} | {r['tflops']:.1f} | {ratio} | "
                          f"{r['sqnr']:.2f} |")
     return "\n".join(lines) + "\n"
 

@@ -65,7 +65,6 @@ _CHOICES: dict[tuple, Choice] = {}
 _FAILURES: dict[str, str] = {}
 _WARNED: set = set()
 _FORCED: str | None = None
-_BIAS16: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def choices() -> dict[tuple, Choice]:
@@ -100,20 +99,43 @@ def _autotune_enabled() -> bool:
     return os.environ.get("FXSCALE_AUTOTUNE", "1") != "0"
 
 
-def _bias16(bias: torch.Tensor | None, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor | None:
-    """``bias`` in bf16 for cuBLAS, cached per tensor (weights and biases are constants)."""
-    if bias is None or bias.dtype == dtype:
-        return bias
+_DERIVED: dict = {}
+
+
+def _derived(tag: str, fn, *ts: torch.Tensor) -> torch.Tensor:
+    """``fn(*ts)``, cached while each of ``ts`` is alive and unmodified (weights, biases and
+    static scales are constants; a fresh run-time scale simply misses the cache)."""
     try:
-        ver = (bias._version, bias.data_ptr())
-        hit = _BIAS16.get(bias)
-        if hit is not None and hit[0] == ver:
-            return hit[1]
-        b = bias.to(dtype)
-        _BIAS16[bias] = (ver, b)
-        return b
-    except (RuntimeError, TypeError):  # inference tensors have no version counter
-        return bias.to(dtype)
+        ver = tuple((t._version, t.data_ptr()) for t in ts)
+    except RuntimeError:  # inference tensors have no version counter
+        return fn(*ts)
+    key = (tag, *(id(t) for t in ts))
+    hit = _DERIVED.get(key)
+    if hit is not None and hit[1] == ver and all(r() is t for r, t in zip(hit[0], ts)):
+        return hit[2]
+    if torch.cuda.is_current_stream_capturing():
+        return fn(*ts)  # do not keep tensors of a graph's private pool
+    if len(_DERIVED) > 512:
+        _DERIVED.clear()
+    val = fn(*ts)
+    _DERIVED[key] = (tuple(weakref.ref(t) for t in ts), ver, val)
+    return val
+
+
+def _bias16(bias: torch.Tensor | None) -> torch.Tensor | None:
+    if bias is None or bias.dtype == torch.bfloat16:
+        return bias
+    return _derived("b16", lambda b: b.to(torch.bfloat16), bias)
+
+
+def _on_device(t, device):
+    """A scale or bias given on the CPU: copied to the GPU once (cached), with a warning."""
+    if t is None or t.device == device:
+        return t
+    _warn_once(("cpu", t.dtype), "fxscale: a scale or bias tensor lives on the CPU while the data is on "
+               f"{device}; it is copied once and cached, but keep scales on the device (module buffers) "
+               "to avoid the copy and to allow CUDA graphs")
+    return _derived("dev", lambda u: u.to(device), t)
 
 
 def _relu_fp8(d: torch.Tensor) -> torch.Tensor:
@@ -142,7 +164,7 @@ def _cublas_saturates(dtype: torch.dtype, device) -> bool:
             return False  # cannot probe now; the float32-output path is always correct
         a = torch.full((16, 16), 448.0, device=device).to(torch.float8_e4m3fn)
         one = torch.ones((), device=device)
-        out = torch._scaled_mm(a, a.t(), one, one, scale_result=one, out_dtype=dtype)
+        out = torch._scaled_mm(a, a.t(), one, one, out_dtype=dtype)
         v = out.to(torch.float32)
         _SAT[dtype] = bool(torch.isfinite(v).all()) and float(v.max()) == torch.finfo(dtype).max
     return _SAT[dtype]
@@ -152,8 +174,13 @@ def _cublas(x2, xs, w, ws, bias, activation, out_scale, fmt, out_dtype):
     wt = w.t()
     if fmt is not None and fmt.dtype in _FP8 and activation in ("none", "relu") \
             and _cublas_saturates(fmt.dtype, x2.device):
-        out = torch._scaled_mm(x2, wt, xs, ws, bias=_bias16(bias), scale_result=torch.reciprocal(out_scale),
-                               out_dtype=fmt.dtype, use_fast_accum=True)
+        # D = scale_a * scale_b * (x @ w.T) + bias, saturated into fp8: the output scale goes
+        # into scale_a and the bias (``scale_result`` is ignored by torch 2.11's _scaled_mm).
+        inv = _derived("inv", torch.reciprocal, out_scale)
+        sa = xs * inv
+        b = None if bias is None else _derived("b/s", lambda u, v: (u.to(torch.float32) * v).to(torch.bfloat16),
+                                                bias, inv)
+        out = torch._scaled_mm(x2, wt, sa, ws, bias=b, out_dtype=fmt.dtype, use_fast_accum=True)
         return _relu_fp8(out) if activation == "relu" else out
     if fmt is None and out_dtype == torch.bfloat16:
         y = torch._scaled_mm(x2, wt, xs, ws, bias=_bias16(bias), out_dtype=torch.bfloat16, use_fast_accum=True)
@@ -204,10 +231,11 @@ def _candidates(x2, w, fmt, out_dtype, activation):
     if _tk is not None and (fp8_in or int_in):
         kdt = fmt.dtype if fmt is not None and fmt.dtype in _FP8 else (
             out_dtype if fmt is None else torch.float32)
-        if _tk.tma_ok(x2, w, kdt):
-            pool = _tk.CONFIGS_SMALL if M <= 64 else _tk.CONFIGS_LARGE
+        tma = _tk.tma_ok(x2, w, kdt)
+        if M <= 64:
+            pool = [c for c in _tk.small_configs(M) if tma or not c.tma]
         else:
-            pool = _tk.CONFIGS_GENERIC
+            pool = _tk.CONFIGS_LARGE if tma else _tk.CONFIGS_GENERIC
         tri = [("triton", c) for c in pool]
     fuses_in_cublas = activation == "none" or (activation == "relu" and fmt is not None)
     if cublas_ok and (fuses_in_cublas or not tri):
@@ -227,7 +255,7 @@ def _candidates(x2, w, fmt, out_dtype, activation):
     if _FORCED is not None:
         pinned = [c for c in cands if c[0] == _FORCED]
         if pinned:
-            cands = pinned
+            cands = [*pinned, ("reference", None)]
     return cands
 
 
@@ -238,56 +266,98 @@ def _impl(name, cfg):
     return _triton(cfg) if name == "triton" else _IMPLS[name]
 
 
-def _time_ms(fn, args, budget_ms: float = 20.0) -> float:
+def _time_ms(fn, args) -> float:
+    """Device time of one call: replays of a CUDA graph of several calls (so that launch
+    overhead, which graphs remove, does not decide); plain event timing where capture fails."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     fn(*args)
     end.record()
     end.synchronize()
-    first = start.elapsed_time(end)
-    reps = int(max(3, min(25, budget_ms / max(first, 1e-3))))
+    first = max(start.elapsed_time(end), 1e-3)
+    n = int(max(1, min(20, 2.0 / first)))
+    try:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(n):
+                fn(*args)
+        g.replay()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(5):
+            start.record()
+            g.replay()
+            end.record()
+            end.synchronize()
+            ts.append(start.elapsed_time(end) / n)
+        del g
+        return statistics.median(ts)
+    except Exception:  # noqa: BLE001  (capture refused: fall back to batched events)
+        torch.cuda.synchronize()
     ts = []
-    for _ in range(reps):
+    for _ in range(5):
         start.record()
-        fn(*args)
+        for _ in range(n):
+            fn(*args)
         end.record()
         end.synchronize()
-        ts.append(start.elapsed_time(end))
+        ts.append(start.elapsed_time(end) / n)
     return statistics.median(ts)
 
 
-def _select(key, cands, args, resolve) -> Choice:
-    hit = _CHOICES.get(key)
-    if hit is not None:
-        return hit
+def _label(name, cfg) -> str:
+    return name if cfg is None else f"{name}:{cfg!r}"
+
+
+def _dispatch(key, make_cands, args, resolve):
+    """Run the cached choice for ``key``; on a miss, measure the candidates (or, where that is
+    not possible, take the first that runs) and cache the winner."""
+    c = _CHOICES.get(key)
+    if c is not None:
+        return resolve(c.name, c.cfg)(*args)
+    cands = make_cands()
     capturing = torch.cuda.is_current_stream_capturing()
-    if len(cands) == 1 or capturing or not _autotune_enabled():
-        c = Choice(cands[0][0], cands[0][1], None)
-        if not capturing:
-            _CHOICES[key] = c
-        return c
+    if capturing or not _autotune_enabled() or len(cands) == 1:
+        err = None
+        for name, cfg in cands:
+            try:
+                out = resolve(name, cfg)(*args)
+            except Exception as e:  # this candidate cannot run here: try the next
+                if capturing:
+                    raise
+                _FAILURES[_label(name, cfg)] = f"{type(e).__name__}: {str(e)[:300]}"
+                err = e
+                continue
+            if not capturing:
+                _CHOICES[key] = Choice(name, cfg, None)
+            return out
+        raise err
     best = None
     timings = []
     for name, cfg in cands:
-        if name == "reference":  # only if nothing else runs
-            continue
+        if name in ("reference", "unfused") and best is not None:
+            continue  # the slow always-correct path only where nothing faster ran
         fn = resolve(name, cfg)
         try:
             fn(*args)
             torch.cuda.synchronize()
             ms = _time_ms(fn, args)
         except Exception as e:  # noqa: BLE001  (compile failure, out of shared memory, unsupported layout)
-            _FAILURES[f"{name}:{cfg!r}"] = f"{type(e).__name__}: {str(e)[:300]}"
-            timings.append((f"{name}:{cfg!r}" if cfg is not None else name, None))
+            torch.cuda.synchronize()
+            _FAILURES[_label(name, cfg)] = f"{type(e).__name__}: {str(e)[:300]}"
+            timings.append((_label(name, cfg), None))
             continue
-        timings.append((f"{name}:{cfg!r}" if cfg is not None else name, ms))
+        timings.append((_label(name, cfg), ms))
         if best is None or ms < best[2]:
             best = (name, cfg, ms)
     if best is None:
-        best = ("reference", None, None)
+        raise RuntimeError(f"fxscale: no implementation ran for {key}; see fxscale.kernels.cuda.failures()")
+    if best[0] == "reference":
+        _warn_once(("ref", key), f"fxscale: only the reference implementation runs for {key} (slow); "
+                   "see fxscale.kernels.cuda.failures()")
     c = Choice(best[0], best[1], best[2], tuple(timings))
     _CHOICES[key] = c
-    return c
+    return resolve(c.name, c.cfg)(*args)
 
 
 def _bucket(m: int) -> int:
@@ -304,18 +374,19 @@ def scaled_linear_cuda(x, x_scale, w, w_scale, bias, activation, out_scale, out_
         x2 = x2.contiguous()
     if not w.is_contiguous():
         w = w.contiguous()
+    dev = x2.device
+    x_scale, w_scale = _on_device(x_scale, dev), _on_device(w_scale, dev)
+    bias, out_scale = _on_device(bias, dev), _on_device(out_scale, dev)
     fmt = get_format(out_fmt) if out_fmt is not None else None
     args = (x2, x_scale, w, w_scale, bias, activation, out_scale, fmt, out_dtype)
     M = x2.shape[0]
     if M == 0:
         return _reference(*args).reshape(*lead, N)
     # 16-byte alignment of the base pointers decides whether TMA applies: part of the key.
-    key = ("linear", x2.device.index, x2.dtype, w.dtype, _bucket(M), N, K, bias is not None, activation,
+    key = ("linear", dev.index, x2.dtype, w.dtype, _bucket(M), N, K, bias is not None, activation,
            out_fmt, out_dtype, x2.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0)
-    c = _CHOICES.get(key)
-    if c is None:
-        c = _select(key, _candidates(x2, w, fmt, out_dtype, activation), args, _impl)
-    return _impl(c.name, c.cfg)(*args).reshape(*lead, N)
+    out = _dispatch(key, lambda: _candidates(x2, w, fmt, out_dtype, activation), args, _impl)
+    return out.reshape(*lead, N)
 
 
 def _requant_unfused(x2, xs, w, ws, bias, activation, f: Format):
@@ -346,21 +417,28 @@ def scaled_linear_requantise_cuda(x, x_scale, w, w_scale, bias, activation, out_
     x2 = x.reshape(-1, K)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    w = w if w.is_contiguous() else w.contiguous()
-    cands = [("unfused", None)]
-    fused_ok = (_tk is not None and f.dtype in _FP8 and x2.shape[0] > 0
-                and ((x2.dtype in _FP8 and w.dtype in _FP8) or (x2.dtype == w.dtype == torch.int8)))
-    if fused_ok:
-        pool = (_tk.CONFIGS_SMALL if x2.shape[0] <= 64 else _tk.CONFIGS_LARGE) \
-            if _tk.tma_ok(x2, w, torch.bfloat16) else _tk.CONFIGS_GENERIC
-        cands = [("requant_triton", c) for c in pool] + cands
-    if _FORCED == "reference" or (_FORCED is not None and _FORCED != "triton"):
-        cands = [("unfused", None)]
-    key = ("requant", x2.device.index, x2.dtype, w.dtype, _bucket(x2.shape[0]), N, K, bias is not None,
+    if not w.is_contiguous():
+        w = w.contiguous()
+    dev = x2.device
+    x_scale, w_scale, bias = _on_device(x_scale, dev), _on_device(w_scale, dev), _on_device(bias, dev)
+    M = x2.shape[0]
+
+    def cands():
+        fused_ok = (_tk is not None and f.dtype in _FP8 and M > 0
+                    and ((x2.dtype in _FP8 and w.dtype in _FP8) or (x2.dtype == w.dtype == torch.int8)))
+        if not fused_ok or _FORCED not in (None, "triton"):
+            return [("unfused", None)]
+        tma = _tk.tma_ok(x2, w, torch.bfloat16)
+        if M <= 64:
+            pool = [c for c in _tk.small_configs(M) if tma or not c.tma]
+        else:
+            pool = _tk.CONFIGS_LARGE if tma else _tk.CONFIGS_GENERIC
+        return [("requant_triton", c) for c in pool] + [("unfused", None)]
+
+    key = ("requant", dev.index, x2.dtype, w.dtype, _bucket(M), N, K, bias is not None,
            activation, out_fmt, x2.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0)
     args = (x2, x_scale, w, w_scale, bias, activation, f)
-    c = _select(key, cands, args, _impl_requant)
-    data, scale, st = _impl_requant(c.name, c.cfg)(*args)
+    data, scale, st = _dispatch(key, cands, args, _impl_requant)
     return data.reshape(*lead, N), scale, st
 
 

@@ -109,7 +109,8 @@ def _tma_tile(tile_id, a_desc, b_desc, c_desc, bias_ptr, amax_ptr, rss_ptr, scal
               M, N, k_tiles, num_pid_m, num_pid_n,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
               ACC_INT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-              OUT_KIND: tl.constexpr, OUT_MAX: tl.constexpr, OUT_DT: tl.constexpr, STATS: tl.constexpr):
+              OUT_KIND: tl.constexpr, OUT_MAX: tl.constexpr, OUT_DT: tl.constexpr, STATS: tl.constexpr,
+              SUBTILE: tl.constexpr):
     num_pid_in_group = GROUP_M * num_pid_n
     group_id = tile_id // num_pid_in_group
     first_pid_m = group_id * GROUP_M
@@ -120,18 +121,33 @@ def _tma_tile(tile_id, a_desc, b_desc, c_desc, bias_ptr, amax_ptr, rss_ptr, scal
     off_n = pid_n * BN
     if ACC_INT:
         acc = tl.zeros((BM, BN), dtype=tl.int32)
+        for ki in range(k_tiles):
+            a = a_desc.load([off_m, ki * BK])
+            b = b_desc.load([off_n, ki * BK])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
     else:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for ki in range(k_tiles):
-        a = a_desc.load([off_m, ki * BK])
-        b = b_desc.load([off_n, ki * BK])
-        acc = tl.dot(a, b.T, acc)
+        for ki in range(k_tiles):
+            a = a_desc.load([off_m, ki * BK])
+            b = b_desc.load([off_n, ki * BK])
+            acc = tl.dot(a, b.T, acc)
     offs_m = off_m + tl.arange(0, BM)
-    offs_n = off_n + tl.arange(0, BN)
-    y = _tile_epilogue(acc, offs_m, offs_n, M, N, scale, bias_ptr, amax_ptr, rss_ptr,
-                       HAS_BIAS, ACT, STATS)
-    y = _to_out(y, os, OUT_KIND, OUT_MAX)
-    c_desc.store([off_m, off_n], _store_cast(y, OUT_DT))
+    if SUBTILE:  # epilogue on two (BM, BN/2) halves: half the registers and shared memory
+        acc = tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1))
+        acc0, acc1 = tl.split(acc)
+        offs_n = off_n + tl.arange(0, BN // 2)
+        y = _tile_epilogue(acc0, offs_m, offs_n, M, N, scale, bias_ptr, amax_ptr, rss_ptr,
+                           HAS_BIAS, ACT, STATS)
+        c_desc.store([off_m, off_n], _store_cast(_to_out(y, os, OUT_KIND, OUT_MAX), OUT_DT))
+        offs_n = offs_n + BN // 2
+        y = _tile_epilogue(acc1, offs_m, offs_n, M, N, scale, bias_ptr, amax_ptr, rss_ptr,
+                           HAS_BIAS, ACT, STATS)
+        c_desc.store([off_m, off_n + BN // 2], _store_cast(_to_out(y, os, OUT_KIND, OUT_MAX), OUT_DT))
+    else:
+        offs_n = off_n + tl.arange(0, BN)
+        y = _tile_epilogue(acc, offs_m, offs_n, M, N, scale, bias_ptr, amax_ptr, rss_ptr,
+                           HAS_BIAS, ACT, STATS)
+        c_desc.store([off_m, off_n], _store_cast(_to_out(y, os, OUT_KIND, OUT_MAX), OUT_DT))
 
 
 @triton.jit
@@ -140,7 +156,8 @@ def _linear_tma_kernel(a_desc, b_desc, c_desc, xs_ptr, ws_ptr, bias_ptr, os_ptr,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                        NUM_SMS: tl.constexpr, ACC_INT: tl.constexpr, HAS_BIAS: tl.constexpr,
                        ACT: tl.constexpr, OUT_KIND: tl.constexpr, OUT_MAX: tl.constexpr,
-                       OUT_DT: tl.constexpr, STATS: tl.constexpr, FLATTEN: tl.constexpr):
+                       OUT_DT: tl.constexpr, STATS: tl.constexpr, FLATTEN: tl.constexpr,
+                       SUBTILE: tl.constexpr):
     """Persistent: NUM_SMS programs walk the output tiles (grouped along M for L2 reuse)."""
     start_pid = tl.program_id(axis=0)
     num_pid_m = tl.cdiv(M, BM)
@@ -155,21 +172,25 @@ def _linear_tma_kernel(a_desc, b_desc, c_desc, xs_ptr, ws_ptr, bias_ptr, os_ptr,
         for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=True):
             _tma_tile(tile_id, a_desc, b_desc, c_desc, bias_ptr, amax_ptr, rss_ptr, scale, os,
                       M, N, k_tiles, num_pid_m, num_pid_n, BM, BN, BK, GROUP_M, ACC_INT, HAS_BIAS,
-                      ACT, OUT_KIND, OUT_MAX, OUT_DT, STATS)
+                      ACT, OUT_KIND, OUT_MAX, OUT_DT, STATS, SUBTILE)
     else:
         for tile_id in tl.range(start_pid, num_tiles, NUM_SMS):
             _tma_tile(tile_id, a_desc, b_desc, c_desc, bias_ptr, amax_ptr, rss_ptr, scale, os,
                       M, N, k_tiles, num_pid_m, num_pid_n, BM, BN, BK, GROUP_M, ACC_INT, HAS_BIAS,
-                      ACT, OUT_KIND, OUT_MAX, OUT_DT, STATS)
+                      ACT, OUT_KIND, OUT_MAX, OUT_DT, STATS, SUBTILE)
 
 
 @triton.jit
-def _linear_ptr_kernel(a_ptr, b_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr, os_ptr, amax_ptr, rss_ptr,
+def _linear_ptr_kernel(a_ptr, b_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr, os_ptr, amax_ptr, rss_ptr, part_ptr,
                        M, N, K, stride_am, stride_bn, stride_cm,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                        ACC_INT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                       OUT_KIND: tl.constexpr, OUT_MAX: tl.constexpr, STATS: tl.constexpr):
+                       OUT_KIND: tl.constexpr, OUT_MAX: tl.constexpr, STATS: tl.constexpr,
+                       SPLIT_K: tl.constexpr):
+    """Masked pointer kernel (any shape). With SPLIT_K > 1, program (t, k) sums its share of K
+    into ``part`` (M, N) with atomics and :func:`_splitk_epilogue_kernel` finishes."""
     pid = tl.program_id(axis=0)
+    pid_k = tl.program_id(axis=1)
     num_pid_m = tl.cdiv(M, BM)
     num_pid_n = tl.cdiv(N, BN)
     num_pid_in_group = GROUP_M * num_pid_n
@@ -181,28 +202,65 @@ def _linear_ptr_kernel(a_ptr, b_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr, os_ptr, am
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
-    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
-    b_ptrs = b_ptr + offs_n[:, None].to(tl.int64) * stride_bn + offs_k[None, :]
+    k_tiles = tl.cdiv(K, BK)
+    k_per = tl.cdiv(k_tiles, SPLIT_K)
+    k_lo = pid_k * k_per
+    k_hi = tl.minimum(k_lo + k_per, k_tiles)
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + (k_lo * BK + offs_k)[None, :]
+    b_ptrs = b_ptr + offs_n[:, None].to(tl.int64) * stride_bn + (k_lo * BK + offs_k)[None, :]
+    m_ok = offs_m[:, None] < M
+    n_ok = offs_n[:, None] < N
     if ACC_INT:
         acc = tl.zeros((BM, BN), dtype=tl.int32)
+        for kt in range(k_lo, k_hi):
+            kmask = offs_k[None, :] < K - kt * BK
+            a = tl.load(a_ptrs, mask=m_ok & kmask, other=0)
+            b = tl.load(b_ptrs, mask=n_ok & kmask, other=0)
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+            a_ptrs += BK
+            b_ptrs += BK
     else:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k in range(tl.cdiv(K, BK)):
-        kmask = offs_k[None, :] < K - k * BK
-        a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & kmask, other=0)
-        b = tl.load(b_ptrs, mask=(offs_n[:, None] < N) & kmask, other=0)
-        acc = tl.dot(a, tl.trans(b), acc)
-        a_ptrs += BK
-        b_ptrs += BK
+        for kt in range(k_lo, k_hi):
+            kmask = offs_k[None, :] < K - kt * BK
+            a = tl.load(a_ptrs, mask=m_ok & kmask, other=0.0)
+            b = tl.load(b_ptrs, mask=n_ok & kmask, other=0.0)
+            acc = tl.dot(a, tl.trans(b), acc)
+            a_ptrs += BK
+            b_ptrs += BK
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT_K > 1:
+        p_ptrs = part_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.atomic_add(p_ptrs, acc, mask=mask)
+    else:
+        scale = tl.load(xs_ptr) * tl.load(ws_ptr)
+        y = _tile_epilogue(acc, offs_m, offs_n, M, N, scale, bias_ptr, amax_ptr, rss_ptr,
+                           HAS_BIAS, ACT, STATS)
+        os = 1.0
+        if OUT_KIND != 0:
+            os = tl.load(os_ptr)
+        y = _to_out(y, os, OUT_KIND, OUT_MAX)
+        c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _splitk_epilogue_kernel(part_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr, os_ptr, amax_ptr, rss_ptr,
+                            M, N, stride_cm, BM: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            ACT: tl.constexpr, OUT_KIND: tl.constexpr, OUT_MAX: tl.constexpr,
+                            STATS: tl.constexpr):
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    acc = tl.load(part_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], mask=mask, other=0)
     scale = tl.load(xs_ptr) * tl.load(ws_ptr)
-    y = _tile_epilogue(acc, offs_m, offs_n, M, N, scale, bias_ptr, amax_ptr, rss_ptr,
-                       HAS_BIAS, ACT, STATS)
+    y = _tile_epilogue(acc, offs_m, offs_n, M, N, scale, bias_ptr, amax_ptr, rss_ptr, HAS_BIAS, ACT, STATS)
     os = 1.0
     if OUT_KIND != 0:
         os = tl.load(os_ptr)
     y = _to_out(y, os, OUT_KIND, OUT_MAX)
-    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    tl.store(c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :], y.to(c_ptr.dtype.element_ty),
+             mask=mask)
 
 
 # ------------------------------------------------------------------------------ elementwise
@@ -229,38 +287,50 @@ def _relu_fp8_kernel(d_ptr, out_ptr, n, NAN_LO: tl.constexpr, BLOCK: tl.constexp
 
 # ------------------------------------------------------------------------------ host side
 class Config:
-    """One tiling of the matmul kernels; ``tma`` picks the persistent TMA kernel."""
+    """One tiling of the matmul kernels: ``tma`` picks the persistent TMA kernel (``subtile``:
+    epilogue in two halves; ``flatten``: flattened tile loop), else the pointer kernel
+    (``split_k``: K split over that many programs, summed with atomics)."""
 
-    __slots__ = ("bk", "bm", "bn", "flatten", "group_m", "stages", "tma", "warps")
+    __slots__ = ("bk", "bm", "bn", "flatten", "group_m", "split_k", "stages", "subtile", "tma", "warps")
 
-    def __init__(self, bm, bn, bk, stages, warps, *, group_m=8, tma=True, flatten=False):
+    def __init__(self, bm, bn, bk, stages, warps, *, group_m=8, tma=True, flatten=False, subtile=False,
+                 split_k=1):
         self.bm, self.bn, self.bk, self.group_m = bm, bn, bk, group_m
         self.stages, self.warps, self.tma, self.flatten = stages, warps, tma, flatten
+        self.subtile, self.split_k = subtile, split_k
 
     def __repr__(self) -> str:
-        kind = "tma" if self.tma else "ptr"
-        fl = "f" if self.flatten else ""
-        return f"{kind}{fl}_{self.bm}x{self.bn}x{self.bk}_s{self.stages}w{self.warps}g{self.group_m}"
+        kind = ("tma" + ("f" if self.flatten else "") + ("s" if self.subtile else "")) if self.tma else "ptr"
+        sk = f"k{self.split_k}" if self.split_k > 1 else ""
+        return f"{kind}_{self.bm}x{self.bn}x{self.bk}_s{self.stages}w{self.warps}g{self.group_m}{sk}"
 
 
-# Candidate tilings, tried in this order by the autotuner (the first is the heuristic default).
+# Candidate tilings, tried by the autotuner (the first is the default when it cannot tune).
 CONFIGS_LARGE = [
-    Config(128, 256, 128, 3, 8),
-    Config(128, 256, 128, 3, 8, flatten=True),
-    Config(256, 128, 128, 3, 8),
-    Config(128, 128, 128, 4, 4),
+    Config(128, 256, 128, 3, 8, subtile=True),
+    Config(128, 256, 128, 3, 8, subtile=True, flatten=True),
+    Config(128, 256, 128, 4, 8, subtile=True),
+    Config(256, 128, 128, 3, 8, subtile=True),
     Config(128, 128, 128, 4, 8),
-]
-CONFIGS_SMALL = [  # M <= 64: memory-bound on the weight; many thin tiles to fill the SMs
-    Config(64, 64, 256, 4, 4, group_m=1),
-    Config(64, 32, 256, 5, 4, group_m=1),
-    Config(64, 128, 128, 4, 4, group_m=1),
-    Config(16, 64, 256, 4, 4, group_m=1, tma=False),
 ]
 CONFIGS_GENERIC = [  # any shape (masked pointer kernel)
     Config(128, 128, 64, 4, 8, tma=False),
     Config(64, 64, 64, 4, 4, tma=False),
 ]
+
+
+def small_configs(m: int) -> list[Config]:
+    """M <= 64 (decode): memory-bound on the weight; thin tiles and split K fill the SMs."""
+    bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+    return [
+        Config(bm, 64, 256, 4, 4, group_m=1, tma=False, split_k=4),
+        Config(bm, 64, 256, 4, 4, group_m=1, tma=False),
+        Config(bm, 64, 256, 4, 4, group_m=1, tma=False, split_k=2),
+        Config(bm, 128, 256, 3, 4, group_m=1, tma=False, split_k=4),
+        Config(bm, 32, 512, 3, 4, group_m=1, tma=False, split_k=2),
+        Config(64, 64, 256, 4, 4, group_m=1),
+    ]
+
 
 _NUM_SMS: dict[int, int] = {}
 
@@ -317,27 +387,38 @@ def linear(x2: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: to
         return (out, amax, rss) if stats else out
     if cfg.tma:
         nsm = _num_sms(dev)
+        cbn = cfg.bn // 2 if cfg.subtile else cfg.bn
         a_desc = TensorDescriptor.from_tensor(x2, [cfg.bm, cfg.bk])
         b_desc = TensorDescriptor.from_tensor(w, [cfg.bn, cfg.bk])
-        c_desc = TensorDescriptor.from_tensor(out, [cfg.bm, cfg.bn])
+        c_desc = TensorDescriptor.from_tensor(out, [cfg.bm, cbn])
         tiles = triton.cdiv(M, cfg.bm) * triton.cdiv(N, cfg.bn)
         grid = (min(nsm, tiles),)
         _linear_tma_kernel[grid](
             a_desc, b_desc, c_desc, x_scale, w_scale, bias_arg, os_arg, amax, rss, M, N, K,
             BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GROUP_M=cfg.group_m, NUM_SMS=nsm, ACC_INT=acc_int,
             HAS_BIAS=bias is not None, ACT=act, OUT_KIND=out_kind, OUT_MAX=out_max,
-            OUT_DT=_OUT_DT[out_dtype], STATS=stats, FLATTEN=cfg.flatten,
+            OUT_DT=_OUT_DT[out_dtype], STATS=stats, FLATTEN=cfg.flatten, SUBTILE=cfg.subtile,
             num_stages=cfg.stages, num_warps=cfg.warps,
         )
     else:
-        grid = (triton.cdiv(M, cfg.bm) * triton.cdiv(N, cfg.bn),)
+        split = cfg.split_k if triton.cdiv(K, cfg.bk) >= cfg.split_k else 1
+        part = (torch.zeros((M, N), device=dev, dtype=torch.int32 if acc_int else torch.float32)
+                if split > 1 else x_scale)
+        grid = (triton.cdiv(M, cfg.bm) * triton.cdiv(N, cfg.bn), split)
         _linear_ptr_kernel[grid](
-            x2, w, out, x_scale, w_scale, bias_arg, os_arg, amax, rss, M, N, K,
+            x2, w, out, x_scale, w_scale, bias_arg, os_arg, amax, rss, part, M, N, K,
             x2.stride(0), w.stride(0), out.stride(0),
             BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GROUP_M=cfg.group_m, ACC_INT=acc_int,
             HAS_BIAS=bias is not None, ACT=act, OUT_KIND=out_kind, OUT_MAX=out_max, STATS=stats,
-            num_stages=cfg.stages, num_warps=cfg.warps,
+            SPLIT_K=split, num_stages=cfg.stages, num_warps=cfg.warps,
         )
+        if split > 1:
+            ebm, ebn = 16, 256
+            _splitk_epilogue_kernel[(triton.cdiv(M, ebm), triton.cdiv(N, ebn))](
+                part, out, x_scale, w_scale, bias_arg, os_arg, amax, rss, M, N, out.stride(0),
+                BM=ebm, BN=ebn, HAS_BIAS=bias is not None, ACT=act, OUT_KIND=out_kind, OUT_MAX=out_max,
+                STATS=stats, num_warps=4,
+            )
     return (out, amax, rss) if stats else out
 
 
