@@ -1,0 +1,121 @@
+"""fxscale.backend: torch.compile(model, backend="fxscale") — options, fallback, accuracy."""
+
+import warnings
+
+import pytest
+import torch
+from torch import fx
+
+import fxscale.api
+from fxscale.backend import fxscale_backend
+from tests import models
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def sqnr_db(ref: torch.Tensor, y: torch.Tensor) -> float:
+    return float(10 * torch.log10(ref.pow(2).mean() / (ref - y).pow(2).mean()))
+
+
+def test__backend__registered_through_entry_point():
+    assert "fxscale" in torch._dynamo.list_backends()
+
+
+def test__backend__unknown_option_names_it_and_lists_valid_ones():
+    model, args = models.mlp()
+    gm = fx.symbolic_trace(model)
+    with pytest.raises(ValueError, match=r"unknown fxscale backend option 'formt'.*'format'.*'strict'"):
+        fxscale_backend(gm, list(args), options={"formt": "e4m3"})
+    f = torch.compile(model, backend="fxscale", options={"bogus": 1})
+    with pytest.raises(Exception, match="unknown fxscale backend option 'bogus'"):
+        f(*args)
+
+
+def _boom(*a, **k):
+    raise RuntimeError("boom: transform failed")
+
+
+def test__backend__internal_failure_warns_and_runs_original_graph(monkeypatch):
+    monkeypatch.setattr(fxscale.api, "transform", _boom)
+    model, args = models.mlp()
+    f = torch.compile(model, backend="fxscale", options={"format": "e4m3"})
+    with pytest.warns(UserWarning, match="runs it unchanged in high precision.*boom"), torch.no_grad():
+        y = f(*args)
+    with torch.no_grad():
+        torch.testing.assert_close(y, model(*args))
+
+
+def test__backend__strict_reraises(monkeypatch):
+    monkeypatch.setattr(fxscale.api, "transform", _boom)
+    model, args = models.mlp()
+    f = torch.compile(model, backend="fxscale", options={"strict": True})
+    with pytest.raises(RuntimeError, match="boom"), torch.no_grad():
+        f(*args)
+
+
+def test__backend__passes_options_and_constant_weights_to_transform(monkeypatch):
+    seen = {}
+
+    def fake_transform(gm, example_inputs, **kw):
+        seen["kw"] = kw
+        seen["placeholders"] = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        seen["consts"] = sum(n.op == "get_attr" for n in gm.graph.nodes)
+        seen["shapes"] = [tuple(t.shape) for t in example_inputs]
+        return gm
+
+    monkeypatch.setattr(fxscale.api, "transform", fake_transform)
+    model, args = models.mlp()
+    f = torch.compile(model, backend="fxscale", options={"format": "int8", "threshold": 2.0, "strict": True})
+    with torch.no_grad():
+        torch.testing.assert_close(f(*args), model(*args))
+    assert seen["kw"] == {"format": "int8", "threshold": 2.0}
+    assert len(seen["placeholders"]) == 1  # the input; the 4 parameters became constants
+    assert seen["consts"] == 4
+    assert seen["shapes"] == [(4, 16)]
+
+
+def test__backend__direct_call_on_a_traced_graph():
+    model, args = models.mlp()
+    fn = fxscale_backend(fx.symbolic_trace(model), list(args), options={"strict": True})
+    with torch.no_grad():
+        assert sqnr_db(model(*args), fn(*args)) >= 20
+
+
+def test__backend__mlp_e4m3_close_to_float32_at_several_batch_sizes():
+    model, _ = models.mlp()
+    f = torch.compile(model, backend="fxscale", options={"format": "e4m3", "strict": True})
+    with torch.no_grad():
+        for batch in (4, 3, 7):
+            x = models.with_batch("mlp", batch)
+            y = f(*x)
+            ref = model(*x)
+            assert y.shape == ref.shape and y.dtype == ref.dtype
+            assert sqnr_db(ref, y) >= 20, batch
+
+
+def test__backend__encoder_layer_e4m3_close_to_float32():
+    model, args = models.encoder_layer()
+    prev = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # else one fused op hides the matmuls
+    try:
+        f = torch.compile(model, backend="fxscale", options={"format": "e4m3", "strict": True})
+        with torch.no_grad():
+            assert sqnr_db(model(*args), f(*args)) >= 20
+    finally:
+        torch.backends.mha.set_fastpath_enabled(prev)
+
+
+def test__backend__encoder_fast_path_warns_with_advice():
+    model, args = models.encoder_layer()
+    f = torch.compile(model, backend="fxscale")
+    with warnings.catch_warnings(record=True) as w, torch.no_grad():
+        warnings.simplefilter("always")
+        y = f(*args)
+        ref = model(*args)
+    assert any("set_fastpath_enabled(False)" in str(x.message) for x in w)
+    assert torch.isfinite(y).all() and y.shape == ref.shape
