@@ -148,6 +148,7 @@ def _measure(an: Analysis, n: fx.Node, why: str) -> None:
     an.deps[n.name] = frozenset([n.name])
     an.measured[n.name] = why
     ni.note = why
+    ni.extra["runtime_amax"] = True
 
 
 def _attr(gm: fx.GraphModule, target: str):
