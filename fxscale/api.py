@@ -137,14 +137,27 @@ def _input_bounds(placeholders: list[fx.Node], input_bounds) -> dict[str, float 
     if input_bounds is None:
         return {}
     if isinstance(input_bounds, (int, float)):
-        return {p.name: float(input_bounds) for p in floats}
+        return {p.name: _representable(float(input_bounds), p) for p in floats}
     seq = list(input_bounds)
     if len(seq) != len(placeholders):
         raise ValueError(
             f"input_bounds has {len(seq)} entries but the model takes {len(placeholders)} tensor inputs "
             f"({', '.join(p.name for p in placeholders)}); give one per input (None for none) or a single float"
         )
-    return {p.name: (None if b is None else float(b)) for p, b in zip(placeholders, seq)}
+    return {p.name: (None if b is None else _representable(float(b), p)) for p, b in zip(placeholders, seq)}
+
+
+def _representable(b: float, p: fx.Node) -> float:
+    """The smallest value of input ``p``'s dtype >= ``b``: so that an input clamped to its bound in
+    its own dtype (float32 rounds 2**1.75 up) passes the run-time check; proofs use this bound."""
+    v = p.meta.get("val")
+    if not (isinstance(v, Tensor) and v.dtype.is_floating_point) or not math.isfinite(b):
+        return b
+    r = float(torch.tensor(b, dtype=torch.float64).to(v.dtype))
+    if r < b:
+        _, e = math.frexp(r)  # r = m * 2**e, 0.5 <= m < 1: one ulp of r is eps * 2**(e - 1)
+        r = float(torch.tensor(r + math.ldexp(torch.finfo(v.dtype).eps, e - 1), dtype=torch.float64).to(v.dtype))
+    return r
 
 
 def transform(
