@@ -29,6 +29,10 @@ for s in $STEPS; do
       timeout "${T_KERNELS:-180}" python3 benchmarks/bench_kernels.py ${KERNEL_ARGS:-} > "$OUT/kernels.log" 2>&1
       grep -E "^\| " "$OUT/kernels.log" | sort -u | head -80; tail -3 "$OUT/kernels.log"
       ;;
+    diag)
+      timeout "${T_DIAG:-150}" python3 benchmarks/diag_overhead.py > "$OUT/diag.log" 2>&1
+      grep -E "us/call|tottime|\{|fxscale/" "$OUT/diag.log" | head -70; tail -3 "$OUT/diag.log"
+      ;;
     ffn)
       timeout "${T_FFN:-420}" python3 benchmarks/bench_ffn.py --log "$OUT/errors.log" ${FFN_ARGS:-} > "$OUT/ffn.log" 2>&1
       grep -E "^(  |M=|FFN|- |WARN)" "$OUT/ffn.log" | head -120; tail -3 "$OUT/ffn.log"

@@ -104,7 +104,11 @@ _DERIVED: dict = {}
 
 def _derived(tag: str, fn, *ts: torch.Tensor) -> torch.Tensor:
     """``fn(*ts)``, cached while each of ``ts`` is alive and unmodified (weights, biases and
-    static scales are constants; a fresh run-time scale simply misses the cache)."""
+    static scales are constants; a fresh run-time scale simply misses the cache).
+
+    Cached values are computed on a side stream: its allocations stay out of any memory pool
+    the current stream is routed to (torch.compile's CUDA-graph trees check that every live
+    tensor of their pool is a graph output)."""
     try:
         ver = tuple((t._version, t.data_ptr()) for t in ts)
     except RuntimeError:  # inference tensors have no version counter
@@ -117,9 +121,24 @@ def _derived(tag: str, fn, *ts: torch.Tensor) -> torch.Tensor:
         return fn(*ts)  # do not keep tensors of a graph's private pool
     if len(_DERIVED) > 512:
         _DERIVED.clear()
-    val = fn(*ts)
+    cur = torch.cuda.current_stream(ts[0].device)
+    side = _side_stream(ts[0].device)
+    side.wait_stream(cur)
+    with torch.cuda.stream(side):
+        val = fn(*ts)
+    cur.wait_stream(side)
+    val.record_stream(cur)
     _DERIVED[key] = (tuple(weakref.ref(t) for t in ts), ver, val)
     return val
+
+
+_SIDE: dict = {}
+
+
+def _side_stream(device) -> torch.cuda.Stream:
+    if device not in _SIDE:
+        _SIDE[device] = torch.cuda.Stream(device)
+    return _SIDE[device]
 
 
 def _bias16(bias: torch.Tensor | None) -> torch.Tensor | None:

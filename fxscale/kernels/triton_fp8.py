@@ -57,7 +57,13 @@ def _to_out(y, os, OUT_KIND: tl.constexpr, OUT_MAX: tl.constexpr):
     """Divide by the output scale and saturate into fp8 (NaN stays NaN, Inf per format)."""
     if OUT_KIND == 0:
         return y
-    z = tl.math.div_rn(y, os)
+    # A power-of-two scale (fxscale's default) divides exactly as a multiply by its reciprocal.
+    bits = os.to(tl.int32, bitcast=True)
+    expo = (bits >> 23) & 0xFF
+    if ((bits & 0x7FFFFF) == 0) & (expo > 0) & (expo < 254):
+        z = y * tl.math.div_rn(1.0, os)
+    else:
+        z = tl.math.div_rn(y, os)
     zc = tl.minimum(tl.maximum(z, -OUT_MAX), OUT_MAX)
     finite = tl.abs(z) < float("inf")  # false for NaN and +-Inf
     if OUT_KIND == 1:

@@ -1,0 +1,89 @@
+"""Where the host time of one fxscale FFN call goes (plain calls, no CUDA graph).
+
+    PYTHONPATH=. python benchmarks/diag_overhead.py [--m 1024]
+
+Prints: any host synchronisation inside a call (torch.cuda sync debug mode), host time per
+call against device time per call, and a cProfile of the host side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+
+from benchmarks.common import FFN, HandFFN, init_, time_ms
+
+
+def host_us(fn, x, n=50):
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn(x)
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    return (t1 - t0) / n * 1e6, (t2 - t0) / n * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--m", type=int, default=1024)
+    args = ap.parse_args()
+    model = init_(FFN(4096, 16384)).cuda().to(torch.bfloat16).eval()
+    x = torch.randn(args.m, 4096, device="cuda", dtype=torch.bfloat16)
+    from fxscale.kernels import cuda
+
+    xq = torch.randn(16, 256, device="cuda").to(torch.float8_e4m3fn)
+    wq = torch.randn(256, 256, device="cuda").to(torch.float8_e4m3fn)
+    one = torch.ones((), device="cuda")
+    b = torch.zeros(256, device="cuda")
+    op = torch.ops.fxscale.scaled_linear
+    cases = {
+        "op tiny bf16 (dispatcher)": lambda _: op(xq, one, wq, one, b, "none", None, None, torch.bfloat16),
+        "python impl tiny bf16 (no dispatcher)": lambda _: cuda.scaled_linear_cuda(
+            xq, one, wq, one, b, "none", None, None, torch.bfloat16),
+        "op tiny relu e4m3": lambda _: op(xq, one, wq, one, b, "relu", one, "float8_e4m3fn", torch.bfloat16),
+        "torch._scaled_mm tiny": lambda _: torch._scaled_mm(xq, wq.t(), one, one, out_dtype=torch.bfloat16),
+    }
+    with torch.no_grad():
+        for name, fn in cases.items():
+            fn(None)
+            h, t = host_us(fn, None, 200)
+            print(f"{name:45s} host {h:7.1f} us/call  (wall {t:7.1f})", flush=True)
+        for name, mod in [("hand static (compile)", torch.compile(HandFFN(model, input_bound=8.0))),
+                          ("hand dynamic (compile)", torch.compile(HandFFN(model))),
+                          ("bf16 compile", torch.compile(model))]:
+            for _ in range(3):
+                mod(x)
+            torch.cuda.synchronize()
+            try:
+                torch.cuda.set_sync_debug_mode("error")
+                mod(x)
+                sync = "none"
+            except RuntimeError as e:
+                sync = str(e).splitlines()[0][:200]
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            h, t = host_us(mod, x)
+            dev = time_ms(mod, [x], graph=True) * 1e3
+            print(f"{name:45s} host {h:7.1f} us/call, wall {t:7.1f}, device (graph) {dev:7.1f}; sync: {sync}",
+                  flush=True)
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(20):
+                mod(x)
+            pr.disable()
+            torch.cuda.synchronize()
+            s = io.StringIO()
+            pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(18)
+            print("\n".join(s.getvalue().splitlines()[:40]), flush=True)
+            torch._dynamo.reset()
+
+
+if __name__ == "__main__":
+    main()
