@@ -78,6 +78,11 @@ def is_float_value(node: fx.Node) -> bool:
 
 def _to_ref(a: Any) -> Any:
     if isinstance(a, fx.Node):
+        val = a.meta.get("val")
+        if isinstance(val, torch.SymInt):  # a size computed in the graph: its example value
+            return int(val.node.hint)
+        if isinstance(val, (int, float, bool)):
+            return val
         return Ref(a.name)
     if isinstance(a, (list, tuple)):
         return type(a)(_to_ref(x) for x in a)
