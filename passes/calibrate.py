@@ -84,7 +84,6 @@ class Calibrator(Interpreter):
     def __init__(self, gm: GraphModule):
         super().__init__(gm)
         self.extra_traceback = False  # we name the node ourselves
-        self._weights_done: set[str] = set()
 
     def run_node(self, n: Node) -> Any:
         try:
@@ -98,10 +97,8 @@ class Calibrator(Interpreter):
         if n.op == "output":
             return out
         if n.op == "get_attr":
-            # Constants do not change between batches: measure once.
-            if n.name in self._weights_done:
-                return out
-            self._weights_done.add(n.name)
+            # Constants: the bounds pass measures them exactly (and only once); no need here.
+            return out
         self._record(n, out)
         return out
 

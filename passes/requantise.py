@@ -62,6 +62,33 @@ def dependency_graph(gm: fx.GraphModule) -> nx.DiGraph:
     return g
 
 
+#: Ops whose output bound does not depend on their input's bound: paths through them carry
+#: no bound information, so a weight's spectral norm upstream of them cannot matter.
+RESETS = ("aten.layer_norm", "aten.rms_norm", "aten.softmax", "aten._softmax", "aten.sigmoid", "aten.embedding")
+
+
+def weights_needing_spectral(gm: fx.GraphModule, steps: dict, operand_of: dict[str, list[str]]) -> set[str]:
+    """Constant matmul operands whose spectral norm can change a low-precision value's bound.
+
+    A weight's spectral norm bounds the *row norm* of its matmul's output ``m``; a row norm
+    changes an absmax only through a later matmul ``m2`` (Cauchy-Schwarz). So the spectral
+    norm matters only if some ``m2`` is reachable from ``m`` and ``m2``'s output reaches a
+    low-precision value, both without passing an op that resets bounds (LayerNorm, softmax,
+    ...). Computing it costs an eigen-decomposition, so we skip it everywhere else.
+    """
+    g = dependency_graph(gm)
+    g.remove_nodes_from([n.name for n in gm.graph.nodes if info(n).op in RESETS or n.op == "get_attr"])
+    matmuls = [name for name, st in steps.items() if st.quantised and name in g]
+    operands = set(operand_of)
+    feeds_operand = {m for m in matmuls if (nx.descendants(g, m) | {m}) & operands}
+    need: set[str] = set()
+    for m in matmuls:
+        if (nx.descendants(g, m) - {m}) & feeds_operand:
+            st = steps[m]
+            need |= {st.args[p].name for p in st.quantised}
+    return need
+
+
 def analyse(
     gm: fx.GraphModule,
     *,
@@ -84,6 +111,7 @@ def analyse(
     for s in steps.values():
         for pos in s.quantised:
             operand_of.setdefault(s.args[pos].name, []).append(s.name)
+    spectral = weights_needing_spectral(gm, steps, operand_of) if mode == "rownorm" else set()
 
     for n in gm.graph.nodes:
         ni = info(n)
@@ -107,8 +135,9 @@ def analyse(
             if not hasattr(value, "dtype") or not value.dtype.is_floating_point:
                 continue
             an.consts[n.name] = value
-            an.bounds[n.name] = Bound.of_tensor(value, spectral=n.name in operand_of)
+            b = an.bounds[n.name] = Bound.of_tensor(value, spectral=n.name in spectral)
             an.deps[n.name] = frozenset()
+            ni.observed = (float(b.absmax), float(b.rownorm))  # exact for a constant
             ni.kind = "weight"
         elif n.op == "call_function":
             step = steps[n.name]

@@ -42,11 +42,10 @@ def test__calibrate__mlp_matches_direct_computation_over_batches():
         got = info(nodes[name]).observed
         want = _maxpair(d1[name], d2[name])
         assert got == pytest.approx(want, rel=1e-6), name
+    # Constants are left to the bounds pass, which measures them exactly, once.
     weights = [n for n in gm.graph.nodes if n.op == "get_attr"]
     assert weights
-    for n in weights:
-        w = getattr(gm, n.target) if "." not in n.target else gm.get_parameter(n.target)
-        assert info(n).observed == pytest.approx(_stats(w.detach()))
+    assert all(info(n).observed is None for n in weights)
     assert info(nodes["output"]).observed is None
 
 
