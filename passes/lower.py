@@ -363,6 +363,12 @@ def lower(gm: fx.GraphModule, an: Analysis, steps: dict[str, Step], fmt: Format)
         if n.op == "call_function" and n.name in steps and steps[n.name].quantised:
             lw.lower_node(n, steps[n.name].quantised)
     lw.fuse()
+    for name in an.measured:  # a measurement nothing low-precision depends on is never emitted
+        if name not in lw.stats_nodes and name in lw.nodes:
+            ni = info(lw.nodes[name])
+            ni.extra["runtime_amax"] = False
+            if ni.kind == "input":
+                ni.note = "no low-precision value depends on it: not measured"
     gm.graph.eliminate_dead_code(is_impure_node=_impure)
     _drop_unused_attrs(gm)
     gm.graph.lint()
