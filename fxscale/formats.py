@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Format", "FORMATS", "get_format", "wasted_bits", "pow2_scale"]
+__all__ = ["FORMATS", "Format", "get_format", "pow2_scale", "wasted_bits"]
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,9 @@ Two strengths (DESIGN decision 3), chosen by ``mode``:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,7 +38,7 @@ aten = torch.ops.aten
 #: accumulation and bf16/fp16 rounding of the arithmetic the bound describes.
 MARGIN = 2.0**-7
 
-__all__ = ["Arg", "RuleCall", "RULES", "register", "lookup", "evaluate", "MARGIN", "Bound"]
+__all__ = ["MARGIN", "RULES", "Arg", "Bound", "RuleCall", "evaluate", "lookup", "register"]
 
 
 @dataclass
