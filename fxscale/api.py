@@ -82,9 +82,20 @@ class ScaledGraphModule(fx.GraphModule):
             args, kwargs, use_dynamic = _check_inputs(self, args, kwargs)
             if use_dynamic:
                 return self._fxscale_dynamic(*args, **kwargs)
-        return super().__call__(*args, **kwargs)
+        try:
+            return super().__call__(*args, **kwargs)
+        except AssertionError as e:
+            if "Guard failed" not in str(e):
+                raise
+            raise ValueError(
+                f"{e}: fxscale proved its bounds for the example inputs' shapes, with only the batch "
+                "dimension (dim 0) left dynamic, since bounds can depend on the other sizes (a longer "
+                "sequence sums more terms). Transform again with an example of this shape, or use "
+                "torch.compile(model, backend='fxscale'), which transforms once per shape."
+            ) from e
 
 
+@torch.compiler.disable  # a host-side check by design: it runs before the (compiled) graph
 def _check_inputs(sm: ScaledGraphModule, args, kwargs):
     leaves, spec = pytree.tree_flatten((args, kwargs))
     cfg = sm.config
@@ -124,6 +135,19 @@ def _check_inputs(sm: ScaledGraphModule, args, kwargs):
     if changed:
         args, kwargs = pytree.tree_unflatten(leaves, spec)
     return args, kwargs, use_dynamic and sm._fxscale_dynamic is not None
+
+
+def _freeze(gm: fx.GraphModule) -> None:
+    """Inference only: the parameters left in high precision become buffers (no autograd).
+
+    They share storage with the model's parameters (``detach`` copies nothing), so
+    ``torch.compile`` of the result needs no backward formulas for the fxscale ops.
+    """
+    for name, p in list(gm.named_parameters()):
+        mod_name, _, attr = name.rpartition(".")
+        mod = gm.get_submodule(mod_name) if mod_name else gm
+        del mod._parameters[attr]
+        mod.register_buffer(attr, p.detach())
 
 
 def _normalise_inputs(example_inputs: Any) -> tuple:
@@ -217,6 +241,7 @@ def transform(
         return gm, rows, placeholders, ib
 
     gm, rows, placeholders, ib = build(input_bounds)
+    _freeze(gm)
     sm = ScaledGraphModule(gm, gm.graph, class_name="ScaledGraphModule")
     for k in ("_in_spec", "_out_spec"):
         if hasattr(gm, k):

@@ -173,3 +173,31 @@ def test_format_option__accepts_names_and_dtypes():
 
 def test_public_api__exports_transform():
     assert fxscale.transform is transform
+
+
+def test_compiled_with_declared_bounds__checks_inputs_and_needs_no_autograd():
+    """Parameters left in high precision (biases) must not drag autograd into torch.compile."""
+    model = ffn(d=32, hidden=64)
+    sm = transform(model, (torch.randn(4, 32),), format="int8", input_bounds=4.0)
+    compiled = torch.compile(sm)
+    x = torch.randn(4, 32).clamp(-4, 4)
+    assert torch.allclose(compiled(x), sm(x), rtol=1e-4, atol=1e-4)
+    assert model[0].bias.requires_grad  # the user's model is untouched
+    with pytest.raises(ValueError, match="beyond its declared bound"):
+        compiled(torch.full((4, 32), 5.0))
+
+
+def test_compiled_int8__nan_input_raises_not_garbage():
+    model = ffn(d=32, hidden=64)
+    compiled = torch.compile(transform(model, (torch.randn(4, 32),), format="int8", input_bounds=4.0))
+    x = torch.randn(4, 32).clamp(-4, 4)
+    x[0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="no NaN"):
+        compiled(x)
+
+
+def test_other_sequence_length__says_what_to_do():
+    model, args = models.gpt2(seq=8)
+    sm = transform(model, args)
+    with pytest.raises(ValueError, match="Transform again with an example of this shape"):
+        sm(torch.randint(0, 100, (2, 5)))
