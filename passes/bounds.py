@@ -153,7 +153,11 @@ def _materialise(a: Any, an: Analysis, quantise: bool, step: Step, pos: int) -> 
     if isinstance(a, Ref):
         arg = an.arg(a)
         if arg is None:
-            raise _NoBound(a.name)
+            if a.name not in an.shapes or isinstance(an.bounds.get(a.name), list):
+                raise _NoBound(a.name)
+            # No bound (an integer index, a mask, an op without a rule): unknown, which a
+            # rule that ignores this input (embedding indices, LayerNorm's input) survives.
+            arg = Arg(Bound.unknown(), an.shapes[a.name], an.consts.get(a.name))
         if quantise and a.name not in an.consts:
             qb = quantised_bound(arg.bound, an.fmt, operand_scale(an.fmt, arg.bound), arg.shape)
             an.operand_bounds[(step.name, pos)] = qb

@@ -158,7 +158,7 @@ def analyse(
                         _measure(an, n, f"requantise: projected {waste:.1f} wasted bits > {threshold:g}")
                         ni.requantise = True
         b = an.bounds.get(n.name)
-        if isinstance(b, Bound):
+        if isinstance(b, Bound) and b.is_finite():
             ni.bound = b.as_floats()
             ni.dynamic = bool(an.deps.get(n.name))
             if ni.wasted_bits is None:
