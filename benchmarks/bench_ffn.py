@@ -49,6 +49,21 @@ def gemms_only(hand: HandFFN, x):
     return fn
 
 
+def compiled_without_lowering(mod, x):
+    """torch.compile with fxscale's inductor lowering off: every scaled_linear runs as the
+    custom op (its CUDA kernels, chosen by the autotuner) -- the lowering's A/B."""
+    from fxscale.kernels import cuda
+
+    cuda.set_inductor_lowering(False)
+    try:
+        c = torch.compile(mod)
+        with torch.no_grad():
+            c(x)
+    finally:
+        cuda.set_inductor_lowering(True)
+    return c
+
+
 def build_variants(model, inputs, bound, small):
     variants = [
         ("bf16 eager", lambda: model),
@@ -61,6 +76,8 @@ def build_variants(model, inputs, bound, small):
         ("fxscale hand chain, input_bound=8 (compile)",
          lambda: torch.compile(HandFFN(model, input_bound=bound))),
         ("fxscale hand chain, run-time x amax (eager)", lambda: HandFFN(model)),
+        ("fxscale hand chain, input_bound=8 (compile, custom-op kernels only)",
+         lambda: compiled_without_lowering(HandFFN(model, input_bound=bound), inputs[0])),
         ("fp8 GEMMs alone, cuBLAS (ceiling)", lambda: gemms_only(HandFFN(model), inputs[0])),
     ]
     if small:
