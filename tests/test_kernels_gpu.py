@@ -341,3 +341,32 @@ def test_compiled_chain__matches_eager():
         return torch.ops.fxscale.scaled_linear(h, os_, wq, ws, b, "none", None, None, torch.float32)
 
     assert _rel(torch.compile(chain)(x), chain(x)) < 1e-2
+
+
+@pytest.mark.parametrize("lowering", [True, False])
+def test_compiled_chain__large_m__inductor_lowering_matches_eager(lowering):
+    """M > 64: torch.compile lowers scaled_linear to torch._scaled_mm (or, switched off, keeps
+    the custom op); either way the result is the eager op's."""
+    cuda = _cuda()
+    f = get_format("e4m3")
+    xq, xs, wq, ws, b = _operands(256, 512, 512)
+    x = xq.float() * xs
+    os_ = _out_scale(xq, xs, wq, ws, b, "relu", "e4m3")
+
+    def chain(x):
+        st = torch.ops.fxscale.stats(x)
+        s = f.scale_tensor(st[0])
+        q = torch.ops.fxscale.quantise(x, s, f.name)
+        h = torch.ops.fxscale.scaled_linear(q, s, wq, ws, b, "relu", os_, f.name, torch.bfloat16)
+        return h, torch.ops.fxscale.scaled_linear(h, os_, wq, ws, b, "none", None, None, torch.bfloat16)
+
+    cuda.set_inductor_lowering(lowering)
+    try:
+        torch._dynamo.reset()
+        hc, yc = torch.compile(chain)(x)
+    finally:
+        cuda.set_inductor_lowering(True)
+        torch._dynamo.reset()
+    he, ye = chain(x)
+    _assert_fp8_close(hc, he, os_, f.name)
+    assert _rel(yc, ye) < 1e-2
