@@ -134,6 +134,9 @@ class Analysis:
     measured: dict[str, str] = field(default_factory=dict)     # name -> why it is measured
     operand_bounds: dict[tuple[str, int], Bound] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)     # name -> why no rule applied
+    # Constants read by matmuls: quantised once here, so that the matmul's rule sees the
+    # exact bound of the weight it really multiplies: name -> (data, scale, bound).
+    quantised_consts: dict[str, tuple[Tensor, float, Bound]] = field(default_factory=dict)
 
     def arg(self, ref: Ref) -> Arg | None:
         b = self.bounds.get(ref.name)
@@ -158,7 +161,9 @@ def _materialise(a: Any, an: Analysis, quantise: bool, step: Step, pos: int) -> 
             # No bound (an integer index, a mask, an op without a rule): unknown, which a
             # rule that ignores this input (embedding indices, LayerNorm's input) survives.
             arg = Arg(Bound.unknown(), an.shapes[a.name], an.consts.get(a.name))
-        if quantise and a.name not in an.consts:
+        if quantise and a.name in an.quantised_consts:
+            return Arg(an.quantised_consts[a.name][2], arg.shape, None)
+        if quantise:
             qb = quantised_bound(arg.bound, an.fmt, operand_scale(an.fmt, arg.bound), arg.shape)
             an.operand_bounds[(step.name, pos)] = qb
             return Arg(qb, arg.shape, None)
@@ -214,6 +219,24 @@ def _refs(a: Any) -> list[Ref]:
     if isinstance(a, dict):
         return [r for x in a.values() for r in _refs(x)]
     return []
+
+
+def quantise_const(value: Tensor, fmt: Format, *, spectral: bool) -> tuple[Tensor, float, Bound]:
+    """Quantise a constant once: ``(data, scale, exact bound of the dequantised data)``.
+
+    The bound is of what the matmul really reads, rounding included (a weight can round up
+    by half a step: 6% in e4m3).
+    """
+    w = value.detach().to(torch.float32)
+    amax = float(w.abs().max()) if w.numel() else 0.0
+    scale = fmt.scale_for(amax)
+    if math.isfinite(amax):  # in range by construction: a plain cast, no NaN/Inf guard needed
+        scaled = w * (1.0 / scale)
+        data = (scaled if fmt.is_float else torch.round(scaled)).to(fmt.dtype)
+    else:
+        data = fmt.cast(w / scale)
+    bound = Bound.of_tensor(data.to(torch.float32) * scale, spectral=spectral)
+    return data, scale, bound
 
 
 def measured_bound(stats, shape: tuple[int, ...]) -> Bound:

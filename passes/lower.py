@@ -17,7 +17,6 @@ Everything else stays as it was, in the model's precision.
 
 from __future__ import annotations
 
-import math
 import operator
 from typing import Any
 
@@ -115,23 +114,16 @@ class Lowering:
     def weight(self, node: fx.Node, transpose: bool) -> tuple[fx.Node, fx.Node]:
         key = (node.name, transpose)
         if key not in self.weights:
-            w = self.an.consts[node.name].detach()
+            data, scale, _ = self.an.quantised_consts[node.name]
             if transpose:
-                w = w.t()
-            w = w.contiguous()
-            amax = float(self.an.bounds[node.name].absmax)  # exact, measured once by the bounds pass
-            scale = self.fmt.scale_for(amax)
-            if math.isfinite(amax):  # in range by construction: a plain cast (half the time of cast())
-                scaled = w.to(torch.float32) * (1.0 / scale)
-                data = (scaled if self.fmt.is_float else torch.round(scaled)).to(self.fmt.dtype)
-            else:
-                data = self.fmt.cast(w.to(torch.float32) / scale)
+                data = data.t()
+            data = data.contiguous()
             first = self._first()
             d = self._buffer(f"{node.name}_{self.fmt.name}", data, first)
             s = self._buffer(f"{node.name}_scale", torch.tensor(scale, dtype=torch.float32), first)
             info(d).format = self.fmt.name
             info(d).scale = scale
-            wb = self.an.bounds[node.name]
+            wb = self.an.quantised_consts[node.name][2]
             info(d).bound = wb.transposed() if transpose else wb
             info(d).note = f"{node.name} quantised once{' (transposed)' if transpose else ''}"
             src = info(node)

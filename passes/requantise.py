@@ -35,6 +35,7 @@ from .bounds import (
     evaluate_step,
     is_float_value,
     measured_bound,
+    quantise_const,
 )
 
 __all__ = ["analyse", "dependency_graph", "projected_waste"]
@@ -135,7 +136,14 @@ def analyse(
             if not hasattr(value, "dtype") or not value.dtype.is_floating_point:
                 continue
             an.consts[n.name] = value
-            b = an.bounds[n.name] = Bound.of_tensor(value, spectral=n.name in spectral)
+            users = [u.name for u in n.users]
+            if n.name in operand_of:
+                q = an.quantised_consts[n.name] = quantise_const(value, fmt, spectral=n.name in spectral)
+                if all(n.name in _operand_names(steps[u]) for u in users if u in steps):
+                    an.bounds[n.name] = q[2]  # only matmuls read it: the stored weight is the value
+            if n.name not in an.bounds:
+                an.bounds[n.name] = Bound.of_tensor(value, spectral=False)
+            b = an.bounds[n.name]
             an.deps[n.name] = frozenset()
             ni.observed = (float(b.absmax), float(b.rownorm))  # exact for a constant
             ni.kind = "weight"
@@ -164,6 +172,10 @@ def analyse(
             if ni.wasted_bits is None:
                 ni.wasted_bits = projected_waste(ni.bound, ni.observed)
     return an
+
+
+def _operand_names(step) -> set[str]:
+    return {step.args[p].name for p in step.quantised}
 
 
 def _measure(an: Analysis, n: fx.Node, why: str) -> None:

@@ -1,0 +1,68 @@
+"""The bounds pass: proven bounds per node, including what quantising operands does."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fxscale.api import transform
+from fxscale.formats import get_format
+from passes.bounds import quantise_const
+from passes.calibrate import calibrate
+from passes.capture import capture
+from passes.requantise import analyse, weights_needing_spectral
+
+
+def _row(sm, name):
+    return next(r for r in sm.report.rows if r["node"] == name)
+
+
+@torch.no_grad()
+def test_linear__bound_covers_weights_that_round_up():
+    """1.07 rounds up to 1.125 in e4m3 (5%): the bound must be of the stored weight."""
+    lin = nn.Linear(64, 8, bias=False)
+    lin.weight.fill_(1.07)
+    sm = transform(lin, (torch.ones(2, 64),), input_bounds=1.0)
+    y = sm(torch.ones(2, 64))  # every product at its maximum, signs aligned
+    assert float(y.abs().max()) == 64 * 1.125
+    assert _row(sm, "linear")["bound"] >= float(y.abs().max())
+
+
+def test_quantise_const__bound_is_of_the_dequantised_data():
+    w = torch.randn(16, 32)
+    data, scale, b = quantise_const(w, get_format("e4m3"), spectral=True)
+    deq = (data.float() * scale).double()
+    # Norms are exact up to float rounding (1e-7 relative; the rules add a 2^-7 margin).
+    assert b.absmax >= float(deq.abs().max())
+    assert b.rownorm >= float(deq.norm(dim=-1).max()) * (1 - 1e-6)
+    assert b.spectral >= float(torch.linalg.matrix_norm(deq.double(), 2)) * (1 - 1e-6)
+
+
+def test_spectral_norms__only_where_they_can_change_a_low_precision_bound():
+    # fc1 -> relu -> fc2 -> relu -> fc3: fc1's spectral norm bounds fc2's output row norm,
+    # which bounds fc3's operand... through fc2's Cauchy-Schwarz term: needed. fc3's is not.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    args = (torch.randn(2, 8),)
+    gm = capture(model, args)
+    calibrate(gm, [args])
+    from passes.bounds import build_steps
+
+    steps = {s.name: s for s in build_steps(gm)}
+    operand_of = {}
+    for s in steps.values():
+        for p in s.quantised:
+            operand_of.setdefault(s.args[p].name, []).append(s.name)
+    need = weights_needing_spectral(gm, steps, operand_of)
+    assert any("0_weight" in n for n in need)
+    assert not any("4_weight" in n for n in need)
+    an = analyse(gm, fmt=get_format("e4m3"))
+    assert an.bounds["relu_1"].absmax >= 0
+
+
+def test_layer_norm__resets_bounds_after_an_unbounded_input():
+    """LayerNorm's output bound never depends on its input: no run-time amax after it."""
+    model = nn.Sequential(nn.LayerNorm(32), nn.Linear(32, 32))
+    sm = transform(model, (torch.randn(4, 32) * 100,))
+    assert "stats" not in sm.code
+    assert _row(sm, "layer_norm")["scale"] is not None
