@@ -21,6 +21,7 @@ from torch import nn
 import fxscale  # noqa: F401  (registers torch.ops.fxscale.*)
 from fxscale.api import transform
 from fxscale.formats import get_format
+from fxscale.metrics import sqnr_db
 
 torch.manual_seed(0)
 D, H = 512, 2048
@@ -34,12 +35,6 @@ class MLP(nn.Module):
 
     def forward(self, x):  # x: (B, D)
         return self.fc2(F.relu(self.fc1(x)))  # (B, H) -> (B, D)
-
-
-def sqnr_db(ref: torch.Tensor, y: torch.Tensor) -> float:
-    """10 log10(signal power / error power), in dB."""
-    ref, y = ref.double(), y.double()
-    return float(10 * torch.log10(ref.pow(2).sum() / (ref - y).pow(2).sum().clamp_min(1e-300)))
 
 
 def fake_quant(t: torch.Tensor, dtype: torch.dtype, pow2: bool = False) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fxscale import ScaledTensor, quantise, requantise, wasted_bits
+from fxscale.metrics import sqnr_db
 from fxscale.scaled import eager_options
 
 
@@ -40,10 +41,6 @@ class FFN(nn.Module):
 
     def reference(self, x: Tensor) -> Tensor:
         return F.relu(x @ self.W0f) @ self.W1f
-
-
-def sqnr_db(ref: Tensor, y: Tensor) -> float:
-    return 10 * math.log10(float((ref.double() ** 2).sum()) / float(((ref.double() - y.double()) ** 2).sum()))
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from torch import nn
 
 import fxscale  # noqa: F401  (registers torch.ops.fxscale.*)
 from fxscale.api import transform
+from fxscale.metrics import sqnr_db
 
 torch.manual_seed(0)
 HIDDEN = 1024
@@ -39,14 +40,6 @@ class FFN(nn.Module):
     def forward(self, x):  # x: (N, hidden)
         y = nn.functional.relu(x @ self.W0)  # (N, 4 hidden)
         return y @ self.W1  # (N, hidden)
-
-
-def sqnr_db(ref: torch.Tensor, y: torch.Tensor) -> float:
-    ref, y = ref.double(), y.double()
-    err = (ref - y).pow(2).sum()
-    if err == 0:
-        return float("inf")
-    return float(10 * torch.log10(ref.pow(2).sum() / err))
 
 
 VARIANTS = (

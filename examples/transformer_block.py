@@ -22,6 +22,7 @@ from torch import nn
 import fxscale  # noqa: F401  (registers torch.ops.fxscale.*)
 from fxscale.api import transform
 from fxscale.formats import get_format
+from fxscale.metrics import sqnr_db
 
 torch.manual_seed(0)
 B, T, C, N_HEAD = 4, 64, 256, 4
@@ -71,11 +72,6 @@ class Block(nn.Module):
 
 
 # ------------------------------------------------------------------ helpers
-def sqnr_db(ref: torch.Tensor, y: torch.Tensor) -> float:
-    """10 log10(signal power / error power), in dB."""
-    ref, y = ref.double(), y.double()
-    return float(10 * torch.log10(ref.pow(2).sum() / (ref - y).pow(2).sum().clamp_min(1e-300)))
-
 
 def fake_quant(t: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
     """Per-tensor dynamic scaling: scale = amax / format max, cast, back to float32."""

@@ -1,15 +1,32 @@
-"""fxscale: scaled low-precision tensors with compile-time, never-overflow scales."""
+"""fxscale: scaled low-precision tensors with compile-time, never-overflow scales.
 
-from . import ops  # noqa: F401  (registers torch.ops.fxscale.*)
+>>> import torch, fxscale
+>>> model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
+>>> sm = fxscale.transform(model, (torch.randn(8, 64),))
+>>> x = torch.randn(4, 64)
+>>> fxscale.sqnr_db(model(x), sm(x)) > 20
+True
+"""
+
+from . import kernels, ops  # noqa: F401  (registers torch.ops.fxscale.* and device kernels)
+from .api import TransformConfig, transform
+from .audit import audit
 from .formats import FORMATS, Format, get_format, wasted_bits
+from .metrics import sqnr_db
 from .scaled import ScaledTensor, ScaledTensorData, dequantise, quantise, requantise
 
 __all__ = [
-    "transform",
+    "FORMATS",
+    "Format",
+    "ScaledTensor",
+    "ScaledTensorData",
     "TransformConfig",
-    "FORMATS", "Format", "get_format", "wasted_bits"]
-__all__ += ["ScaledTensor", "ScaledTensorData", "dequantise", "quantise", "requantise"]
-
-from . import kernels  # noqa: E402,F401  (device kernels register themselves where available)
-from .api import TransformConfig, transform  # noqa: E402
-from .audit import audit  # noqa: E402
+    "audit",
+    "dequantise",
+    "get_format",
+    "quantise",
+    "requantise",
+    "sqnr_db",
+    "transform",
+    "wasted_bits",
+]

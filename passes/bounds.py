@@ -185,7 +185,7 @@ def evaluate_step(step: Step, an: Analysis) -> None:
         an.deps[step.name] = an.deps.get(step.args[0].name, frozenset())
         return
     deps: set = set()
-    for r in _refs(step.args) + _refs(step.kwargs):
+    for r in refs(step.args) + refs(step.kwargs):
         deps |= an.deps.get(r.name, frozenset())
     an.deps[step.name] = frozenset(deps)
     if lookup(step.op) is None or any(s is None for s in step.out_shapes):
@@ -211,13 +211,14 @@ def _has_tensor(b: Bound | None) -> bool:
     return b is not None and any(isinstance(getattr(b, f), Tensor) for f in b.__dataclass_fields__)
 
 
-def _refs(a: Any) -> list[Ref]:
+def refs(a: Any) -> list[Ref]:
+    """Every :class:`Ref` inside ``a`` (nested lists, tuples, dicts), in order."""
     if isinstance(a, Ref):
         return [a]
     if isinstance(a, (list, tuple)):
-        return [r for x in a for r in _refs(x)]
+        return [r for x in a for r in refs(x)]
     if isinstance(a, dict):
-        return [r for x in a.values() for r in _refs(x)]
+        return [r for x in a.values() for r in refs(x)]
     return []
 
 

@@ -27,7 +27,7 @@ from fxscale.bound import Bound
 from fxscale.formats import Format
 from fxscale.nodeinfo import info
 
-from .bounds import Analysis, Ref, Step, evaluate_step, measured_bound, operand_scale
+from .bounds import Analysis, Step, evaluate_step, measured_bound, operand_scale, refs
 from .requantise import dependency_graph
 
 aten = torch.ops.aten
@@ -152,7 +152,7 @@ class Lowering:
         steps = [self.steps[n] for n in sorted(region, key=self.order.__getitem__) if n in self.steps and an.deps.get(n)]
         needed: set[str] = set()
         for s in steps:
-            needed |= {r.name for r in _refs(s.args) + _refs(s.kwargs)}
+            needed |= {r.name for r in refs(s.args) + refs(s.kwargs)}
         static = {k: an.bounds[k] for k in needed if k not in deps and not an.deps.get(k) and k in an.bounds}
         fn = ScaleFn(an, name, deps, steps, {k: _floats(v) for k, v in static.items()})
         mod_name = f"fxscale_scale_{self.n_scale_fns}"
@@ -310,16 +310,6 @@ def nx_ancestors(g, name: str) -> set[str]:
     import networkx as nx
 
     return set(nx.ancestors(g, name))
-
-
-def _refs(a: Any) -> list[Ref]:
-    if isinstance(a, Ref):
-        return [a]
-    if isinstance(a, (list, tuple)):
-        return [r for x in a for r in _refs(x)]
-    if isinstance(a, dict):
-        return [r for x in a.values() for r in _refs(x)]
-    return []
 
 
 def _floats(b: Any) -> Any:

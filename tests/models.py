@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["ZOO", "bert", "cnn", "encoder_layer", "gpt2", "mlp", "with_batch"]
+__all__ = ["ZOO", "bert", "cnn", "encoder_layer", "first_output", "gpt2", "mlp", "with_batch"]
 
 
 def mlp(batch: int = 4, d: int = 16, hidden: int = 64, seed: int = 0):
@@ -94,3 +94,12 @@ ZOO = {"mlp": mlp, "encoder_layer": encoder_layer, "cnn": cnn, "gpt2": gpt2, "be
 def with_batch(name: str, batch: int):
     """The zoo model ``name``'s example inputs at another batch size (same seed, same model)."""
     return ZOO[name](batch=batch)[1]
+
+
+def first_output(out) -> torch.Tensor:
+    """The first tensor of a model's output (a tensor, a tuple or a transformers ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "to_tuple"):
+        return out.to_tuple()[0]
+    return out[0]

@@ -8,6 +8,7 @@ from torch import fx
 
 import fxscale.api
 from fxscale.backend import fxscale_backend
+from fxscale.metrics import sqnr_db
 from tests import models
 
 
@@ -16,10 +17,6 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-def sqnr_db(ref: torch.Tensor, y: torch.Tensor) -> float:
-    return float(10 * torch.log10(ref.pow(2).mean() / (ref - y).pow(2).mean()))
 
 
 def test__backend__registered_through_entry_point():

@@ -10,15 +10,16 @@ matmul that silently stays in high precision) fails here.
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest
 import torch
 
 from fxscale.api import transform
+from fxscale.metrics import sqnr_db
 
 from . import models
+from .models import first_output
 
 #: (model, format) -> minimum SQNR in dB of the first output vs float32.
 SQNR_MIN = {
@@ -42,19 +43,6 @@ RUNTIME_AMAX = {
 }
 
 
-def _first(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "to_tuple"):
-        return out.to_tuple()[0]
-    return out[0]
-
-
-def sqnr(y: torch.Tensor, ref: torch.Tensor) -> float:
-    y, ref = y.detach().double(), ref.detach().double()
-    return 10 * math.log10(ref.pow(2).sum().item() / max((y - ref).pow(2).sum().item(), 1e-300))
-
-
 def test_thresholds_cover_the_zoo():
     assert set(SQNR_MIN) == {(n, f) for n in models.ZOO for f in ("e4m3", "int8")}
     assert all(SQNR_MIN[(n, "e4m3")] >= 20 for n in ("mlp", "encoder_layer", "gpt2", "bert"))
@@ -71,9 +59,9 @@ def test_zoo_sqnr_and_report_counts(name, fmt):
         ref = model(*args)
         out = sm(*args)
     assert type(out) is type(ref)
-    y, r = _first(out), _first(ref)
+    y, r = first_output(out), first_output(ref)
     assert y.shape == r.shape and y.dtype == r.dtype
-    s = sqnr(y, r)
+    s = sqnr_db(r, y)
     assert s >= SQNR_MIN[(name, fmt)], f"{name}/{fmt}: SQNR {s:.1f} dB < {SQNR_MIN[(name, fmt)]}"
 
     rows = sm.report.rows
@@ -88,5 +76,5 @@ def test_zoo_sqnr_and_report_counts(name, fmt):
     # other batch sizes run and stay as accurate (3 dB slack: a different draw of inputs)
     batch = models.with_batch(name, 3)
     with torch.no_grad():
-        s3 = sqnr(_first(sm(*batch)), _first(model(*batch)))
+        s3 = sqnr_db(first_output(model(*batch)), first_output(sm(*batch)))
     assert s3 >= SQNR_MIN[(name, fmt)] - 3

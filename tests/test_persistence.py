@@ -19,18 +19,11 @@ import torch
 from fxscale.api import transform
 
 from . import models
+from .models import first_output
 
 #: (model, format) pairs: every zoo model and both formats, kept few for runtime.
 CASES = [("mlp", "e4m3"), ("mlp", "int8"), ("cnn", "int8"), ("encoder_layer", "e4m3"), ("gpt2", "e4m3"), ("bert", "int8")]
 EXPORT_CASES = [("mlp", "e4m3"), ("mlp", "int8"), ("cnn", "e4m3"), ("encoder_layer", "int8")]
-
-
-def _first(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "to_tuple"):
-        return out.to_tuple()[0]
-    return out[0]
 
 
 def _transform(name, fmt, **kw):
@@ -62,7 +55,7 @@ def test_state_dict_round_trip_gives_identical_outputs(name, fmt):
     assert not missing and not unexpected
     batch = models.with_batch(name, 3)
     with torch.no_grad():
-        assert torch.equal(_first(a(*batch)), _first(b(*batch)))
+        assert torch.equal(first_output(a(*batch)), first_output(b(*batch)))
 
 
 @pytest.mark.parametrize(("name", "fmt"), EXPORT_CASES)
@@ -72,7 +65,7 @@ def test_torch_export_of_transformed_module_gives_identical_outputs(name, fmt):
     assert any("fxscale" in str(n.target) for n in ep.graph.nodes if n.op == "call_function")
     batch = args  # export specialises to the example's shapes here
     with torch.no_grad():
-        assert torch.equal(_first(ep.module()(*batch)), _first(sm(*batch)))
+        assert torch.equal(first_output(ep.module()(*batch)), first_output(sm(*batch)))
 
 
 def test_exported_transformed_module_survives_save_and_load():

@@ -15,16 +15,12 @@ from torch import Tensor
 import fxscale
 from fxscale import ScaledTensor, ScaledTensorData, dequantise, quantise, requantise, wasted_bits
 from fxscale.formats import FORMATS, get_format
+from fxscale.metrics import sqnr_db
 from fxscale.scaled import ScaledFallbackWarning, eager_options
 
 SETTINGS = settings(max_examples=30, deadline=None)
 ALL = sorted(FORMATS)
 FP8_INT8 = [torch.int8, torch.float8_e4m3fn, torch.float8_e5m2]
-
-
-def sqnr_db(ref: Tensor, y: Tensor) -> float:
-    ref, y = ref.double(), y.double()
-    return 10 * math.log10(float((ref**2).sum()) / float(((ref - y) ** 2).sum()))
 
 
 def f32(x):

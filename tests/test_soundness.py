@@ -29,6 +29,7 @@ from fxscale.api import transform
 from fxscale.formats import get_format
 
 from . import models
+from .models import first_output
 
 #: Relative L2 error vs float32, ``||y - ref|| / ||ref||``, for inputs that fill their bound.
 #: Measured worst cases: e4m3 0.047, e5m2 0.115, int8 0.021 (CPU, these seeds).
@@ -37,14 +38,6 @@ REL_ERR = {"e4m3": 0.12, "e5m2": 0.25, "int8": 0.06}
 MAX_RATIO = 1.0
 BOUND = 2.0
 SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)
-
-
-def _first(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "to_tuple"):
-        return out.to_tuple()[0]
-    return out[0]
 
 
 def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -103,11 +96,11 @@ def _check(model, sm, x: torch.Tensor, fmt: str, *, accurate: bool = True) -> No
     assert rows, "audit found no low-precision store"
     for r in rows:
         assert r["ratio"] <= MAX_RATIO, f"{r['scale_source']} scale saturated: {r}"
-    y = _first(sm(x))
+    y = first_output(sm(x))
     assert torch.isfinite(y).all(), "non-finite output for a finite input within its bound"
     if accurate:
         with torch.no_grad():
-            ref = _first(model(x))
+            ref = first_output(model(x))
         assert _rel_err(y, ref) <= REL_ERR[fmt]
 
 
