@@ -115,10 +115,27 @@ def build_steps(gm: fx.GraphModule) -> list[Step]:
         if n.target is operator.getitem:
             steps.append(Step(n.name, n.target, (Ref(n.args[0].name),), {}, shapes, getitem=int(n.args[1])))
             continue
-        steps.append(
-            Step(n.name, n.target, _to_ref(tuple(n.args)), _to_ref(dict(n.kwargs)), shapes, operand_positions(n))
-        )
+        op = n.target
+        if _sums_over_symbolic_dim(n):
+            op = _SUM_OVER_DYNAMIC_DIM  # its bound would hold for the example's size only
+        steps.append(Step(n.name, op, _to_ref(tuple(n.args)), _to_ref(dict(n.kwargs)), shapes, operand_positions(n)))
     return steps
+
+
+def _SUM_OVER_DYNAMIC_DIM(*args, **kwargs):  # a marker with no rule: the node's bound is unknown
+    raise NotImplementedError
+
+
+def _sums_over_symbolic_dim(n: fx.Node) -> bool:
+    """A sum over a dimension whose size changes between calls (the dynamic batch)."""
+    if n.target not in (aten.sum.dim_IntList, aten.sum.default) or not n.args:
+        return False
+    x = n.args[0].meta.get("val") if isinstance(n.args[0], fx.Node) else None
+    if not isinstance(x, Tensor):
+        return False
+    dims = n.args[1] if len(n.args) > 1 and n.args[1] is not None else n.kwargs.get("dim")
+    dims = range(x.dim()) if not dims else [d % x.dim() for d in ([dims] if isinstance(dims, int) else dims)]
+    return any(not isinstance(x.shape[d], int) for d in dims)
 
 
 @dataclass

@@ -66,3 +66,24 @@ def test_layer_norm__resets_bounds_after_an_unbounded_input():
     sm = transform(model, (torch.randn(4, 32) * 100,))
     assert "stats" not in sm.code
     assert _row(sm, "layer_norm")["scale"] is not None
+
+
+class _SumOverBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):  # (B, 8)
+        return self.fc(x.sum(0, keepdim=True))  # (1, 8): grows with B
+
+
+@torch.no_grad()
+def test_sum_over_the_dynamic_batch__is_measured_not_proven_for_the_example_size():
+    model = _SumOverBatch()
+    sm = transform(model, (torch.randn(4, 8),), input_bounds=1.0)
+    assert "stats" in sm.code  # the sum's bound is not proven: its consumer measures it
+    x = torch.ones(64, 8)  # 16x the example batch: a bound for B=4 would saturate
+    from fxscale import audit, sqnr_db
+
+    assert all(r["ratio"] <= 1.0 for r in audit(sm, x))
+    assert sqnr_db(model(x), sm(x)) > 20
