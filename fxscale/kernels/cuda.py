@@ -103,12 +103,10 @@ _DERIVED: dict = {}
 
 
 def _derived(tag: str, fn, *ts: torch.Tensor) -> torch.Tensor:
-    """``fn(*ts)``, cached while each of ``ts`` is alive and unmodified (weights, biases and
-    static scales are constants; a fresh run-time scale simply misses the cache).
-
-    Cached values are computed on a side stream: its allocations stay out of any memory pool
-    the current stream is routed to (torch.compile's CUDA-graph trees check that every live
-    tensor of their pool is a graph output)."""
+    """``fn(*ts)``, cached while each of ``ts`` is alive and unmodified. Used only for scales
+    handed over on the CPU (the copy would otherwise sync every call). Not during a CUDA graph
+    capture, and not for values computed on the device: torch.compile's CUDA-graph trees
+    require every live tensor of their memory pool to be a graph output."""
     try:
         ver = tuple((t._version, t.data_ptr()) for t in ts)
     except RuntimeError:  # inference tensors have no version counter
@@ -118,33 +116,19 @@ def _derived(tag: str, fn, *ts: torch.Tensor) -> torch.Tensor:
     if hit is not None and hit[1] == ver and all(r() is t for r, t in zip(hit[0], ts)):
         return hit[2]
     if torch.cuda.is_current_stream_capturing():
-        return fn(*ts)  # do not keep tensors of a graph's private pool
+        return fn(*ts)
     if len(_DERIVED) > 512:
         _DERIVED.clear()
-    cur = torch.cuda.current_stream(ts[0].device)
-    side = _side_stream(ts[0].device)
-    side.wait_stream(cur)
-    with torch.cuda.stream(side):
-        val = fn(*ts)
-    cur.wait_stream(side)
-    val.record_stream(cur)
+    val = fn(*ts)
     _DERIVED[key] = (tuple(weakref.ref(t) for t in ts), ver, val)
     return val
 
 
-_SIDE: dict = {}
-
-
-def _side_stream(device) -> torch.cuda.Stream:
-    if device not in _SIDE:
-        _SIDE[device] = torch.cuda.Stream(device)
-    return _SIDE[device]
-
-
 def _bias16(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``bias`` in bf16 for cuBLAS (one tiny kernel a call; see :func:`_derived` for why not cached)."""
     if bias is None or bias.dtype == torch.bfloat16:
         return bias
-    return _derived("b16", lambda b: b.to(torch.bfloat16), bias)
+    return bias.to(torch.bfloat16)
 
 
 def _on_device(t, device):
@@ -195,10 +179,9 @@ def _cublas(x2, xs, w, ws, bias, activation, out_scale, fmt, out_dtype):
             and _cublas_saturates(fmt.dtype, x2.device):
         # D = scale_a * scale_b * (x @ w.T) + bias, saturated into fp8: the output scale goes
         # into scale_a and the bias (``scale_result`` is ignored by torch 2.11's _scaled_mm).
-        inv = _derived("inv", torch.reciprocal, out_scale)
+        inv = torch.reciprocal(out_scale)
         sa = xs * inv
-        b = None if bias is None else _derived("b/s", lambda u, v: (u.to(torch.float32) * v).to(torch.bfloat16),
-                                                bias, inv)
+        b = None if bias is None else (bias.to(torch.float32) * inv).to(torch.bfloat16)
         out = torch._scaled_mm(x2, wt, sa, ws, bias=b, out_dtype=fmt.dtype, use_fast_accum=True)
         return _relu_fp8(out) if activation == "relu" else out
     if fmt is None and out_dtype == torch.bfloat16:
@@ -479,12 +462,17 @@ def scaled_matmul_cuda(a, a_scale, b, b_scale, out_dtype):
 _DECOMP_MIN_M = 64  # at or below this M (decode) the custom op's Triton kernels win, under CUDA graphs
 
 
+def _kernel_op(*args):
+    return torch.ops.fxscale_kernels.scaled_linear.default(*args)
+
+
 def _scaled_linear_decomposition(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype):
     """How torch.compile (inductor) lowers ``scaled_linear`` where cuBLAS fuses everything but
     ReLU: ``torch._scaled_mm`` called from the compiled code itself, ReLU and the scale
     arithmetic as inductor kernels. This removes the custom op's per-call Python dispatch
     (~0.1 ms of host time per call measured on the H100 machine), which otherwise makes
-    M ~ 1000 host-bound. Anything else returns NotImplemented: the custom op runs."""
+    M ~ 1000 host-bound. Anywhere else the custom op's kernels run (``fxscale_kernels::``
+    ``scaled_linear``, the same op under a name inductor accepts as a fallback)."""
     from torch.utils._python_dispatch import _disable_current_modes
 
     shapes = (*x.shape, *w.shape)
@@ -492,19 +480,19 @@ def _scaled_linear_decomposition(x, x_scale, w, w_scale, bias, activation, out_s
             or x.dtype == w.dtype == torch.float8_e5m2 or activation not in ("none", "relu")
             or not all(isinstance(d, int) for d in shapes)
             or any(t is not None and t.device != x.device for t in (x_scale, w_scale, bias, out_scale))):
-        return NotImplemented
+        return _kernel_op(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype)
     K, N = x.shape[-1], w.shape[0]
     M = x.numel() // K if K else 0
     if M <= _DECOMP_MIN_M or K % 16 or N % 16 or not w.is_contiguous():
-        return NotImplemented
+        return _kernel_op(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype)
     fmt = get_format(out_fmt) if out_fmt is not None else None
     x2 = x.reshape(M, K).contiguous()
     if fmt is not None:
         if fmt.dtype not in _FP8:
-            return NotImplemented
+            return _kernel_op(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype)
         with _disable_current_modes():
             if not _cublas_saturates(fmt.dtype, x.device):
-                return NotImplemented
+                return _kernel_op(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype)
         inv = torch.reciprocal(out_scale)
         b = None if bias is None else (bias.to(torch.float32) * inv).to(torch.bfloat16)
         y = torch._scaled_mm(x2, w.t(), x_scale * inv, w_scale, bias=b, out_dtype=fmt.dtype, use_fast_accum=True)
@@ -516,8 +504,36 @@ def _scaled_linear_decomposition(x, x_scale, w, w_scale, bias, activation, out_s
         if activation == "relu":
             y = torch.relu(y)
     else:
-        return NotImplemented
+        return _kernel_op(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype)
     return y.reshape(*x.shape[:-1], N)
+
+
+@torch.library.custom_op("fxscale_kernels::scaled_linear", mutates_args=())
+def _scaled_linear_kernel_op(
+    x: torch.Tensor,
+    x_scale: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str,
+    out_scale: torch.Tensor | None,
+    out_fmt: str | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``fxscale::scaled_linear`` under another name: what the inductor lowering emits where it
+    does not apply (inductor refuses a decomposition that falls back to the op itself)."""
+    return torch.ops.fxscale.scaled_linear.default(x, x_scale, w, w_scale, bias, activation, out_scale,
+                                                   out_fmt, out_dtype)
+
+
+@_scaled_linear_kernel_op.register_fake
+def _(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype):
+    dt = get_format(out_fmt).dtype if out_fmt is not None else out_dtype
+    return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=dt)
+
+
+_scaled_linear_kernel_op.register_kernel("cuda")(
+    lambda *args: scaled_linear_cuda(*args))
 
 
 def set_inductor_lowering(enabled: bool) -> None:
