@@ -9,7 +9,7 @@ True
 """
 
 from . import kernels, ops  # noqa: F401  (registers torch.ops.fxscale.* and device kernels)
-from .api import TransformConfig, transform
+from .api import TransformConfig, dynamic_baseline, transform
 from .audit import audit
 from .formats import FORMATS, Format, get_format, wasted_bits
 from .metrics import sqnr_db
@@ -23,6 +23,7 @@ __all__ = [
     "TransformConfig",
     "audit",
     "dequantise",
+    "dynamic_baseline",
     "get_format",
     "quantise",
     "requantise",

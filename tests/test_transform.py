@@ -4,46 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import fx, nn
+from torch import nn
 
 import fxscale
 from fxscale.api import transform
-from fxscale.formats import get_format
 from fxscale.metrics import sqnr_db
-from passes.bounds import QUANTISED_OPERANDS
-from passes.capture import capture
 
 from . import models
 
 
-def fake_quant_dynamic(t: torch.Tensor, fmt: str) -> torch.Tensor:
-    """Per-tensor dynamic scaling: the operand's own amax, power-of-two scale."""
-    f = get_format(fmt)
-    s = f.scale_for(float(t.detach().abs().max()))
-    return f.cast(t.float() / s).float() * s
-
-
-class DynamicBaseline(fx.Interpreter):
-    """Runs the captured graph with every matmul operand quantised with its own amax."""
-
-    def __init__(self, gm, fmt):
-        super().__init__(gm)
-        self.fmt = fmt
-
-    def call_function(self, target, args, kwargs):
-        names = QUANTISED_OPERANDS.get(target)
-        if names is not None:
-            schema = [a.name for a in target._schema.arguments]
-            args = tuple(
-                fake_quant_dynamic(a, self.fmt) if i < len(schema) and schema[i] in names else a
-                for i, a in enumerate(args)
-            )
-        return super().call_function(target, args, kwargs)
-
-
 def dynamic_baseline(model, args, fmt="float8_e4m3fn"):
-    gm = capture(model, args)
-    return DynamicBaseline(gm, fmt).run(*args)
+    """Per-tensor dynamic scaling of every matmul operand, on ``args``."""
+    return fxscale.dynamic_baseline(model, args, format=fmt)(*args)
 
 
 def ffn(d=256, hidden=1024, bias=True, seed=0):
