@@ -1,0 +1,331 @@
+"""Numeric rules of the rule table: matmuls, elementwise ops, normalisation, reductions.
+
+Each rule bounds an op's output from its inputs' bounds (see :mod:`fxscale.rules`). Imported
+by :mod:`fxscale.rules`, which registers them; not imported directly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .bound import INF, Bound, fmin, fprod, fsqrt
+from .rules import (
+    Arg,
+    RuleCall,
+    _add_bias,
+    _as_matrix_lhs,
+    _as_matrix_rhs,
+    _bcast,
+    _fmax,
+    const_float,
+    matmul_bound,
+    register,
+)
+
+aten = torch.ops.aten
+
+# ============================================================================ matmuls
+@register(aten.mm, aten.bmm, aten.matmul)
+def _mm(c: RuleCall) -> Bound:
+    a, b = c["self"], c[("mat2" if "mat2" in c.args else "other")]
+    out = matmul_bound(_as_matrix_lhs(a), _as_matrix_rhs(b), a.shape[-1])
+    if len(b.shape) == 1 and len(a.shape) >= 2:
+        # (..., M, K) @ (K,) -> (..., M): the output's rows are the (M, 1) products' columns.
+        return Bound(out.absmax, rownorm=out.colnorm)
+    if len(a.shape) == 1 and len(b.shape) >= 3:
+        # (K,) @ (..., K, N) -> (..., N): rows stack across the batch, so no column structure.
+        return Bound(out.absmax, rownorm=out.rownorm)
+    return out
+
+
+@register(aten.linear)
+def _linear(c: RuleCall) -> Bound:
+    x, w = c["input"], c["weight"]
+    out = matmul_bound(_as_matrix_lhs(x), w.bound.transposed(), x.shape[-1])
+    return _add_bias(out, c.get("bias"), c.out_shape)
+
+
+@register(aten.addmm, aten.baddbmm)
+def _addmm(c: RuleCall) -> Bound:
+    a = c["mat1"] if "mat1" in c.args else c["batch1"]
+    b = c["mat2"] if "mat2" in c.args else c["batch2"]
+    beta, alpha = float(c.get("beta", 1)), float(c.get("alpha", 1))
+    out = matmul_bound(a.bound, b.bound, a.shape[-1]).scaled(alpha)
+    return _add_bias(out, c["self"] if beta != 0 else None, c.out_shape, beta)
+
+
+@register(aten.conv1d, aten.conv2d, aten.convolution)
+def _conv(c: RuleCall) -> Bound:
+    """``|y| <= max|x| * max_o ||W_o||_1 + max|b|`` (K = C_in/groups * kernel size)."""
+    x, w = c["input"], c["weight"]
+    if w.value is not None:
+        l1 = const_float(_conv_l1, w.value)
+    else:
+        l1 = fprod(w.bound.absmax, math.prod(w.shape[1:]))
+    out = Bound(fprod(x.bound.absmax, l1))
+    return _add_bias(out, c.get("bias"), (c.out_shape[1],)) if c.get("bias") is not None else out
+
+
+# ============================================================================ elementwise
+def _binary_inputs(c: RuleCall):
+    return _bcast(c["self"], c.out_shape), _bcast(c["other"], c.out_shape)
+
+
+@register(aten.add, aten.sub)
+def _add(c: RuleCall) -> Bound:
+    a, b = _binary_inputs(c)
+    return a.plus(b.scaled(float(c.get("alpha", 1))))
+
+
+@register(aten.mul)
+def _mul(c: RuleCall) -> Bound:
+    a, b = _binary_inputs(c)
+    return Bound(
+        fprod(a.absmax, b.absmax),
+        fmin(fprod(a.rownorm, b.absmax), fprod(a.absmax, b.rownorm)),
+        fmin(fprod(a.colnorm, b.absmax), fprod(a.absmax, b.colnorm)),
+        fmin(fprod(a.rowsum, b.absmax), fprod(a.absmax, b.rowsum)),
+        fmin(fprod(a.colsum, b.absmax), fprod(a.absmax, b.colsum)),
+        fprod(a.spectral, b.spectral),  # Schur: ||A o B|| <= ||A|| ||B||
+    )
+
+
+@register(aten.div)
+def _div(c: RuleCall) -> Bound | None:
+    a, d = _bcast(c["self"], c.out_shape), c["other"]
+    if c.get("rounding_mode") is not None:
+        return None
+    if isinstance(d, Arg):
+        if d.value is None:
+            return None  # dividing by a run-time tensor: no bound
+        m = const_float(_abs_min, d.value)
+        if m == 0:
+            return None
+        return _keep_norms(a).scaled(1.0 / m)
+    if float(d) == 0:
+        return None
+    return a.scaled(1.0 / float(d))
+
+
+def _keep_norms(b: Bound) -> Bound:
+    """Elementwise ``|f(x)| <= |x|`` keeps every norm but the spectral one."""
+    return Bound(b.absmax, b.rownorm, b.colnorm, b.rowsum, b.colsum)
+
+
+@register(aten.neg, aten.abs, exact=True)
+def _neg(c: RuleCall) -> Bound:
+    return c["self"].bound
+
+
+@register(aten.relu, aten.silu, aten.hardtanh, aten.leaky_relu)
+def _shrinking(c: RuleCall) -> Bound:
+    """relu, silu (x * sigmoid(x)), hardtanh, leaky_relu (slope <= 1) never grow |x|."""
+    if c.op in (aten.leaky_relu.default,) and abs(float(c.get("negative_slope", 0.01))) > 1:
+        return None
+    return _keep_norms(c["self"].bound)
+
+
+@register(aten.gelu)
+def _gelu(c: RuleCall) -> Bound:
+    """``|gelu(x)| = |x| Phi(x) <= |x|`` (the tanh form too)."""
+    return _keep_norms(c["self"].bound)
+
+
+@register(aten.dropout)
+def _dropout(c: RuleCall) -> Bound | None:
+    if c.get("train", False):
+        return None  # training-mode dropout rescales by 1/(1-p): capture in eval mode
+    return c["input"].bound
+
+
+@register(aten.tanh)
+def _tanh(c: RuleCall) -> Bound:
+    b = _keep_norms(c["self"].bound)
+    return Bound(fmin(b.absmax, 1.0), b.rownorm, b.colnorm, b.rowsum, b.colsum)
+
+
+@register(aten.sigmoid)
+def _sigmoid(c: RuleCall) -> Bound:
+    return Bound(1.0)
+
+
+@register(aten.pow)
+def _pow(c: RuleCall) -> Bound | None:
+    x, p = c.get("self"), c.get("exponent")
+    if not isinstance(x, Arg) or isinstance(p, Arg):
+        return None
+    p = float(p)
+    b = x.bound
+    if p >= 1:
+        g = b.absmax ** (p - 1) if p != 1 else 1.0
+        return Bound(b.absmax**p, fprod(b.rownorm, g), fprod(b.colnorm, g), fprod(b.rowsum, g), fprod(b.colsum, g))
+    if p > 0:
+        return Bound(b.absmax**p)
+    return None
+
+
+@register(aten.softmax, aten._softmax)
+def _softmax(c: RuleCall) -> Bound:
+    dim, nd = int(c["dim"]), len(c.out_shape)
+    dim = dim % nd if nd else 0
+    if dim == nd - 1:
+        return Bound(1.0, 1.0, INF, 1.0)
+    if dim == nd - 2:
+        return Bound(1.0, INF, 1.0, INF, 1.0)
+    return Bound(1.0)
+
+
+# ============================================================================ normalisation
+def _affine(xhat_abs: float, xhat_rn: float, weight, bias) -> Bound:
+    """Bound of ``weight * xhat + bias`` given bounds on ``xhat``'s absmax and row norm."""
+    g = weight.bound.absmax if isinstance(weight, Arg) else 1.0
+    am, rn = fprod(xhat_abs, g), fprod(xhat_rn, g)
+    if isinstance(bias, Arg):
+        am, rn = am + bias.bound.absmax, rn + bias.bound.rownorm
+    return Bound(am, rn)
+
+
+@register(aten.layer_norm)
+def _layer_norm(c: RuleCall) -> Bound:
+    """A zero-mean row with unit RMS has ``||xhat|| <= sqrt(D)``, ``|xhat_i| <= sqrt(D - 1)``."""
+    d = math.prod(c["normalized_shape"])
+    if len(c["normalized_shape"]) != 1:
+        return _affine(math.sqrt(max(d - 1, 1)), INF, c.get("weight"), c.get("bias"))
+    return _affine(math.sqrt(max(d - 1, 1)), math.sqrt(d), c.get("weight"), c.get("bias"))
+
+
+@register(aten.rms_norm)
+def _rms_norm(c: RuleCall) -> Bound:
+    d = math.prod(c["normalized_shape"])
+    rn = math.sqrt(d) if len(c["normalized_shape"]) == 1 else INF
+    return _affine(math.sqrt(d), rn, c.get("weight"), None)
+
+
+def _bn_terms(var: Tensor, mean: Tensor, w: Tensor | None, b: Tensor | None, eps: float):
+    """``(max_c |a_c|, max_c |a_c mu_c| + |beta_c|)`` with ``a_c = gamma_c / sqrt(var_c + eps)``."""
+    a = 1.0 / torch.sqrt(var.detach().double() + eps)
+    if w is not None:
+        a = a * w.detach().double()
+    beta = b.detach().double().abs() if b is not None else torch.zeros_like(a)
+    a = a.abs()
+    return a.max(), (a * mean.detach().double().abs() + beta).max()
+
+
+def _conv_l1(w: Tensor) -> Tensor:
+    return w.detach().abs().flatten(1).sum(1).max()
+
+
+def _abs_min(t: Tensor) -> Tensor:
+    return t.detach().abs().min()
+
+
+@register(aten.batch_norm, aten._native_batch_norm_legit_no_training)
+def _batch_norm(c: RuleCall):
+    """Eval batch norm, per channel ``a_c (x - mean_c) + beta_c`` with ``a_c = gamma_c / sqrt(var_c + eps)``."""
+    if c.get("training", False):
+        return None
+    x, mean, var = c["input"], c.get("running_mean"), c.get("running_var")
+    w, b = c.get("weight"), c.get("bias")
+    if not isinstance(mean, Arg) or mean.value is None or var.value is None:
+        return None
+    eps = float(c.get("eps", 1e-5))
+    wv = w.value if isinstance(w, Arg) else None
+    bv = b.value if isinstance(b, Arg) else None
+    ts = (var.value, mean.value, wv, bv)
+    a_max = const_float(lambda *t: _bn_terms(*t, eps)[0], *ts, key=("bn_a", eps))
+    shift = const_float(lambda *t: _bn_terms(*t, eps)[1], *ts, key=("bn_shift", eps))
+    am = fprod(a_max, x.bound.absmax) + shift
+    out = Bound(am)
+    if c.op == aten._native_batch_norm_legit_no_training.default:
+        return (out, None, None)
+    return out
+
+
+@register(aten.embedding)
+def _embedding(c: RuleCall) -> Bound:
+    w = c["weight"].bound
+    return Bound(w.absmax, w.rownorm, INF, w.rowsum)
+
+
+@register(aten.scaled_dot_product_attention)
+def _sdpa(c: RuleCall) -> Bound:
+    """Each output row is a convex combination of rows of V (softmax weights sum to 1)."""
+    v = c["value"].bound
+    out = Bound(v.absmax, v.rownorm, INF, v.rowsum)
+    p = float(c.get("dropout_p", 0.0))
+    if p > 0:  # dropout keeps weights scaled by 1/(1-p): rows are no longer convex mixes
+        return Bound.zero() if p >= 1 else out.scaled(1.0 / (1.0 - p))
+    return out
+
+
+# ============================================================================ reductions / pools
+def _dims(c: RuleCall, key: str, nd: int) -> list[int]:
+    d = c.get(key)
+    if d is None or (isinstance(d, (list, tuple)) and len(d) == 0):
+        return list(range(nd))
+    d = [d] if isinstance(d, int) else list(d)
+    return sorted(x % nd for x in d)
+
+
+@register(aten.mean, aten.amax, aten.amin, aten.max_pool2d, aten.max_pool1d, aten.avg_pool2d,
+          aten.avg_pool1d, aten.adaptive_avg_pool2d, aten.adaptive_avg_pool1d)
+def _averaging(c: RuleCall) -> Bound:
+    """Means, maxima and pools stay within the inputs' max |x|."""
+    return Bound(c["self"].bound.absmax)
+
+
+@register(aten.sum)
+def _sum(c: RuleCall) -> Bound:
+    x = c["self"]
+    nd = len(x.shape)
+    dims = _dims(c, "dim", nd)
+    n = math.prod(x.shape[i] for i in dims) if nd else 1
+    am = fprod(x.bound.absmax, n)
+    if dims == [nd - 1]:
+        am = fmin(am, x.bound.rowsum)
+    elif dims == [nd - 2]:
+        am = fmin(am, x.bound.colsum)
+    return Bound(am)
+
+
+@register(aten.where)
+def _where(c: RuleCall) -> Bound:
+    a, b = _bcast(c["self"], c.out_shape), _bcast(c["other"], c.out_shape)
+    return Bound(
+        _fmax([a.absmax, b.absmax]),
+        fsqrt(fprod(a.rownorm, a.rownorm) + fprod(b.rownorm, b.rownorm)),
+        fsqrt(fprod(a.colnorm, a.colnorm) + fprod(b.colnorm, b.colnorm)),
+        a.rowsum + b.rowsum,
+        a.colsum + b.colsum,
+    )
+
+
+@register(aten.masked_fill)
+def _masked_fill(c: RuleCall) -> Bound:
+    v = c["value"]
+    vb = v.bound.absmax if isinstance(v, Arg) else abs(float(v))
+    return Bound(_fmax([c["self"].bound.absmax, vb]))
+
+
+@register(aten.full, aten.full_like, aten.new_full, exact=True)
+def _full(c: RuleCall) -> Bound:
+    return Bound(abs(float(c["fill_value"])))
+
+
+@register(aten.zeros, aten.zeros_like, aten.new_zeros, exact=True)
+def _zeros(c: RuleCall) -> Bound:
+    return Bound.zero()
+
+
+@register(aten.ones, aten.ones_like, aten.new_ones, exact=True)
+def _ones(c: RuleCall) -> Bound:
+    return Bound(1.0)
+
+
+@register(aten.scalar_tensor, exact=True)
+def _scalar_tensor(c: RuleCall) -> Bound:
+    return Bound(abs(float(c["s"])))
+

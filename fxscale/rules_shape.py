@@ -1,0 +1,158 @@
+"""Shape rules of the rule table: ops that move values without arithmetic (exact, no margin).
+
+Kept apart from the numeric policy, as in jax-scalify. Imported by :mod:`fxscale.rules`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .bound import INF, Bound, fprod, fsqrt
+from .rules import Arg, RuleCall, _bcast, _fmax, register
+
+aten = torch.ops.aten
+
+# ============================================================================ shape ops (exact)
+def _same(c: RuleCall) -> Bound:
+    return c[next(iter(c.args))].bound
+
+
+register(aten.contiguous, aten.clone, aten.alias, aten.detach, aten.lift_fresh_copy, exact=True)(_same)
+
+
+@register(aten._to_copy, aten.to)
+def _to(c: RuleCall) -> Bound:
+    return c[next(iter(c.args))].bound
+
+
+def reshape_bound(b: Bound, s: tuple[int, ...], o: tuple[int, ...]) -> Bound:
+    """Bound after a row-major reshape from shape ``s`` to ``o``."""
+    s, o = tuple(s), tuple(o)
+    if not s or not o:
+        return Bound(b.absmax)
+    if s[-1] == o[-1]:
+        if len(s) >= 2 and len(o) >= 2 and s[-2] == o[-2]:
+            return b
+        return Bound(b.absmax, b.rownorm, INF, b.rowsum)
+    for i in range(len(s)):  # trailing dims merged into the new last dim
+        if math.prod(s[i:]) == o[-1] and o[-1] % s[-1] == 0:
+            k = o[-1] // s[-1]
+            return Bound(b.absmax, fprod(math.sqrt(k), b.rownorm), INF, fprod(k, b.rowsum))
+    for j in range(len(o)):  # last dim split into new trailing dims
+        if math.prod(o[j:]) == s[-1]:
+            cn = b.rownorm if j <= len(o) - 2 else INF
+            cs = b.rowsum if j <= len(o) - 2 else INF
+            return Bound(b.absmax, b.rownorm, cn, b.rowsum, cs)
+    if o[-1] == 1 and len(o) >= 2 and o[-2] == s[-1]:  # unsqueeze(-1): rows become columns
+        return Bound(b.absmax, colnorm=b.rownorm, colsum=b.rowsum)
+    return Bound(b.absmax)
+
+
+@register(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.unsqueeze,
+          aten.squeeze, aten.view_as, aten.reshape_as, exact=True)
+def _reshape(c: RuleCall) -> Bound:
+    x = c["self"]
+    return reshape_bound(x.bound, x.shape, c.out_shape)
+
+
+def permute_bound(b: Bound, perm: list[int]) -> Bound:
+    nd = len(perm)
+    if nd < 2:
+        return b
+    last, prev = perm[-1] % nd, perm[-2] % nd
+    if last == nd - 1 and prev == nd - 2:
+        return b
+    if last == nd - 2 and prev == nd - 1:
+        return b.transposed()
+    if last == nd - 1:
+        return Bound(b.absmax, b.rownorm, INF, b.rowsum)
+    if prev == nd - 1:
+        return Bound(b.absmax, colnorm=b.rownorm, colsum=b.rowsum)
+    if last == nd - 2:
+        return Bound(b.absmax, b.colnorm, INF, b.colsum)
+    return Bound(b.absmax)
+
+
+@register(aten.permute, exact=True)
+def _permute(c: RuleCall) -> Bound:
+    return permute_bound(c["self"].bound, list(c["dims"]))
+
+
+@register(aten.transpose, aten.t, aten.swapaxes, exact=True)
+def _transpose(c: RuleCall) -> Bound:
+    x = c["self"]
+    nd = len(x.shape)
+    if nd < 2:
+        return x.bound
+    d0 = int(c.get("dim0", 0)) % nd
+    d1 = int(c.get("dim1", 1)) % nd
+    perm = list(range(nd))
+    perm[d0], perm[d1] = perm[d1], perm[d0]
+    return permute_bound(x.bound, perm)
+
+
+@register(aten.expand, aten.expand_as, aten.broadcast_to, exact=True)
+def _expand(c: RuleCall) -> Bound:
+    return _bcast(c["self"], c.out_shape)
+
+
+@register(aten.slice, aten.narrow, exact=True)
+def _slice(c: RuleCall) -> Bound:
+    """A sub-block: every norm (the spectral one too) can only shrink."""
+    return c["self"].bound
+
+
+@register(aten.split, aten.split_with_sizes, aten.chunk, aten.tensor_split, exact=True)
+def _split(c: RuleCall):
+    return tuple(c["self"].bound for _ in c.out_shapes)
+
+
+def _drop_dim(b: Bound, nd: int, dim: int) -> Bound:
+    dim %= nd
+    if dim == nd - 1:
+        return Bound(b.absmax, b.colnorm, INF, b.colsum)
+    if dim == nd - 2:
+        return Bound(b.absmax, b.rownorm, INF, b.rowsum)
+    return b
+
+
+@register(aten.select, exact=True)
+def _select(c: RuleCall) -> Bound:
+    x = c["self"]
+    return _drop_dim(x.bound, len(x.shape), int(c["dim"]))
+
+
+@register(aten.unbind, exact=True)
+def _unbind(c: RuleCall):
+    x = c["self"]
+    b = _drop_dim(x.bound, len(x.shape), int(c.get("dim", 0)))
+    return tuple(b for _ in c.out_shapes)
+
+
+@register(aten.cat, aten.concat, aten.concatenate, exact=True)
+def _cat(c: RuleCall) -> Bound:
+    xs = [x for x in c["tensors"] if isinstance(x, Arg) and math.prod(x.shape) > 0]
+    if not xs:
+        return Bound.zero()
+    nd = len(c.out_shape)
+    dim = int(c.get("dim", 0)) % nd
+    bs = [x.bound for x in xs]
+
+    def mx(f):
+        return _fmax([getattr(b, f) for b in bs])
+
+    def l2(f):
+        return fsqrt(sum(fprod(getattr(b, f), getattr(b, f)) for b in bs))
+
+    def l1(f):
+        return sum(getattr(b, f) for b in bs)
+
+    if dim == nd - 1:
+        return Bound(mx("absmax"), l2("rownorm"), mx("colnorm"), l1("rowsum"), mx("colsum"))
+    if dim == nd - 2:
+        return Bound(mx("absmax"), mx("rownorm"), l2("colnorm"), mx("rowsum"), l1("colsum"))
+    return Bound(mx("absmax"), mx("rownorm"), mx("colnorm"), mx("rowsum"), mx("colsum"), mx("spectral"))
+
+
