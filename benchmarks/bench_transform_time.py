@@ -87,7 +87,6 @@ class Timer:
 def phases(model, args, fmt_name: str = "float8_e4m3fn") -> dict[str, float]:
     """One transform, pass by pass as ``fxscale/api.py`` calls them; seconds per phase."""
     from fxscale.report import Report
-    from passes.bounds import build_steps
     from passes.calibrate import calibrate
     from passes.capture import capture as capture_graph
     from passes.lower import lower
@@ -123,7 +122,7 @@ def phases(model, args, fmt_name: str = "float8_e4m3fn") -> dict[str, float]:
 
         rows = [(n.name, info(n)) for n in gm.graph.nodes if not (n.op == "call_module" and "guards" in str(n.target))]
         t = time.perf_counter()
-        lower(gm, an, {s.name: s for s in build_steps(gm)}, fmt)
+        lower(gm, an)
         out["lower"] = time.perf_counter() - t
 
         t = time.perf_counter()

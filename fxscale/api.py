@@ -205,16 +205,12 @@ def transform(
     :class:`TransformConfig` for the options. ``calibration`` is a list of further input
     tuples, used (with ``example_inputs``) only to project wasted bits.
     """
-    from passes.bounds import build_steps
     from passes.calibrate import calibrate
     from passes.capture import capture as capture_graph
     from passes.lower import lower
     from passes.requantise import analyse
 
-    try:
-        from .report import Report
-    except ImportError:  # pragma: no cover  (report lands separately)
-        Report = None
+    from .report import Report
 
     fmt = get_format(format)
     cfg = TransformConfig(
@@ -237,7 +233,7 @@ def transform(
         ib = _input_bounds(placeholders, bounds_override)
         an = analyse(gm, fmt=fmt, mode=cfg.rules, threshold=cfg.threshold, input_bounds=ib, requantise=cfg.requantise)
         rows = [(n.name, info(n)) for n in gm.graph.nodes if not (n.op == "call_module" and "guards" in str(n.target))]
-        lower(gm, an, {s.name: s for s in build_steps(gm)}, fmt)
+        lower(gm, an)
         return gm, rows, placeholders, ib
 
     gm, rows, placeholders, ib = build(input_bounds)
@@ -247,7 +243,7 @@ def transform(
         if hasattr(gm, k):
             setattr(sm, k, getattr(gm, k))
     sm.config = cfg
-    sm.report = Report.from_rows(rows, fmt) if Report is not None else rows
+    sm.report = Report.from_rows(rows, fmt)
     sm._fxscale_checks = [(p.name, ib.get(p.name)) for p in placeholders] if (ib or cfg.nonfinite == "raise") else None
     sm._fxscale_dynamic = None
     if ib and cfg.on_overflow == "requantise":

@@ -154,6 +154,7 @@ class Analysis:
     # Constants read by matmuls: quantised once here, so that the matmul's rule sees the
     # exact bound of the weight it really multiplies: name -> (data, scale, bound).
     quantised_consts: dict[str, tuple[Tensor, float, Bound]] = field(default_factory=dict)
+    steps: dict[str, Step] = field(default_factory=dict)       # name -> Step, for lowering
 
     def arg(self, ref: Ref) -> Arg | None:
         b = self.bounds.get(ref.name)

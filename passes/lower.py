@@ -338,9 +338,10 @@ def _defined_before(a: fx.Node, b: fx.Node, g: fx.Graph) -> bool:
     return False
 
 
-def lower(gm: fx.GraphModule, an: Analysis, steps: dict[str, Step], fmt: Format) -> fx.GraphModule:
-    """Rewrite ``gm`` in place into fxscale ops (see module docstring); returns it."""
-    lw = Lowering(gm, an, steps, fmt)
+def lower(gm: fx.GraphModule, an: Analysis) -> fx.GraphModule:
+    """Rewrite the analysed ``gm`` in place into fxscale ops (see module docstring); returns it."""
+    steps = an.steps
+    lw = Lowering(gm, an, steps, an.fmt)
     for n in list(gm.graph.nodes):
         if n.op == "call_function" and n.name in steps and steps[n.name].quantised:
             lw.lower_node(n, steps[n.name].quantised)

@@ -107,7 +107,7 @@ def analyse(
     threshold = fmt.threshold if threshold is None else float(threshold)
     input_bounds = input_bounds or {}
     an = Analysis(fmt, mode)
-    steps = {s.name: s for s in build_steps(gm)}
+    steps = an.steps = {s.name: s for s in build_steps(gm)}
     operand_of: dict[str, list[str]] = {}
     for s in steps.values():
         for pos in s.quantised:
