@@ -1,15 +1,22 @@
 """CUDA implementations of the fxscale ops, registered with ``torch.library.register_kernel``.
 
 ``scaled_linear`` picks, per shape, the fastest of these candidates (each computes exactly the
-op's contract; the choice is measured once per key and cached, see :func:`choices`):
+op's contract; the choice is measured once per key -- CUDA-graph replays, so launch overhead
+does not decide -- and cached, see :func:`choices`):
 
-* ``cublas``: ``torch._scaled_mm`` (fp8, K and N multiples of 16) with bias, fast accumulation
-  and, for an fp8 output, the output scale as ``scale_result``; ReLU then runs on the fp8 data
+* ``cublas``: ``torch._scaled_mm`` (fp8, K and N multiples of 16) with bias and fast
+  accumulation; for an fp8 output the output scale is folded into ``scale_a`` and the bias
+  (torch 2.11 ignores ``scale_result``) and cuBLAS saturates; ReLU then runs on the fp8 data
   (exact), other activations on a bf16/fp32 result;
 * ``triton``: the fp8 (or int8) matmul of :mod:`fxscale.kernels.triton_fp8` with bias,
-  activation, output scale and saturating cast fused into its epilogue, in several tilings;
+  activation, output scale and saturating cast fused into its epilogue, in several tilings
+  (persistent TMA tiles for large M, split-K pointer tiles for decode);
 * ``intmm``: int8 through ``torch._int_mm`` with the epilogue in torch;
 * ``reference``: the CPU reference code, run on the GPU (always correct, slow).
+
+Under ``torch.compile``, large-M ``scaled_linear`` calls that cuBLAS fuses completely are
+lowered to ``torch._scaled_mm`` inside the compiled code (:func:`set_inductor_lowering`), which
+saves the custom op's Python dispatch per call; the rest stay custom-op calls.
 
 ``scaled_linear_requantise`` measures the result's ``max |y|`` and row norms in the Triton
 epilogue (atomics), then casts in one light second pass. ``scaled_matmul`` (activation x
@@ -18,9 +25,9 @@ accumulation. ``scaled_conv2d`` and ``quantise`` / ``dequantise`` / ``stats`` ke
 reference / composite implementations (the latter decompose and fuse under torch.compile).
 
 Nothing here synchronises with the host except the one-time autotuning of a new shape, which
-is skipped while a CUDA graph is being captured (the heuristic default is used then), so a
-warmed-up model runs under CUDA graphs. ``FXSCALE_AUTOTUNE=0`` turns autotuning off;
-:func:`force` pins one candidate (for benchmarks and tests).
+is skipped while a CUDA graph is being captured (the first candidate that runs is used then),
+so a warmed-up model runs under CUDA graphs. ``FXSCALE_AUTOTUNE=0`` turns autotuning off;
+:func:`force` pins one candidate family (for benchmarks and tests).
 """
 
 from __future__ import annotations
