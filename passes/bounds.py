@@ -181,7 +181,7 @@ def _materialise(a: Any, an: Analysis, quantise: bool, step: Step, pos: int) -> 
             arg = Arg(Bound.unknown(), an.shapes[a.name], an.consts.get(a.name))
         if quantise and a.name in an.quantised_consts:
             return Arg(an.quantised_consts[a.name][2], arg.shape, None)
-        if quantise:
+        if quantise and not (isinstance(arg.bound.absmax, float) and math.isinf(arg.bound.absmax)):
             qb = quantised_bound(arg.bound, an.fmt, operand_scale(an.fmt, arg.bound), arg.shape)
             an.operand_bounds[(step.name, pos)] = qb
             return Arg(qb, arg.shape, None)

@@ -67,7 +67,8 @@ class ScaleFn(nn.Module):
         for step in self.steps:
             evaluate_step(step, an)
         scale = operand_scale(self.fmt, an.bounds[self.target])
-        return torch.as_tensor(scale, dtype=torch.float32)
+        # On the measurements' device: a CPU scalar here would sync the host every call.
+        return torch.as_tensor(scale, dtype=torch.float32, device=stats[0].device)
 
     def extra_repr(self) -> str:
         return f"target={self.target}, sources={self.sources}, steps={len(self.steps)}"
@@ -149,7 +150,13 @@ class Lowering:
             return self._buffer(f"{name}_scale", torch.tensor(scale, dtype=torch.float32), self._first())
         # Dynamic: re-evaluate the rules between the measured sources and ``a`` at run time.
         region = (nx_ancestors(self.dep, name) | {name}) - set(deps)
-        steps = [self.steps[n] for n in sorted(region, key=self.order.__getitem__) if n in self.steps and an.deps.get(n)]
+        # Only nodes that depend on these sources alone: a node upstream of a measured source
+        # depends on other measurements, and the source's measurement already stands for it.
+        steps = [
+            self.steps[n]
+            for n in sorted(region, key=self.order.__getitem__)
+            if n in self.steps and an.deps.get(n) and an.deps[n] <= set(deps)
+        ]
         needed: set[str] = set()
         for s in steps:
             needed |= {r.name for r in refs(s.args) + refs(s.kwargs)}
