@@ -288,11 +288,9 @@ class HandBlock(nn.Module):
         return x + self.fc2(h, hsc)
 
 
-def fxscale_transform(model: nn.Module, example):
-    """``fxscale.transform`` if it exists and works now; else raises with the reason."""
-    if not hasattr(fxscale, "transform"):
-        raise RuntimeError("fxscale.transform does not exist yet")
-    return fxscale.transform(model, (example,))
+def fxscale_transform(model: nn.Module, example, **options):
+    """``fxscale.transform(model, (example,), **options)``."""
+    return fxscale.transform(model, (example,), **options)
 
 
 # ------------------------------------------------------------------------------ running

@@ -26,7 +26,7 @@ from .nodeinfo import info
 
 __all__ = ["ScaledGraphModule", "TransformConfig", "transform"]
 
-_ON_OVERFLOW = ("raise", "saturate", "requantise")
+_ON_OVERFLOW = ("raise", "saturate", "requantise", "clamp")
 _NONFINITE = ("propagate", "raise")
 
 
@@ -39,7 +39,10 @@ class TransformConfig:
     default) or ``"absmax"`` (the seed's rule). ``input_bounds``: declared max |x| per
     floating-point input (None: measured at run time). ``on_overflow``: what an input beyond
     its declared bound does: ``"raise"`` (ValueError), ``"saturate"`` (clamp, warn once) or
-    ``"requantise"`` (that call uses run-time input scales). ``nonfinite``: NaN/Inf inputs
+    ``"requantise"`` (that call uses run-time input scales) — each a host-side check, one
+    reduction and one sync per input per call — or ``"clamp"``: clamp to the bound inside the
+    graph, no check, no sync, no warning (for CUDA graphs and decode loops; you opt out of
+    hearing about overflows, never into overflowing). ``nonfinite``: NaN/Inf inputs
     ``"propagate"`` to the outputs (default) or ``"raise"``. ``requantise``: False disables
     requantise insertion (for comparison). ``capture``: ``"export"`` or ``"symbolic_trace"``.
     """
@@ -77,6 +80,9 @@ class ScaledGraphModule(fx.GraphModule):
     config: TransformConfig
 
     def __call__(self, *args, **kwargs):
+        clamps = getattr(self, "_fxscale_clamps", None)
+        if clamps is not None:
+            args, kwargs = _clamp_inputs(clamps, args, kwargs)
         checked = getattr(self, "_fxscale_checks", None)
         if checked is not None:
             args, kwargs, use_dynamic = _check_inputs(self, args, kwargs)
@@ -93,6 +99,16 @@ class ScaledGraphModule(fx.GraphModule):
                 "sequence sums more terms). Transform again with an example of this shape, or use "
                 "torch.compile(model, backend='fxscale'), which transforms once per shape."
             ) from e
+
+
+def _clamp_inputs(clamps: list[float | None], args, kwargs):
+    """``on_overflow="clamp"``: each bounded input clamped to its bound, traced into the graph."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    for i, bound in enumerate(clamps):
+        x = leaves[i] if i < len(leaves) else None
+        if bound is not None and isinstance(x, Tensor) and x.dtype.is_floating_point:
+            leaves[i] = x.clamp(-bound, bound)
+    return pytree.tree_unflatten(leaves, spec)
 
 
 @torch.compiler.disable  # a host-side check by design: it runs before the (compiled) graph
@@ -113,12 +129,12 @@ def _check_inputs(sm: ScaledGraphModule, args, kwargs):
             if cfg.nonfinite == "raise":
                 raise ValueError(f"input {name!r} holds NaN or Inf; pass nonfinite='propagate' to let it flow")
             continue
-        if bound is None or amax_f <= bound:
+        if bound is None or amax_f <= bound or cfg.on_overflow == "clamp":
             continue
         if cfg.on_overflow == "raise":
             raise ValueError(
                 f"input {name!r} has max |x| = {amax_f:.6g} beyond its declared bound {bound:.6g}; "
-                "declare a larger input_bounds, or pass on_overflow='saturate' or 'requantise'"
+                "declare a larger input_bounds, or pass on_overflow='saturate', 'requantise' or 'clamp'"
             )
         if cfg.on_overflow == "saturate":
             if not getattr(sm, "_fxscale_warned", False):
@@ -244,7 +260,9 @@ def transform(
             setattr(sm, k, getattr(gm, k))
     sm.config = cfg
     sm.report = Report.from_rows(rows, fmt)
-    sm._fxscale_checks = [(p.name, ib.get(p.name)) for p in placeholders] if (ib or cfg.nonfinite == "raise") else None
+    host_check = (ib and cfg.on_overflow != "clamp") or cfg.nonfinite == "raise"
+    sm._fxscale_checks = [(p.name, ib.get(p.name)) for p in placeholders] if host_check else None
+    sm._fxscale_clamps = [ib.get(p.name) for p in placeholders] if (ib and cfg.on_overflow == "clamp") else None
     sm._fxscale_dynamic = None
     if ib and cfg.on_overflow == "requantise":
         dyn, _, _, _ = build(None)

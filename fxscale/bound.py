@@ -38,30 +38,48 @@ def _is_t(x) -> bool:
     return isinstance(x, Tensor)
 
 
+def const_like(t: Tensor, v: float) -> Tensor:
+    """A 0-d tensor holding ``v`` beside ``t``: filled on the device, no host copy or sync
+    (so run-time scale computations stay inside CUDA graphs)."""
+    return torch.full((), float(v), dtype=t.dtype, device=t.device)
+
+
 def fmin(*xs: Number) -> Number:
     """Minimum of floats and 0-d tensors (a tensor if any input is one)."""
-    if not any(_is_t(x) for x in xs):
-        return min(float(x) for x in xs)
-    t = next(x for x in xs if _is_t(x))
-    out = None
-    for x in xs:
-        x = x if _is_t(x) else torch.tensor(float(x), dtype=t.dtype, device=t.device)
-        out = x if out is None else torch.minimum(out, x)
-    return out
+    floats = [float(x) for x in xs if not _is_t(x)]
+    tensors = [x for x in xs if _is_t(x)]
+    if not tensors:
+        return min(floats)
+    out = tensors[0]
+    for x in tensors[1:]:
+        out = torch.minimum(out, x)
+    return torch.clamp(out, max=min(floats)) if floats else out
+
+
+def fmax(*xs: Number) -> Number:
+    """Maximum of floats and 0-d tensors (a tensor if any input is one)."""
+    floats = [float(x) for x in xs if not _is_t(x)]
+    tensors = [x for x in xs if _is_t(x)]
+    if not tensors:
+        return max(floats)
+    out = tensors[0]
+    for x in tensors[1:]:
+        out = torch.maximum(out, x)
+    return torch.clamp(out, min=max(floats)) if floats else out
 
 
 def fprod(*xs: Number) -> Number:
     """Product of bounds where 0 * inf is 0 (a zero bound means the value is exactly zero)."""
+    if any(not _is_t(x) and float(x) == 0.0 for x in xs):
+        return 0.0
     if not any(_is_t(x) for x in xs):
-        if any(float(x) == 0.0 for x in xs):
-            return 0.0
-        return math.prod(float(x) for x in xs)
+        return math.prod([float(x) for x in xs])
     out = 1.0
     zero = None
     for x in xs:
         out = out * x
-        z = (x == 0) if _is_t(x) else torch.tensor(float(x) == 0.0)
-        zero = z if zero is None else (zero | z)
+        if _is_t(x):
+            zero = (x == 0) if zero is None else (zero | (x == 0))
     return torch.where(zero, torch.zeros_like(out), out)
 
 

@@ -101,18 +101,29 @@ def lookup(op) -> Rule | None:
     return RULES.get(op)
 
 
+#: op -> ((argument name, default), ...): read from the schema once, at compile time, so
+#: that evaluating rules at run time (inside a compiled graph) never touches the schema.
+_SIGNATURES: dict[Any, tuple[tuple[str, Any], ...]] = {}
+
+
+def _signature(op) -> tuple[tuple[str, Any], ...]:
+    sig = _SIGNATURES.get(op)
+    if sig is None:
+        sig = tuple((a.name, a.default_value if a.has_default_value() else None) for a in op._schema.arguments)
+        _SIGNATURES[op] = sig
+    return sig
+
+
 def _normalise(op, args, kwargs) -> dict[str, Any]:
-    schema = op._schema
+    """The op's arguments by schema name (positional, keyword or default)."""
     out: dict[str, Any] = {}
-    for i, a in enumerate(schema.arguments):
+    for i, (name, default) in enumerate(_signature(op)):
         if i < len(args):
-            out[a.name] = args[i]
-        elif a.name in kwargs:
-            out[a.name] = kwargs[a.name]
-        elif a.has_default_value():
-            out[a.name] = a.default_value
+            out[name] = args[i]
+        elif name in kwargs:
+            out[name] = kwargs[name]
         else:
-            out[a.name] = None
+            out[name] = default
     return out
 
 
@@ -242,17 +253,6 @@ def _add_bias(out: Bound, bias: Any, out_shape, scale: float = 1.0) -> Bound:
     if bias is None:
         return out
     return out.plus(_bcast(bias, out_shape).scaled(scale))
-
-
-def _fmax(xs):
-    if any(isinstance(x, Tensor) for x in xs):
-        t = next(x for x in xs if isinstance(x, Tensor))
-        out = None
-        for x in xs:
-            x = x if isinstance(x, Tensor) else torch.tensor(float(x), dtype=t.dtype, device=t.device)
-            out = x if out is None else torch.maximum(out, x)
-        return out
-    return max(float(x) for x in xs)
 
 
 # The table itself: importing these modules registers every rule.

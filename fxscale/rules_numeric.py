@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from .bound import INF, Bound, fmin, fprod, fsqrt
+from .bound import INF, Bound, fmax, fmin, fprod, fsqrt
 from .rules import (
     Arg,
     RuleCall,
@@ -19,7 +19,6 @@ from .rules import (
     _as_matrix_lhs,
     _as_matrix_rhs,
     _bcast,
-    _fmax,
     const_float,
     matmul_bound,
     register,
@@ -295,7 +294,7 @@ def _sum(c: RuleCall) -> Bound:
 def _where(c: RuleCall) -> Bound:
     a, b = _bcast(c["self"], c.out_shape), _bcast(c["other"], c.out_shape)
     return Bound(
-        _fmax([a.absmax, b.absmax]),
+        fmax(a.absmax, b.absmax),
         fsqrt(fprod(a.rownorm, a.rownorm) + fprod(b.rownorm, b.rownorm)),
         fsqrt(fprod(a.colnorm, a.colnorm) + fprod(b.colnorm, b.colnorm)),
         a.rowsum + b.rowsum,
@@ -307,7 +306,7 @@ def _where(c: RuleCall) -> Bound:
 def _masked_fill(c: RuleCall) -> Bound:
     v = c["value"]
     vb = v.bound.absmax if isinstance(v, Arg) else abs(float(v))
-    return Bound(_fmax([c["self"].bound.absmax, vb]))
+    return Bound(fmax(c["self"].bound.absmax, vb))
 
 
 @register(aten.full, aten.full_like, aten.new_full, exact=True)

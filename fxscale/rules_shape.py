@@ -9,8 +9,8 @@ import math
 
 import torch
 
-from .bound import INF, Bound, fprod, fsqrt
-from .rules import Arg, RuleCall, _bcast, _fmax, register
+from .bound import INF, Bound, fmax, fprod, fsqrt
+from .rules import Arg, RuleCall, _bcast, register
 
 aten = torch.ops.aten
 
@@ -141,7 +141,7 @@ def _cat(c: RuleCall) -> Bound:
     bs = [x.bound for x in xs]
 
     def mx(f):
-        return _fmax([getattr(b, f) for b in bs])
+        return fmax(*[getattr(b, f) for b in bs])
 
     def l2(f):
         return fsqrt(sum(fprod(getattr(b, f), getattr(b, f)) for b in bs))

