@@ -73,8 +73,8 @@ def build_variants(model, inputs, bound, small):
         ("torchao fp8 rowwise (compile)", lambda: torch.compile(torchao_fp8(model, rowwise=True))),
         ("dynamic per-tensor fp8, in-bench (compile)", lambda: torch.compile(dyn_fp8(model))),
         ("fxscale.transform + compile", lambda: torch.compile(fxscale_transform(model, inputs[0]))),
-        ("fxscale.transform, input_bounds=8 + compile",
-         lambda: torch.compile(fxscale_transform(model, inputs[0], input_bounds=bound, threshold=8.0))),
+        ("fxscale.transform, input_bounds=8, clamp + compile",
+         lambda: torch.compile(fxscale_transform(model, inputs[0], input_bounds=bound, threshold=8.0, on_overflow="clamp"))),
         ("fxscale hand chain, run-time x amax (compile)", lambda: torch.compile(HandFFN(model))),
         ("fxscale hand chain, input_bound=8 (compile)",
          lambda: torch.compile(HandFFN(model, input_bound=bound))),
@@ -84,8 +84,8 @@ def build_variants(model, inputs, bound, small):
         ("fp8 GEMMs alone, cuBLAS (ceiling)", lambda: gemms_only(HandFFN(model), inputs[0])),
     ]
     if small:
-        variants.append(("fxscale.transform, input_bounds=8 (reduce-overhead)",
-                         lambda: torch.compile(fxscale_transform(model, inputs[0], input_bounds=bound, threshold=8.0),
+        variants.append(("fxscale.transform, input_bounds=8, clamp (reduce-overhead)",
+                         lambda: torch.compile(fxscale_transform(model, inputs[0], input_bounds=bound, threshold=8.0, on_overflow="clamp"),
                                                mode="reduce-overhead"), ("plain",)))
         variants.append(("fxscale hand chain, input_bound=8 (reduce-overhead)",
                          lambda: torch.compile(HandFFN(model, input_bound=bound), mode="reduce-overhead"),
