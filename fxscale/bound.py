@@ -38,34 +38,26 @@ def _is_t(x) -> bool:
     return isinstance(x, Tensor)
 
 
-def const_like(t: Tensor, v: float) -> Tensor:
-    """A 0-d tensor holding ``v`` beside ``t``: filled on the device, no host copy or sync
-    (so run-time scale computations stay inside CUDA graphs)."""
-    return torch.full((), float(v), dtype=t.dtype, device=t.device)
+def _extreme(xs: tuple, pick, pairwise, clamp_to: str) -> Number:
+    floats = [float(x) for x in xs if not _is_t(x)]
+    tensors = [x for x in xs if _is_t(x)]
+    if not tensors:
+        return pick(floats)
+    out = tensors[0]
+    for x in tensors[1:]:
+        out = pairwise(out, x)
+    # Floats join as a clamp bound: no tensor is built from them (no host copy, no sync).
+    return torch.clamp(out, **{clamp_to: pick(floats)}) if floats else out
 
 
 def fmin(*xs: Number) -> Number:
-    """Minimum of floats and 0-d tensors (a tensor if any input is one)."""
-    floats = [float(x) for x in xs if not _is_t(x)]
-    tensors = [x for x in xs if _is_t(x)]
-    if not tensors:
-        return min(floats)
-    out = tensors[0]
-    for x in tensors[1:]:
-        out = torch.minimum(out, x)
-    return torch.clamp(out, max=min(floats)) if floats else out
+    """Minimum of floats and 0-d tensors (a tensor if any input is one; NaN propagates)."""
+    return _extreme(xs, min, torch.minimum, "max")
 
 
 def fmax(*xs: Number) -> Number:
-    """Maximum of floats and 0-d tensors (a tensor if any input is one)."""
-    floats = [float(x) for x in xs if not _is_t(x)]
-    tensors = [x for x in xs if _is_t(x)]
-    if not tensors:
-        return max(floats)
-    out = tensors[0]
-    for x in tensors[1:]:
-        out = torch.maximum(out, x)
-    return torch.clamp(out, min=max(floats)) if floats else out
+    """Maximum of floats and 0-d tensors (a tensor if any input is one; NaN propagates)."""
+    return _extreme(xs, max, torch.maximum, "min")
 
 
 def fprod(*xs: Number) -> Number:
