@@ -20,7 +20,7 @@ example: $(STAMP)
 	$(PY) examples/mlp.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs
 
 lint: $(STAMP)
 	$(PY) -m pip install -q ruff && $(PY) -m ruff check fxscale passes tests examples benchmarks
