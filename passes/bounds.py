@@ -254,7 +254,8 @@ def quantise_const(value: Tensor, fmt: Format, *, spectral: bool) -> tuple[Tenso
         data = (scaled if fmt.is_float else torch.round(scaled)).to(fmt.dtype)
     else:
         data = fmt.cast(w / scale)
-    bound = Bound.of_tensor(data.to(torch.float32) * scale, spectral=spectral)
+    # Norms of data * scale are the data's norms times the scale (exact: a power of two).
+    bound = Bound.of_tensor(data.to(torch.float32), spectral=spectral).scaled(scale)
     return data, scale, bound
 
 

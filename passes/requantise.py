@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import networkx as nx
+import torch
 from torch import fx
 
 from fxscale.bound import Bound
@@ -37,6 +38,8 @@ from .bounds import (
     measured_bound,
     quantise_const,
 )
+
+aten = torch.ops.aten
 
 __all__ = ["analyse", "dependency_graph", "projected_waste"]
 
@@ -142,7 +145,8 @@ def analyse(
                 if all(n.name in _operand_names(steps[u]) for u in users if u in steps):
                     an.bounds[n.name] = q[2]  # only matmuls read it: the stored weight is the value
             if n.name not in an.bounds:
-                an.bounds[n.name] = Bound.of_tensor(value, spectral=False)
+                rows_only = all(u.target is aten.embedding.default for u in n.users)  # a lookup table
+                an.bounds[n.name] = Bound.of_tensor(value, spectral=False, columns=not rows_only)
             b = an.bounds[n.name]
             an.deps[n.name] = frozenset()
             ni.observed = (float(b.absmax), float(b.rownorm))  # exact for a constant
