@@ -14,7 +14,7 @@ format and ``scale`` a float32 power of two (by default), so rescaling is exact.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -33,6 +33,9 @@ class Format:
     "wrap": integer wrap-around). fxscale never relies on it: :meth:`cast` clamps explicitly
     and keeps NaN/Inf non-finite. ``threshold``: default projected wasted bits above which
     the compiler inserts a requantise (see :func:`wasted_bits` for what a bit costs).
+    ``pow2``: scales are powers of two (default: rescaling is exact, wasted bits are whole);
+    ``get_format("int8:exact")`` gives scales of exactly ``amax / max`` instead, which wins
+    up to one bit (~3 dB in int8) where the scale is measured or proven tight.
     """
 
     name: str
@@ -45,6 +48,7 @@ class Format:
     is_float: bool
     overflow: str
     threshold: float
+    pow2: bool = True
 
     @property
     def binades(self) -> float:
@@ -56,8 +60,8 @@ class Format:
         """Largest relative rounding error of round-to-nearest for normal values."""
         return 2.0 ** -(self.mantissa_bits + 1)
 
-    def scale_for(self, amax: float, *, pow2: bool = True) -> float:
-        """Smallest scale (a power of two unless ``pow2=False``) with ``amax / scale <= max``.
+    def scale_for(self, amax: float, *, pow2: bool | None = None) -> float:
+        """Smallest scale (a power of two unless ``pow2`` is False) with ``amax / scale <= max``.
 
         ``amax == 0`` gives 1.0; a non-finite ``amax`` raises ``ValueError``.
         """
@@ -68,16 +72,17 @@ class Format:
             return 1.0
         # Never below float32's smallest normal: a smaller scale is not a float32 (tiny
         # values in a wide format such as bfloat16 would otherwise divide by zero).
+        pow2 = self.pow2 if pow2 is None else pow2
         return max(pow2_scale(amax / self.max) if pow2 else amax / self.max, MIN_SCALE)
 
-    def scale_tensor(self, amax: torch.Tensor, *, pow2: bool = True) -> torch.Tensor:
+    def scale_tensor(self, amax: torch.Tensor, *, pow2: bool | None = None) -> torch.Tensor:
         """:meth:`scale_for` on a 0-d tensor, without a host sync (for run-time scales).
 
         Zero gives 1; NaN/Inf give NaN/Inf, so that a non-finite input stays non-finite.
         """
         amax = amax.to(torch.float32)
         raw = amax / self.max
-        if pow2:
+        if self.pow2 if pow2 is None else pow2:
             scale = torch.exp2(torch.ceil(torch.log2(raw)))
             # log2 rounding can land one binade low near exact powers of two: never too small.
             scale = torch.where(scale * self.max < amax, scale * 2, scale)
@@ -198,12 +203,16 @@ def get_format(fmt: str | torch.dtype | Format) -> Format:
                 return f
         raise ValueError(f"unsupported format dtype {fmt}; choose one of {sorted(FORMATS)}")
     key = str(fmt).removeprefix("torch.").lower()
-    key = _ALIASES.get(key, key)
-    if key not in FORMATS:
+    base, _, variant = key.partition(":")
+    base = _ALIASES.get(base, base)
+    if base not in FORMATS or variant not in ("", "exact", "pow2"):
         raise ValueError(
-            f"unknown format {fmt!r}; choose one of {sorted(FORMATS)} or an alias {sorted(_ALIASES)}"
+            f"unknown format {fmt!r}; choose one of {sorted(FORMATS)} or an alias {sorted(_ALIASES)}, "
+            "optionally with ':exact' for scales of exactly amax / max instead of powers of two"
         )
-    return FORMATS[key]
+    if variant == "exact":
+        return replace(FORMATS[base], name=f"{base}:exact", pow2=False)
+    return FORMATS[base]
 
 
 def wasted_bits(data: torch.Tensor, maxval: torch.Tensor | float | None = None) -> float:

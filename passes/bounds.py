@@ -249,12 +249,13 @@ def quantise_const(value: Tensor, fmt: Format, *, spectral: bool) -> tuple[Tenso
     w = value.detach().to(torch.float32)
     amax = float(w.abs().max()) if w.numel() else 0.0
     scale = fmt.scale_for(amax)
-    if math.isfinite(amax):  # in range by construction: a plain cast, no NaN/Inf guard needed
+    if math.isfinite(amax) and fmt.pow2:  # in range by construction (exact scaling): a plain cast
         scaled = w * (1.0 / scale)
         data = (scaled if fmt.is_float else torch.round(scaled)).to(fmt.dtype)
     else:
         data = fmt.cast(w / scale)
-    # Norms of data * scale are the data's norms times the scale (exact: a power of two).
+    # Norms of data * scale: the data's norms times the scale (exact for a power of two;
+    # otherwise within float rounding, which the rules' margin covers).
     bound = Bound.of_tensor(data.to(torch.float32), spectral=spectral).scaled(scale)
     return data, scale, bound
 

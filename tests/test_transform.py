@@ -171,3 +171,19 @@ def test_other_sequence_length__says_what_to_do():
     sm = transform(model, args)
     with pytest.raises(ValueError, match="Transform again with an example of this shape"):
         sm(torch.randint(0, 100, (2, 5)))
+
+
+@torch.no_grad()
+def test_exact_scales__win_up_to_a_bit_in_int8_and_stay_sound():
+    """'int8:exact' scales by amax / 127 instead of the next power of two."""
+    model = ffn()
+    x = torch.randn(32, 256)
+    xt = torch.randn(64, 256)
+    ref = model(xt)
+    pow2 = transform(model, (x,), format="int8")
+    exact = transform(model, (x,), format="int8:exact")
+    assert sqnr_db(ref, exact(xt)) >= sqnr_db(ref, pow2(xt)) + 1.0
+    assert all(r["ratio"] <= 1 + 1e-6 for r in fxscale.audit(exact, xt * 3))
+    assert {r["format"] for r in exact.report.rows if r["format"]} == {"int8:exact"}
+    with pytest.raises(ValueError, match="exact"):
+        transform(model, (x,), format="int8:fast")
