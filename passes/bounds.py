@@ -149,7 +149,6 @@ class Analysis:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     consts: dict[str, Tensor] = field(default_factory=dict)    # get_attr name -> value
     measured: dict[str, str] = field(default_factory=dict)     # name -> why it is measured
-    operand_bounds: dict[tuple[str, int], Bound] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)     # name -> why no rule applied
     # Constants read by matmuls: quantised once here, so that the matmul's rule sees the
     # exact bound of the weight it really multiplies: name -> (data, scale, bound).
@@ -170,7 +169,7 @@ def operand_scale(fmt: Format, b: Bound):
     return fmt.scale_for(b.absmax)
 
 
-def _materialise(a: Any, an: Analysis, quantise: bool, step: Step, pos: int) -> Any:
+def _materialise(a: Any, an: Analysis, quantise: bool = False) -> Any:
     if isinstance(a, Ref):
         arg = an.arg(a)
         if arg is None:
@@ -183,11 +182,10 @@ def _materialise(a: Any, an: Analysis, quantise: bool, step: Step, pos: int) -> 
             return Arg(an.quantised_consts[a.name][2], arg.shape, None)
         if quantise and not (isinstance(arg.bound.absmax, float) and math.isinf(arg.bound.absmax)):
             qb = quantised_bound(arg.bound, an.fmt, operand_scale(an.fmt, arg.bound), arg.shape)
-            an.operand_bounds[(step.name, pos)] = qb
             return Arg(qb, arg.shape, None)
         return arg
     if isinstance(a, (list, tuple)):
-        return type(a)(_materialise(x, an, False, step, pos) for x in a)
+        return type(a)(_materialise(x, an) for x in a)
     return a
 
 
@@ -211,8 +209,8 @@ def evaluate_step(step: Step, an: Analysis) -> None:
         an.failures[step.name] = "no rule" if lookup(step.op) is None else "not a tensor"
         return
     try:
-        args = tuple(_materialise(a, an, i in step.quantised, step, i) for i, a in enumerate(step.args))
-        kwargs = {k: _materialise(v, an, False, step, -1) for k, v in step.kwargs.items()}
+        args = tuple(_materialise(a, an, i in step.quantised) for i, a in enumerate(step.args))
+        kwargs = {k: _materialise(v, an) for k, v in step.kwargs.items()}
         res = evaluate(step.op, args, kwargs, step.out_shapes, mode=an.mode)
     except _NoBound as e:
         an.bounds[step.name] = None

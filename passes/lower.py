@@ -20,6 +20,7 @@ from __future__ import annotations
 import operator
 from typing import Any
 
+import networkx as nx
 import torch
 from torch import Tensor, fx, nn
 
@@ -83,7 +84,7 @@ class Lowering:
         self.nodes = {n.name: n for n in self.g.nodes}
         self.stats_nodes: dict[str, fx.Node] = {}
         self.lowp: dict[str, tuple[fx.Node, fx.Node]] = {}
-        self.weights: dict[tuple[str, bool], tuple[fx.Node, fx.Node, float]] = {}
+        self.weights: dict[tuple[str, bool], tuple[fx.Node, fx.Node]] = {}
         self.n_scale_fns = 0
 
     # ------------------------------------------------------------------ helpers
@@ -130,9 +131,8 @@ class Lowering:
             src = info(node)
             src.format, src.scale = self.fmt.name, scale
             src.note = f"quantised once at transform time{' (stored transposed)' if transpose else ''}"
-            self.weights[key] = (d, s, scale)
-        d, s, _ = self.weights[key]
-        return d, s
+            self.weights[key] = (d, s)
+        return self.weights[key]
 
     def scale_node(self, a: fx.Node) -> fx.Node:
         """A node computing the scale of low-precision operand ``a`` (before its consumers)."""
@@ -149,7 +149,7 @@ class Lowering:
             info(a).scale = scale
             return self._buffer(f"{name}_scale", _scalar(scale, a.meta["val"].device), self._first())
         # Dynamic: re-evaluate the rules between the measured sources and ``a`` at run time.
-        region = (nx_ancestors(self.dep, name) | {name}) - set(deps)
+        region = (nx.ancestors(self.dep, name) | {name}) - set(deps)
         # Only nodes that depend on these sources alone: a node upstream of a measured source
         # depends on other measurements, and the source's measurement already stands for it.
         steps = [
@@ -311,12 +311,6 @@ class Lowering:
         for i in ins:
             if i.op == "call_function" and i.target in (operator.getitem, fxops.scale_from_amax.default, fxops.stats.default):
                 self._erase_chain(i)
-
-
-def nx_ancestors(g, name: str) -> set[str]:
-    import networkx as nx
-
-    return set(nx.ancestors(g, name))
 
 
 def _floats(b: Any) -> Any:
