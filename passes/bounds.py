@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
-from fxscale.bound import Bound, quantised_bound
+from fxscale.bound import INF, Bound, quantised_bound
 from fxscale.formats import Format
 from fxscale.rules import Arg, evaluate, lookup
 
@@ -269,7 +269,10 @@ def measured_bound(stats, shape: tuple[int, ...]) -> Bound:
     return Bound(stats[0], stats[1]).tighten(shape)
 
 
-def declared_bound(value: float, shape: tuple[int, ...]) -> Bound:
-    if not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"a declared input bound must be finite and >= 0, got {value}")
-    return Bound(float(value)).tighten(shape)
+def declared_bound(value: float | tuple[float, float | None], shape: tuple[int, ...]) -> Bound:
+    """Bound of an input declared as ``max |x|`` or ``(max |x|, max row norm)``."""
+    a, r = value if isinstance(value, tuple) else (value, None)
+    for v in (a, r):
+        if v is not None and not (v >= 0 and math.isfinite(v)):
+            raise ValueError(f"a declared input bound must be finite and >= 0, got {value}")
+    return Bound(float(a), INF if r is None else float(r)).tighten(shape)

@@ -131,7 +131,8 @@ def analyse(
             if declared is not None:
                 an.bounds[n.name] = declared_bound(declared, shape)
                 an.deps[n.name] = frozenset()
-                ni.note = f"declared max|x| <= {declared:g}"
+                a, r = declared if isinstance(declared, tuple) else (declared, None)
+                ni.note = f"declared max|x| <= {a:g}" + ("" if r is None else f", row norm <= {r:g}")
             else:
                 _measure(an, n, "input without a declared bound: run-time amax")
         elif n.op == "get_attr":

@@ -295,3 +295,47 @@ def test_on_overflow_clamp__clamps_in_graph_without_a_host_check():
     assert sm._fxscale_checks is None  # nothing runs on the host before the graph
     compiled = torch.compile(sm, fullgraph=True)  # the clamp traces into one graph
     assert torch.allclose(compiled(x), y, rtol=1e-5, atol=1e-5)
+
+
+def _ffn(d=64, h=256):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(d, h), torch.nn.ReLU(), torch.nn.Linear(h, d)).eval()
+
+
+@torch.no_grad()
+def test_declared_row_norm__makes_the_ffn_static_at_the_default_threshold():
+    """max |x| alone leaves row norms at sqrt(D) max|x|; declaring them tightens every bound."""
+    model = _ffn()
+    x = torch.randn(32, 64)
+    only_abs = transform(model, (x,), input_bounds=4.0)
+    both = transform(model, (x,), input_bounds=[(4.0, 12.0)])
+    assert sum(r["requantise"] for r in both.report.rows) <= sum(r["requantise"] for r in only_abs.report.rows)
+    assert "stats" not in both.code  # every scale a constant
+    relu = {r["node"]: r for r in both.report.rows}["relu"]
+    assert relu["bound"] < {r["node"]: r for r in only_abs.report.rows}["linear"]["bound"]
+    xt = torch.randn(16, 64).clamp(-4, 4)
+    xt = xt * (12.0 / xt.norm(dim=-1, keepdim=True)).clamp(max=1)
+    from fxscale import audit, sqnr_db
+
+    assert sqnr_db(model(xt), both(xt)) >= 20
+    # Rows at the declared norm, aligned with the weight row that gains most: still no saturation.
+    w = model[0].weight
+    j = int(w.norm(dim=-1).argmax())
+    adversarial = (12.0 * w[j] / w[j].norm()).clamp(-4, 4).expand(8, 64).contiguous()
+    assert all(r["ratio"] <= 1.0 for r in audit(both, adversarial))
+
+
+@torch.no_grad()
+def test_declared_row_norm__overflow_raises_saturates_or_clamps():
+    model = _ffn()
+    x = torch.randn(8, 64)
+    big_rows = torch.full((2, 64), 1.0)  # max |x| = 1 <= 4, row norm = 8 > 5
+    sm = transform(model, (x,), input_bounds=[(4.0, 5.0)])
+    with pytest.raises(ValueError, match=r"max row norm = 8 beyond its declared bound 5"):
+        sm(big_rows)
+    sat = transform(model, (x,), input_bounds=[(4.0, 5.0)], on_overflow="saturate")
+    with pytest.warns(UserWarning, match="row norm"):
+        y = sat(big_rows)
+    assert torch.allclose(y, sat(big_rows * (5.0 / 8.0)), atol=1e-6)
+    clamp = transform(model, (x,), input_bounds=[(4.0, 5.0)], on_overflow="clamp")
+    assert torch.allclose(torch.compile(clamp, fullgraph=True)(big_rows), y, atol=1e-5)
