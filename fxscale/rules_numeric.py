@@ -119,12 +119,66 @@ def _neg(c: RuleCall) -> Bound:
     return c["self"].bound
 
 
-@register(aten.relu, aten.silu, aten.hardtanh, aten.leaky_relu)
+@register(aten.relu, aten.silu, aten.leaky_relu, aten.hardswish, aten.mish)
 def _shrinking(c: RuleCall) -> Bound:
-    """relu, silu (x * sigmoid(x)), hardtanh, leaky_relu (slope <= 1) never grow |x|."""
-    if c.op in (aten.leaky_relu.default,) and abs(float(c.get("negative_slope", 0.01))) > 1:
+    """relu, silu (x sigmoid(x)), hardswish (x relu6(x + 3) / 6), mish (x tanh(softplus x)) and
+    leaky_relu with |slope| <= 1 never grow |x|."""
+    if c.op is aten.leaky_relu.default and abs(float(c.get("negative_slope", 0.01))) > 1:
         return None
     return _keep_norms(c["self"].bound)
+
+
+def _clamped(b: Bound, lo: float | None, hi: float | None) -> Bound:
+    """Bound of ``clamp(x, lo, hi)``: never grows |x| when the range holds 0, else within it."""
+    ends = [abs(float(v)) for v in (lo, hi) if v is not None]
+    if (lo is None or float(lo) <= 0) and (hi is None or float(hi) >= 0):
+        kept = _keep_norms(b)
+        cap = max(ends) if len(ends) == 2 else INF  # both ends given: |out| <= the larger one
+        return Bound(fmin(kept.absmax, cap), kept.rownorm, kept.colnorm, kept.rowsum, kept.colsum)
+    if lo is not None and hi is not None:
+        return Bound(max(ends))
+    return Bound(fmax(b.absmax, *ends))
+
+
+@register(aten.hardtanh)
+def _hardtanh(c: RuleCall) -> Bound:
+    """hardtanh(x, min_val, max_val) (ReLU6 is hardtanh(0, 6)) is a clamp."""
+    return _clamped(c["self"].bound, c.get("min_val", -1.0), c.get("max_val", 1.0))
+
+
+@register(aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default)
+def _clamp(c: RuleCall) -> Bound:
+    lo = c.get("min") if c.op is not aten.clamp_max.default else None
+    hi = c.get("max") if c.op is not aten.clamp_min.default else None
+    if isinstance(lo, Arg) or isinstance(hi, Arg):
+        return None
+    return _clamped(c["self"].bound, lo, hi)
+
+
+@register(aten.elu)
+def _elu(c: RuleCall) -> Bound:
+    """``scale * (x if x > 0 else alpha (exp(input_scale x) - 1))``; ``|e^t - 1| <= |t|`` for t < 0."""
+    k = abs(float(c.get("scale", 1.0))) * max(1.0, abs(float(c.get("alpha", 1.0)) * float(c.get("input_scale", 1.0))))
+    return _keep_norms(c["self"].bound).scaled(k)
+
+
+@register(aten.erf)
+def _erf(c: RuleCall) -> Bound:
+    """``|erf(x)| <= min(1, 2/sqrt(pi) |x|)``."""
+    b = _keep_norms(c["self"].bound).scaled(2.0 / math.sqrt(math.pi))
+    return Bound(fmin(b.absmax, 1.0), b.rownorm, b.colnorm, b.rowsum, b.colsum)
+
+
+@register(aten.sin)
+def _sin(c: RuleCall) -> Bound:
+    """``|sin(x)| <= min(1, |x|)``."""
+    b = _keep_norms(c["self"].bound)
+    return Bound(fmin(b.absmax, 1.0), b.rownorm, b.colnorm, b.rowsum, b.colsum)
+
+
+@register(aten.cos)
+def _cos(c: RuleCall) -> Bound:
+    return Bound(1.0)
 
 
 @register(aten.gelu)

@@ -210,9 +210,19 @@ def test_activation_rules__never_underestimate(shape, kind, seed, mag):
     g = torch.Generator().manual_seed(seed)
     x = make(shape, kind, g, mag)
     for op, kw in [(aten.relu.default, {}), (aten.gelu.default, {}), (aten.gelu.default, {"approximate": "tanh"}),
-                   (aten.silu.default, {}), (aten.tanh.default, {})]:
+                   (aten.silu.default, {}), (aten.tanh.default, {}), (aten.hardswish.default, {}),
+                   (aten.mish.default, {}), (aten.erf.default, {}), (aten.sin.default, {}), (aten.cos.default, {}),
+                   (aten.elu.default, {}), (aten.elu.default, {"alpha": 1.6733, "scale": 1.0507}),
+                   (aten.leaky_relu.default, {"negative_slope": -0.5})]:
         check(op, (x,), kw)
         check(op, (-x,), kw)
+    for lo, hi in [(0.0, 6.0), (-1.0, 1.0), (0.5, 2.0), (-3.0, -1.0), (None, 0.25), (0.25, None), (-2.0, None)]:
+        check(aten.clamp.default, (x, lo, hi))
+        check(aten.clamp.default, (-x, lo, hi))
+        if lo is not None and hi is not None:
+            check(aten.hardtanh.default, (x, lo, hi))
+    check(aten.clamp_min.default, (x, 0.5))
+    check(aten.clamp_max.default, (x, -0.5))
 
 
 @SETTINGS
