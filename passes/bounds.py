@@ -115,11 +115,45 @@ def build_steps(gm: fx.GraphModule) -> list[Step]:
         if n.target is operator.getitem:
             steps.append(Step(n.name, n.target, (Ref(n.args[0].name),), {}, shapes, getitem=int(n.args[1])))
             continue
+        idiom = _rms_norm_idiom(n, shapes)
+        if idiom is not None:
+            steps.append(idiom)
+            continue
         op = n.target
         if _sums_over_symbolic_dim(n):
             op = _SUM_OVER_DYNAMIC_DIM  # its bound would hold for the example's size only
         steps.append(Step(n.name, op, _to_ref(tuple(n.args)), _to_ref(dict(n.kwargs)), shapes, operand_positions(n)))
     return steps
+
+
+def _rms_norm_idiom(n: fx.Node, shapes) -> Step | None:
+    """``x * rsqrt(mean(x ** 2, -1, keepdim=True) + eps)``, RMSNorm written out (HF Llama, T5,
+    Mistral...): bounded as ``aten.rms_norm`` is, by ``sqrt(D)`` per row, instead of leaving a
+    product with an unbounded ``rsqrt`` to be measured at run time. The graph is not changed.
+    """
+    if n.target is not aten.mul.Tensor or len(n.args) != 2 or not all(isinstance(a, fx.Node) for a in n.args):
+        return None
+    for x, r in (n.args, n.args[::-1]):
+        if r.target is not aten.rsqrt.default or not isinstance(r.args[0], fx.Node):
+            continue
+        add = r.args[0]
+        if add.target is not aten.add.Tensor or len(add.args) != 2:
+            continue
+        mean, eps = (add.args if isinstance(add.args[0], fx.Node) else add.args[::-1])
+        if not isinstance(mean, fx.Node) or isinstance(eps, fx.Node) or not (float(eps) >= 0):
+            continue
+        if mean.target is not aten.mean.dim or not isinstance(mean.args[0], fx.Node):
+            continue
+        dims, keep = mean.args[1], (mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False))
+        pw = mean.args[0]
+        xv = x.meta.get("val")
+        if not (keep and isinstance(xv, Tensor) and list(dims) in ([-1], [xv.dim() - 1])):
+            continue
+        if pw.target is not aten.pow.Tensor_Scalar or pw.args[0] is not x or float(pw.args[1]) != 2.0:
+            continue
+        d = concrete_shape(xv)[-1]
+        return Step(n.name, aten.rms_norm.default, (Ref(x.name), [d], None, float(eps)), {}, shapes)
+    return None
 
 
 def _SUM_OVER_DYNAMIC_DIM(*args, **kwargs):  # a marker with no rule: the node's bound is unknown

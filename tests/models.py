@@ -103,3 +103,13 @@ def first_output(out) -> torch.Tensor:
     if hasattr(out, "to_tuple"):
         return out.to_tuple()[0]
     return out[0]
+
+
+def llama(batch: int = 2, seq: int = 16, seed: int = 0):
+    """transformers' LlamaModel, 2 small layers: RMSNorm written out, rotary embeddings, SiLU-gated MLP."""
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=64, use_cache=False)
+    return LlamaModel(cfg).eval(), (torch.randint(0, 100, (batch, seq)),)
