@@ -306,4 +306,5 @@ def _handles(*ops):
     return deco
 
 
+# The handlers (and the float32 fallback) live beside this file; importing registers them.
 from . import scaled_ops
