@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-__all__ = ["BACKEND_OPTIONS", "TRANSFORM_OPTIONS", "fxscale_backend"]
+__all__ = ["BACKEND_OPTIONS", "TRANSFORM_OPTIONS", "fxscale_backend", "reports"]
 
 log = logging.getLogger(__name__)
 log.addHandler(logging.NullHandler())
@@ -317,6 +317,7 @@ class _Compiled:
                 lifted = lf if spec == lf.specialised else _Lifted(self.gm, self.example_inputs, spec)
                 # Copies: export marks its example tensors, and Dynamo's guards check the originals.
                 fn = self._transform(lifted, [t.detach().clone() for t in inputs])
+                _REPORTS.append(fn.report)
             except Exception as e:
                 if self.strict:
                     raise
@@ -337,4 +338,21 @@ class _Compiled:
 
 class _Passthrough:
     """Cache entry: this key runs the original graph."""
+
+
+#: Report of every region the backend transformed in this process, oldest first.
+_REPORTS: list[Any] = []
+
+
+def reports() -> list[Any]:
+    """The :class:`~fxscale.report.Report` of each region ``torch.compile(backend="fxscale")``
+    transformed so far (one per graph and input shape), oldest first.
+
+    >>> import torch, fxscale.backend
+    >>> m = torch.compile(torch.nn.Linear(16, 4), backend="fxscale")
+    >>> _ = m(torch.randn(8, 16))
+    >>> print(fxscale.backend.reports()[-1].summary_line())  # doctest: +ELLIPSIS
+    float8_e4m3fn: 1 of ... nodes quantised ...
+    """
+    return list(_REPORTS)
 
