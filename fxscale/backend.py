@@ -317,7 +317,8 @@ class _Compiled:
                 lifted = lf if spec == lf.specialised else _Lifted(self.gm, self.example_inputs, spec)
                 # Copies: export marks its example tensors, and Dynamo's guards check the originals.
                 fn = self._transform(lifted, [t.detach().clone() for t in inputs])
-                _REPORTS.append(fn.report)
+                if hasattr(fn, "report"):
+                    _REPORTS.append(fn.report)
             except Exception as e:
                 if self.strict:
                     raise
