@@ -120,7 +120,7 @@ def build_steps(gm: fx.GraphModule) -> list[Step]:
             steps.append(idiom)
             continue
         op = n.target
-        if _sums_over_symbolic_dim(n):
+        if _sums_over_symbolic_dim(n) or _contracts_over_symbolic_dim(n):
             op = _SUM_OVER_DYNAMIC_DIM  # its bound would hold for the example's size only
         steps.append(Step(n.name, op, _to_ref(tuple(n.args)), _to_ref(dict(n.kwargs)), shapes, operand_positions(n)))
     return steps
@@ -158,6 +158,17 @@ def _rms_norm_idiom(n: fx.Node, shapes) -> Step | None:
 
 def _SUM_OVER_DYNAMIC_DIM(*args, **kwargs):  # a marker with no rule: the node's bound is unknown
     raise NotImplementedError
+
+
+def _contracts_over_symbolic_dim(n: fx.Node) -> bool:
+    """A matmul whose contraction length changes between calls (``x.T @ x`` over the batch)."""
+    if n.target not in QUANTISED_OPERANDS or n.target is aten.conv2d.default:
+        return False
+    names = QUANTISED_OPERANDS[n.target]
+    schema = [a.name for a in n.target._schema.arguments]
+    first = n.args[schema.index(names[0])] if schema.index(names[0]) < len(n.args) else None
+    v = first.meta.get("val") if isinstance(first, fx.Node) else None
+    return isinstance(v, Tensor) and v.dim() >= 1 and not isinstance(v.shape[-1], int)
 
 
 def _sums_over_symbolic_dim(n: fx.Node) -> bool:
