@@ -2,7 +2,8 @@
 
 Each matmul-like node becomes a scaled op on (data, scale) pairs:
 
-* weights are quantised once, here, into buffers (``(N, K)`` row-major data + a 0-d scale);
+* weights, quantised once by the bounds pass, become buffers (``(N, K)`` row-major data + a
+  0-d scale);
 * each activation operand is quantised with a scale that is a constant buffer (its bound is
   proven statically), the output of a :class:`ScaleFn` (its bound depends on run-time
   measurements: the same rules, evaluated on 0-d tensors), or its own run-time amax (it is
@@ -46,7 +47,7 @@ class ScaleFn(nn.Module):
 
     ``forward(*stats)`` takes the ``[amax, rownorm]`` measurement of each source, re-runs the
     rules of the nodes between the sources and the value on 0-d tensors, and returns the
-    power-of-two scale (no host sync, so it stays inside compiled / CUDA-graph regions).
+    value's scale (no host sync, so it stays inside compiled / CUDA-graph regions).
     """
 
     def __init__(self, an: Analysis, target: str, sources: list[str], steps: list[Step], static: dict[str, Any]):
