@@ -114,6 +114,12 @@ def _keep_norms(b: Bound) -> Bound:
     return Bound(b.absmax, b.rownorm, b.colnorm, b.rowsum, b.colsum)
 
 
+def _capped(b: Bound, cap: float, gain: float = 1.0) -> Bound:
+    """Elementwise ``|f(x)| <= min(cap, gain |x|)``: the norms scale by ``gain``, max |x| is capped."""
+    k = _keep_norms(b).scaled(gain) if gain != 1.0 else _keep_norms(b)
+    return Bound(fmin(k.absmax, cap), k.rownorm, k.colnorm, k.rowsum, k.colsum)
+
+
 @register(aten.neg, aten.abs, exact=True)
 def _neg(c: RuleCall) -> Bound:
     return c["self"].bound
@@ -132,9 +138,7 @@ def _clamped(b: Bound, lo: float | None, hi: float | None) -> Bound:
     """Bound of ``clamp(x, lo, hi)``: never grows |x| when the range holds 0, else within it."""
     ends = [abs(float(v)) for v in (lo, hi) if v is not None]
     if (lo is None or float(lo) <= 0) and (hi is None or float(hi) >= 0):
-        kept = _keep_norms(b)
-        cap = max(ends) if len(ends) == 2 else INF  # both ends given: |out| <= the larger one
-        return Bound(fmin(kept.absmax, cap), kept.rownorm, kept.colnorm, kept.rowsum, kept.colsum)
+        return _capped(b, max(ends) if len(ends) == 2 else INF)  # both ends given: |out| <= the larger
     if lo is not None and hi is not None:
         return Bound(max(ends))
     return Bound(fmax(b.absmax, *ends))
@@ -165,15 +169,13 @@ def _elu(c: RuleCall) -> Bound:
 @register(aten.erf)
 def _erf(c: RuleCall) -> Bound:
     """``|erf(x)| <= min(1, 2/sqrt(pi) |x|)``."""
-    b = _keep_norms(c["self"].bound).scaled(2.0 / math.sqrt(math.pi))
-    return Bound(fmin(b.absmax, 1.0), b.rownorm, b.colnorm, b.rowsum, b.colsum)
+    return _capped(c["self"].bound, 1.0, 2.0 / math.sqrt(math.pi))
 
 
-@register(aten.sin)
-def _sin(c: RuleCall) -> Bound:
-    """``|sin(x)| <= min(1, |x|)``."""
-    b = _keep_norms(c["self"].bound)
-    return Bound(fmin(b.absmax, 1.0), b.rownorm, b.colnorm, b.rowsum, b.colsum)
+@register(aten.sin, aten.tanh)
+def _sin_tanh(c: RuleCall) -> Bound:
+    """``|sin(x)|, |tanh(x)| <= min(1, |x|)``."""
+    return _capped(c["self"].bound, 1.0)
 
 
 @register(aten.cos)
@@ -192,12 +194,6 @@ def _dropout(c: RuleCall) -> Bound | None:
     if c.get("train", False):
         return None  # training-mode dropout rescales by 1/(1-p): capture in eval mode
     return c["input"].bound
-
-
-@register(aten.tanh)
-def _tanh(c: RuleCall) -> Bound:
-    b = _keep_norms(c["self"].bound)
-    return Bound(fmin(b.absmax, 1.0), b.rownorm, b.colnorm, b.rowsum, b.colsum)
 
 
 @register(aten.sigmoid)
