@@ -66,6 +66,7 @@ def compiled_without_lowering(mod, x):
 
 
 def build_variants(model, inputs, bound, small):
+    rownorm = 1.25 * math.sqrt(inputs[0].shape[-1])  # declared max row norm (randn rows: ~sqrt(d))
     variants = [
         ("bf16 eager", lambda: model),
         ("bf16 compile", lambda: torch.compile(model)),
@@ -75,6 +76,10 @@ def build_variants(model, inputs, bound, small):
         ("fxscale.transform + compile", lambda: torch.compile(fxscale_transform(model, inputs[0]))),
         ("fxscale.transform, input_bounds=8, clamp + compile",
          lambda: torch.compile(fxscale_transform(model, inputs[0], input_bounds=bound, threshold=8.0, on_overflow="clamp"))),
+        ("fxscale.transform, input_bounds=(8, 1.25 sqrt(d)), clamp + compile",
+         lambda: torch.compile(fxscale_transform(model, inputs[0], input_bounds=[(bound, rownorm)], on_overflow="clamp"))),
+        ("fxscale.transform, e4m3:exact + compile",
+         lambda: torch.compile(fxscale_transform(model, inputs[0], format="float8_e4m3fn:exact"))),
         ("fxscale hand chain, run-time x amax (compile)", lambda: torch.compile(HandFFN(model))),
         ("fxscale hand chain, input_bound=8 (compile)",
          lambda: torch.compile(HandFFN(model, input_bound=bound))),
@@ -144,6 +149,7 @@ def main() -> None:
         print(f"M={M} ({', '.join(modes)})", flush=True)
         bound = 8.0  # declared max |x|: randn of this size never reaches it (P ~ 1e-15 per element)
         assert float(ref_in.abs().max()) < bound and all(float(x.abs().max()) < bound for x in inputs)
+        assert all(float(x.float().norm(dim=-1).max()) < 1.25 * math.sqrt(args.d) for x in [ref_in, *inputs])
         variants = build_variants(model, inputs, bound, M <= 64)
         variants = [v for v in variants if not any(s in v[0] for s in args.skip)]
         rows = run_variants(variants, inputs, ref_in, ref_out, flops, modes=modes, log=log)

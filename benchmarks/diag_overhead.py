@@ -16,6 +16,7 @@ import time
 
 import torch
 
+import fxscale
 from benchmarks.common import FFN, HandFFN, init_, time_ms
 
 
@@ -55,9 +56,16 @@ def main() -> None:
             fn(None)
             h, t = host_us(fn, None, 200)
             print(f"{name:45s} host {h:7.1f} us/call  (wall {t:7.1f})", flush=True)
-        for name, mod in [("hand static (compile)", torch.compile(HandFFN(model, input_bound=8.0))),
-                          ("hand dynamic (compile)", torch.compile(HandFFN(model))),
-                          ("bf16 compile", torch.compile(model))]:
+        builders = [
+            ("hand static (compile)", lambda: torch.compile(HandFFN(model, input_bound=8.0))),
+            ("transform, input_bounds=8, clamp (compile)", lambda: torch.compile(fxscale.transform(
+                model, (x,), input_bounds=8.0, threshold=8.0, on_overflow="clamp"))),
+            ("hand dynamic (compile)", lambda: torch.compile(HandFFN(model))),
+            ("transform, dynamic (compile)", lambda: torch.compile(fxscale.transform(model, (x,)))),
+            ("bf16 compile", lambda: torch.compile(model)),
+        ]
+        for name, build in builders:
+            mod = build()
             for _ in range(3):
                 mod(x)
             torch.cuda.synchronize()

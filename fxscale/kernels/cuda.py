@@ -19,7 +19,7 @@ lowered to ``torch._scaled_mm`` inside the compiled code (:func:`set_inductor_lo
 saves the custom op's Python dispatch per call; the rest stay custom-op calls.
 
 ``scaled_linear_requantise`` measures the result's ``max |y|`` and row norms in the Triton
-epilogue (atomics), then casts in one light second pass. ``scaled_matmul`` (activation x
+epilogue (atomics), then chooses the scale and casts in one light second pass. ``scaled_matmul`` (activation x
 activation) upcasts the 8-bit data to bf16 exactly and uses the bf16 tensor cores with float32
 accumulation. ``scaled_conv2d`` and ``quantise`` / ``dequantise`` / ``stats`` keep their
 reference / composite implementations (the latter decompose and fuse under torch.compile).
@@ -44,9 +44,10 @@ from .. import ops as _ops
 from ..formats import Format, get_format
 
 try:
+    from . import triton_elementwise as _te
     from . import triton_fp8 as _tk
 except Exception:  # noqa: BLE001  (triton missing or too old: cuBLAS and the reference remain)
-    _tk = None
+    _tk = _te = None
 
 __all__ = ["HAS_TRITON", "choices", "clear_cache", "force", "set_inductor_lowering"]
 
@@ -150,7 +151,7 @@ def _on_device(t, device):
 
 def _relu_fp8(d: torch.Tensor) -> torch.Tensor:
     if _tk is not None:
-        return _tk.relu_fp8(d)
+        return _te.relu_fp8(d)
     v = d.view(torch.uint8)
     nan_lo = 0xFF if d.dtype == torch.float8_e4m3fn else 0xFD
     return torch.where((v < 128) | (v >= nan_lo), v, torch.zeros_like(v)).view(d.dtype)
@@ -374,28 +375,30 @@ def _bucket(m: int) -> int:
 
 
 # ------------------------------------------------------------------------------ op kernels
-def scaled_linear_cuda(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype):
-    K = x.shape[-1]
-    N = w.shape[0]
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
-    if not w.is_contiguous():
-        w = w.contiguous()
+def _prologue(x, w, *scalars):
+    """``x`` as a contiguous ``(M, K)`` matrix, ``w`` contiguous, the scale / bias tensors on
+    ``x``'s device; also ``x``'s leading shape and the autotune key's shape part (16-byte
+    alignment of the base pointers decides whether TMA applies, so it is part of the key)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x2 if x2.is_contiguous() else x2.contiguous()
+    w = w if w.is_contiguous() else w.contiguous()
     dev = x2.device
-    x_scale, w_scale = _on_device(x_scale, dev), _on_device(w_scale, dev)
-    bias, out_scale = _on_device(bias, dev), _on_device(out_scale, dev)
+    (M, K), N = x2.shape, w.shape[0]
+    key = (dev.index, x2.dtype, w.dtype, _bucket(M), N, K)
+    aligned = x2.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
+    return x2, w, [_on_device(t, dev) for t in scalars], x.shape[:-1], key, aligned
+
+
+def scaled_linear_cuda(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype):
+    x2, w, (x_scale, w_scale, bias, out_scale), lead, shape_key, aligned = _prologue(
+        x, w, x_scale, w_scale, bias, out_scale)
     fmt = get_format(out_fmt) if out_fmt is not None else None
     args = (x2, x_scale, w, w_scale, bias, activation, out_scale, fmt, out_dtype)
-    M = x2.shape[0]
-    if M == 0:
-        return _reference(*args).reshape(*lead, N)
-    # 16-byte alignment of the base pointers decides whether TMA applies: part of the key.
-    key = ("linear", dev.index, x2.dtype, w.dtype, _bucket(M), N, K, bias is not None, activation,
-           out_fmt, out_dtype, x2.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0)
+    if x2.shape[0] == 0:
+        return _reference(*args).reshape(*lead, w.shape[0])
+    key = ("linear", *shape_key, bias is not None, activation, out_fmt, out_dtype, aligned)
     out = _dispatch(key, lambda: _candidates(x2, w, fmt, out_dtype, activation), args, _impl)
-    return out.reshape(*lead, N)
+    return out.reshape(*lead, w.shape[0])
 
 
 def _requant_unfused(x2, xs, w, ws, bias, activation, f: Format):
@@ -407,29 +410,15 @@ def _requant_unfused(x2, xs, w, ws, bias, activation, f: Format):
 
 def _requant_triton(cfg):
     def run(x2, xs, w, ws, bias, activation, f: Format):
-        y, amax_bits, rss = _tk.linear(x2, xs, w, ws, bias, activation, None, torch.bfloat16, cfg, stats=True)
-        amax = amax_bits.view(torch.float32)[0]
-        nan = torch.isnan(amax)
-        st = torch.stack([amax, torch.sqrt(rss.amax())])
-        st = torch.where(nan, torch.full_like(st, float("nan")), st)
-        scale = f.scale_tensor(amax)
-        return _tk.cast_fp8(y, scale, f.dtype), scale, st
+        y, stats = _tk.linear(x2, xs, w, ws, bias, activation, None, torch.bfloat16, cfg, stats=True)
+        return _te.requant_cast(y, stats, f)
 
     return run
 
 
 def scaled_linear_requantise_cuda(x, x_scale, w, w_scale, bias, activation, out_fmt):
     f = get_format(out_fmt)
-    K = x.shape[-1]
-    N = w.shape[0]
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
-    if not w.is_contiguous():
-        w = w.contiguous()
-    dev = x2.device
-    x_scale, w_scale, bias = _on_device(x_scale, dev), _on_device(w_scale, dev), _on_device(bias, dev)
+    x2, w, (x_scale, w_scale, bias), lead, shape_key, aligned = _prologue(x, w, x_scale, w_scale, bias)
     M = x2.shape[0]
 
     def cands():
@@ -444,11 +433,10 @@ def scaled_linear_requantise_cuda(x, x_scale, w, w_scale, bias, activation, out_
             pool = _tk.CONFIGS_LARGE if tma else _tk.CONFIGS_GENERIC
         return [("requant_triton", c) for c in pool] + [("unfused", None)]
 
-    key = ("requant", dev.index, x2.dtype, w.dtype, _bucket(M), N, K, bias is not None,
-           activation, out_fmt, x2.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0)
+    key = ("requant", *shape_key, bias is not None, activation, out_fmt, aligned)
     args = (x2, x_scale, w, w_scale, bias, activation, f)
     data, scale, st = _dispatch(key, cands, args, _impl_requant)
-    return data.reshape(*lead, N), scale, st
+    return data.reshape(*lead, w.shape[0]), scale, st
 
 
 def _impl_requant(name, cfg):

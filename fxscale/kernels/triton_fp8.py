@@ -3,13 +3,10 @@
 * :func:`linear` -- ``act(x @ w.T * x_scale * w_scale + bias)`` with the epilogue fused: bias,
   activation, and either a plain bf16/fp32 store or the static output scale plus a saturating
   fp8 cast. With ``stats=True`` the epilogue also records ``max |y|`` (one atomic per tile)
-  and each row's sum of squares (atomics per row), which is what a requantise needs.
-  Two variants: a persistent kernel that moves tiles with the tensor-memory accelerator
-  (TMA; needs 16-byte aligned rows) and a masked pointer kernel for any shape.
-* :func:`cast_fp8` -- ``cast(y / scale)`` with the scale read from device memory (the second,
-  light pass of a requantise).
-* :func:`relu_fp8` -- ReLU applied directly to fp8 data (exact: the cast is monotone and odd),
-  used after a ``torch._scaled_mm`` that cannot fuse the activation.
+  and each row's sum of squares (atomics per row), which is what a requantise needs
+  (:func:`fxscale.kernels.triton_elementwise.requant_cast` then casts). Two variants: a
+  persistent kernel that moves tiles with the tensor-memory accelerator (TMA; needs 16-byte
+  aligned rows) and a masked pointer kernel for any shape.
 
 This module imports triton at the top: :mod:`fxscale.kernels` only imports it where CUDA and
 triton are both available.
@@ -269,28 +266,6 @@ def _splitk_epilogue_kernel(part_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr, os_ptr, a
              mask=mask)
 
 
-# ------------------------------------------------------------------------------ elementwise
-@triton.jit
-def _cast_kernel(y_ptr, scale_ptr, out_ptr, n, OUT_KIND: tl.constexpr, OUT_MAX: tl.constexpr,
-                 BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    z = _to_out(y, tl.load(scale_ptr), OUT_KIND, OUT_MAX)
-    tl.store(out_ptr + offs, z.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _relu_fp8_kernel(d_ptr, out_ptr, n, NAN_LO: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    v = tl.load(d_ptr + offs, mask=mask, other=0)
-    # fp8 bytes: sign bit 0x80. Keep non-negatives and negative NaNs (byte >= NAN_LO);
-    # e5m2 -Inf (0xFC) becomes 0 as relu(-inf) = 0.
-    keep = (v < 128) | (v >= NAN_LO)
-    tl.store(out_ptr + offs, tl.where(keep, v, 0), mask=mask)
-
-
 # ------------------------------------------------------------------------------ host side
 class Config:
     """One tiling of the matmul kernels: ``tma`` picks the persistent TMA kernel (``subtile``:
@@ -371,8 +346,8 @@ def linear(x2: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: to
     """``act(x2 @ w.T * x_scale * w_scale + bias)`` in one kernel; x2 ``(M, K)``, w ``(N, K)``.
 
     ``out_dtype`` float8 -> quantised with ``out_scale`` (saturating); bf16/fp32 -> plain.
-    With ``stats`` also returns ``(amax, row sum of squares)`` of the result, as float32
-    tensors of shape (1,) and (M,) (amax as int32 bits of a non-negative float).
+    With ``stats`` also returns the result's statistics as one float32 tensor of ``M + 1``:
+    ``max |y|`` (NaN if any), then each row's sum of squares.
     """
     M, K = x2.shape
     N = w.shape[0]
@@ -381,16 +356,16 @@ def linear(x2: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: to
     out_kind = _OUT_KIND.get(out_dtype, 0)
     out_max = _FP8_MAX.get(out_dtype, 0.0)
     acc_int = not x2.dtype.is_floating_point
-    if stats:
-        amax = torch.zeros(1, device=dev, dtype=torch.int32)
-        rss = torch.zeros(M, device=dev, dtype=torch.float32)
+    if stats:  # one buffer, one memset; the amax atomics work on int32 bits (order-preserving)
+        buf = torch.zeros(M + 1, device=dev, dtype=torch.float32)
+        amax, rss = buf[:1].view(torch.int32), buf[1:]
     else:
         amax = rss = x_scale  # unused pointers
     bias_arg = bias if bias is not None else x_scale
     os_arg = out_scale if out_kind else x_scale
     act = ACT_CODES[activation]
     if M == 0 or N == 0:
-        return (out, amax, rss) if stats else out
+        return (out, buf) if stats else out
     if cfg.tma:
         nsm = _num_sms(dev)
         cbn = cfg.bn // 2 if cfg.subtile else cfg.bn
@@ -425,29 +400,4 @@ def linear(x2: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: to
                 BM=ebm, BN=ebn, HAS_BIAS=bias is not None, ACT=act, OUT_KIND=out_kind, OUT_MAX=out_max,
                 STATS=stats, num_warps=4,
             )
-    return (out, amax, rss) if stats else out
-
-
-def cast_fp8(y: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``cast(y / scale)`` into fp8 ``dtype`` in one pass (scale read on the device)."""
-    y = y.contiguous()
-    out = torch.empty(y.shape, device=y.device, dtype=dtype)
-    n = y.numel()
-    if n:
-        block = 4096
-        _cast_kernel[(triton.cdiv(n, block),)](
-            y, scale, out, n, OUT_KIND=_OUT_KIND[dtype], OUT_MAX=_FP8_MAX[dtype], BLOCK=block,
-            num_warps=8,
-        )
-    return out
-
-
-def relu_fp8(d: torch.Tensor) -> torch.Tensor:
-    """ReLU on fp8 data, in place (exactly ``cast(relu(y) / s)`` for ``d = cast(y / s)``)."""
-    n = d.numel()
-    if n:
-        v = d.view(torch.uint8)
-        block = 8192
-        _relu_fp8_kernel[(triton.cdiv(n, block),)](v, v, n, NAN_LO=_NEG_NAN_LO[d.dtype], BLOCK=block,
-                                                   num_warps=8)
-    return d
+    return (out, buf) if stats else out
