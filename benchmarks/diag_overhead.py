@@ -34,7 +34,13 @@ def host_us(fn, x, n=50):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, default=1024)
+    ap.add_argument("--mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
+    ap.add_argument("--skip-ops", action="store_true", help="skip the single-op timings")
     args = ap.parse_args()
+
+    def compile_(m):
+        return torch.compile(m, mode=args.mode)
+
     model = init_(FFN(4096, 16384)).cuda().to(torch.bfloat16).eval()
     x = torch.randn(args.m, 4096, device="cuda", dtype=torch.bfloat16)
     from fxscale.kernels import cuda
@@ -52,17 +58,17 @@ def main() -> None:
         "torch._scaled_mm tiny": lambda _: torch._scaled_mm(xq, wq.t(), one, one, out_dtype=torch.bfloat16),
     }
     with torch.no_grad():
-        for name, fn in cases.items():
+        for name, fn in ({} if args.skip_ops else cases).items():
             fn(None)
             h, t = host_us(fn, None, 200)
             print(f"{name:45s} host {h:7.1f} us/call  (wall {t:7.1f})", flush=True)
         builders = [
-            ("hand static (compile)", lambda: torch.compile(HandFFN(model, input_bound=8.0))),
-            ("transform, input_bounds=8, clamp (compile)", lambda: torch.compile(fxscale.transform(
+            ("hand static (compile)", lambda: compile_(HandFFN(model, input_bound=8.0))),
+            ("transform, input_bounds=8, clamp (compile)", lambda: compile_(fxscale.transform(
                 model, (x,), input_bounds=8.0, threshold=8.0, on_overflow="clamp"))),
-            ("hand dynamic (compile)", lambda: torch.compile(HandFFN(model))),
-            ("transform, dynamic (compile)", lambda: torch.compile(fxscale.transform(model, (x,)))),
-            ("bf16 compile", lambda: torch.compile(model)),
+            ("hand dynamic (compile)", lambda: compile_(HandFFN(model))),
+            ("transform, dynamic (compile)", lambda: compile_(fxscale.transform(model, (x,)))),
+            ("bf16 compile", lambda: compile_(model)),
         ]
         for name, build in builders:
             mod = build()
@@ -78,7 +84,7 @@ def main() -> None:
             finally:
                 torch.cuda.set_sync_debug_mode(0)
             h, t = host_us(mod, x)
-            dev = time_ms(mod, [x], graph=True) * 1e3
+            dev = time_ms(mod, [x], graph=args.mode is None) * 1e3
             print(f"{name:45s} host {h:7.1f} us/call, wall {t:7.1f}, device (graph) {dev:7.1f}; sync: {sync}",
                   flush=True)
             pr = cProfile.Profile()
