@@ -121,20 +121,24 @@ def scaled_linear(
     out_scale: Tensor | None,
     out_fmt: str | None,
     out_dtype: torch.dtype,
+    residual: Tensor | None = None,
 ) -> Tensor:
-    """``act(x @ w.T * x_scale * w_scale + bias)``; x ``(..., K)``, w ``(N, K)``.
+    """``act(x @ w.T * x_scale * w_scale + bias) + residual``; x ``(..., K)``, w ``(N, K)``,
+    residual (optional) of the result's shape.
 
     With ``out_fmt`` the result is quantised with the static ``out_scale`` and returned as
     data in ``out_fmt``; otherwise it is returned in ``out_dtype``.
     """
     y = _linear_ref(x, x_scale, w, w_scale, bias, activation)
+    if residual is not None:
+        y = y + residual.to(torch.float32)
     if out_fmt is not None:
         return get_format(out_fmt).cast(y / out_scale)
     return y.to(out_dtype)
 
 
 @scaled_linear.register_fake
-def _(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype):
+def _(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype, residual=None):
     dt = get_format(out_fmt).dtype if out_fmt is not None else out_dtype
     return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=dt)
 

@@ -10,8 +10,10 @@ Each matmul-like node becomes a scaled op on (data, scale) pairs:
   measured: a requantise point, an input without a declared bound, or a value after an op
   without a rule);
 * then fusion: a linear whose (activation of its) output only feeds quantise nodes writes the
-  low-precision data itself (``scaled_linear(..., out_scale, out_fmt)``), and a requantise
-  point produced by a linear becomes ``scaled_linear_requantise`` (amax in the epilogue).
+  low-precision data itself (``scaled_linear(..., out_scale, out_fmt)``), a requantise
+  point produced by a linear becomes ``scaled_linear_requantise`` (amax in the epilogue), and
+  a residual add of a linear's high-precision output (``x + proj(a)``) moves into the linear
+  (``scaled_linear(..., residual=x)``).
 
 Everything else stays as it was, in the model's precision.
 """
@@ -304,6 +306,33 @@ class Lowering:
                 self.g.erase_node(y)
             self.g.erase_node(lin)
 
+    def fuse_residual(self) -> None:
+        """``add(scaled_linear(...), r)`` -> ``scaled_linear(..., residual=r)`` where the linear's
+        plain output feeds only that add and ``r`` has the same shape and dtype (no broadcast)."""
+        for lin in list(self.g.nodes):
+            if (lin.op != "call_function" or lin.target is not fxops.scaled_linear.default
+                    or lin.args[7] is not None or len(lin.args) > 9 or len(lin.users) != 1):
+                continue
+            add = next(iter(lin.users))
+            if add.op != "call_function" or add.target is not aten.add.Tensor or add.kwargs or len(add.args) != 2:
+                continue
+            r = add.args[1] if add.args[0] is lin else add.args[0]
+            if not isinstance(r, fx.Node) or r is lin:
+                continue
+            vals = [n.meta.get("val") for n in (lin, r, add)]
+            # shapes compared as text: symbolic batch sizes compare without guards
+            if not all(isinstance(v, Tensor) for v in vals) or len({(str(v.shape), v.dtype) for v in vals}) != 1:
+                continue
+            with self.g.inserting_before(add):
+                new = self.g.call_function(fxops.scaled_linear.default, (*lin.args, r))
+            new.meta["val"] = add.meta["val"]
+            new.meta["fxscale"] = info(lin)
+            info(lin).note = (info(lin).note + "; residual add fused into epilogue").lstrip("; ")
+            info(add).note = "fused into the matmul epilogue"
+            add.replace_all_uses_with(new)
+            self.g.erase_node(add)
+            self.g.erase_node(lin)
+
     def _erase_chain(self, node: fx.Node) -> None:
         if node.graph is None or node.users:
             return
@@ -353,6 +382,7 @@ def lower(gm: fx.GraphModule, an: Analysis) -> fx.GraphModule:
         if n.op == "call_function" and n.name in steps and steps[n.name].quantised:
             lw.lower_node(n, steps[n.name].quantised)
     lw.fuse()
+    lw.fuse_residual()
     for name in an.measured:  # a measurement nothing low-precision depends on is never emitted
         if name not in lw.stats_nodes and name in lw.nodes:
             ni = info(lw.nodes[name])

@@ -211,12 +211,27 @@ def _intmm(x2, xs, w, ws, bias, activation, out_scale, fmt, out_dtype):
 
 
 def _triton(cfg):
-    def run(x2, xs, w, ws, bias, activation, out_scale, fmt, out_dtype):
+    def run(x2, xs, w, ws, bias, activation, out_scale, fmt, out_dtype, res=None):
         if fmt is not None and fmt.dtype not in _FP8:  # int8 etc.: fp32 out, cast in torch
-            y = _tk.linear(x2, xs, w, ws, bias, activation, None, torch.float32, cfg)
+            y = _tk.linear(x2, xs, w, ws, bias, activation, None, torch.float32, cfg, residual=res)
             return fmt.cast(y / out_scale)
         dt = fmt.dtype if fmt is not None else out_dtype
-        return _tk.linear(x2, xs, w, ws, bias, activation, out_scale, dt, cfg)
+        return _tk.linear(x2, xs, w, ws, bias, activation, out_scale, dt, cfg, residual=res)
+
+    return run
+
+
+def _residual_after(impl):
+    """``impl`` (which has no residual) followed by the residual add: in the output dtype where
+    the result is plain (as the unfused graph adds), else in float32 before the cast."""
+
+    def run(x2, xs, w, ws, bias, activation, out_scale, fmt, out_dtype, res=None):
+        if res is None:
+            return impl(x2, xs, w, ws, bias, activation, out_scale, fmt, out_dtype)
+        if fmt is None and res.dtype == out_dtype:
+            return impl(x2, xs, w, ws, bias, activation, None, None, out_dtype) + res
+        y = impl(x2, xs, w, ws, bias, activation, None, None, torch.float32) + res.to(torch.float32)
+        return _finish(y, "none", out_scale, fmt, out_dtype)
 
     return run
 
@@ -269,7 +284,7 @@ def _candidates(x2, w, fmt, out_dtype, activation):
     return cands
 
 
-_IMPLS = {"cublas": _cublas, "intmm": _intmm, "reference": _reference}
+_IMPLS = {name: _residual_after(f) for name, f in (("cublas", _cublas), ("intmm", _intmm), ("reference", _reference))}
 
 
 def _impl(name, cfg):
@@ -389,14 +404,18 @@ def _prologue(x, w, *scalars):
     return x2, w, [_on_device(t, dev) for t in scalars], x.shape[:-1], key, aligned
 
 
-def scaled_linear_cuda(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype):
+def scaled_linear_cuda(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype, residual=None):
     x2, w, (x_scale, w_scale, bias, out_scale), lead, shape_key, aligned = _prologue(
         x, w, x_scale, w_scale, bias, out_scale)
     fmt = get_format(out_fmt) if out_fmt is not None else None
-    args = (x2, x_scale, w, w_scale, bias, activation, out_scale, fmt, out_dtype)
+    res = None
+    if residual is not None:  # (M, N), contiguous, on x's device, as the epilogue reads it
+        res = residual.to(x2.device).reshape(x2.shape[0], w.shape[0]).contiguous()
+    args = (x2, x_scale, w, w_scale, bias, activation, out_scale, fmt, out_dtype, res)
     if x2.shape[0] == 0:
-        return _reference(*args).reshape(*lead, w.shape[0])
-    key = ("linear", *shape_key, bias is not None, activation, out_fmt, out_dtype, aligned)
+        return _IMPLS["reference"](*args).reshape(*lead, w.shape[0])
+    key = ("linear", *shape_key, bias is not None, activation, out_fmt, out_dtype, aligned,
+           None if res is None else res.dtype)
     out = _dispatch(key, lambda: _candidates(x2, w, fmt, out_dtype, activation), args, _impl)
     return out.reshape(*lead, w.shape[0])
 
@@ -455,13 +474,17 @@ def scaled_matmul_cuda(a, a_scale, b, b_scale, out_dtype):
 
 # ------------------------------------------------------------------------------ inductor lowering
 _DECOMP_MIN_M = 64  # at or below this M (decode) the custom op's Triton kernels win, under CUDA graphs
+# From this M on, a residual add is worth the custom op's host cost: the autotuner weighs the
+# Triton kernel with the add in its epilogue against cuBLAS + a separate add (device-bound sizes).
+_RESIDUAL_OP_MIN_M = 2048
 
 
 def _kernel_op(*args):
     return torch.ops.fxscale_kernels.scaled_linear.default(*args)
 
 
-def _scaled_linear_decomposition(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype):
+def _scaled_linear_decomposition(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype,
+                                 residual=None):
     """How torch.compile (inductor) lowers ``scaled_linear`` where cuBLAS fuses the whole op
     (no activation; ReLU only where Triton is missing): ``torch._scaled_mm`` called from the
     compiled code itself, the scale arithmetic (and ReLU) as inductor kernels. This removes the custom op's per-call Python dispatch
@@ -475,23 +498,25 @@ def _scaled_linear_decomposition(x, x_scale, w, w_scale, bias, activation, out_s
             or x.dtype == w.dtype == torch.float8_e5m2 or activation not in ("none", "relu")
             or not all(isinstance(d, int) for d in shapes)
             or any(t is not None and t.device != x.device for t in (x_scale, w_scale, bias, out_scale))):
-        return _kernel_op(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype)
+        return _kernel_op(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype, residual)
     K, N = x.shape[-1], w.shape[0]
     M = x.numel() // K if K else 0
-    if M <= _DECOMP_MIN_M or K % 16 or N % 16 or not w.is_contiguous():
-        return _kernel_op(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype)
+    if (M <= _DECOMP_MIN_M or K % 16 or N % 16 or not w.is_contiguous()
+            or (residual is not None and (M >= _RESIDUAL_OP_MIN_M or out_fmt is not None
+                                          or residual.dtype != out_dtype or residual.shape != (*x.shape[:-1], N)))):
+        return _kernel_op(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype, residual)
     fmt = get_format(out_fmt) if out_fmt is not None else None
     if activation == "relu" and fmt is not None and _tk is not None:
         # ReLU into fp8: the Triton kernel fuses it (measured 7% ahead of cuBLAS + a ReLU pass
         # at M=8192 on the H100); the custom op's autotuner decides per shape.
-        return _kernel_op(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype)
+        return _kernel_op(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype, residual)
     x2 = x.reshape(M, K).contiguous()
     if fmt is not None:
         if fmt.dtype not in _FP8:
-            return _kernel_op(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype)
+            return _kernel_op(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype, residual)
         with _disable_current_modes():
             if not _cublas_saturates(fmt.dtype, x.device):
-                return _kernel_op(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype)
+                return _kernel_op(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype, residual)
         inv = torch.reciprocal(out_scale)
         b = None if bias is None else (bias.to(torch.float32) * inv).to(torch.bfloat16)
         y = torch._scaled_mm(x2, w.t(), x_scale * inv, w_scale, bias=b, out_dtype=fmt.dtype, use_fast_accum=True)
@@ -502,8 +527,10 @@ def _scaled_linear_decomposition(x, x_scale, w, w_scale, bias, activation, out_s
         y = torch._scaled_mm(x2, w.t(), x_scale, w_scale, bias=b, out_dtype=torch.bfloat16, use_fast_accum=True)
         if activation == "relu":
             y = torch.relu(y)
+        if residual is not None:  # inductor fuses this add into its neighbours
+            y = y + residual.reshape(M, N)
     else:
-        return _kernel_op(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype)
+        return _kernel_op(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype, residual)
     return y.reshape(*x.shape[:-1], N)
 
 
@@ -518,15 +545,16 @@ def _scaled_linear_kernel_op(
     out_scale: torch.Tensor | None,
     out_fmt: str | None,
     out_dtype: torch.dtype,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``fxscale::scaled_linear`` under another name: what the inductor lowering emits where it
     does not apply (inductor refuses a decomposition that falls back to the op itself)."""
     return torch.ops.fxscale.scaled_linear.default(x, x_scale, w, w_scale, bias, activation, out_scale,
-                                                   out_fmt, out_dtype)
+                                                   out_fmt, out_dtype, residual)
 
 
 @_scaled_linear_kernel_op.register_fake
-def _(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype):
+def _(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype, residual=None):
     dt = get_format(out_fmt).dtype if out_fmt is not None else out_dtype
     return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=dt)
 

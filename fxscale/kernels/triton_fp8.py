@@ -1,8 +1,8 @@
 """Triton kernels for the fxscale ops on NVIDIA GPUs (written for Hopper, run anywhere Triton does).
 
-* :func:`linear` -- ``act(x @ w.T * x_scale * w_scale + bias)`` with the epilogue fused: bias,
-  activation, and either a plain bf16/fp32 store or the static output scale plus a saturating
-  fp8 cast. With ``stats=True`` the epilogue also records ``max |y|`` (one atomic per tile)
+* :func:`linear` -- ``act(x @ w.T * x_scale * w_scale + bias) + residual`` with the epilogue
+  fused: bias, activation, residual add, and either a plain bf16/fp32 store or the static
+  output scale plus a saturating fp8 cast. With ``stats=True`` the epilogue also records ``max |y|`` (one atomic per tile)
   and each row's sum of squares (atomics per row), which is what a requantise needs
   (:func:`fxscale.kernels.triton_elementwise.requant_cast` then casts). Two variants: a
   persistent kernel that moves tiles with the tensor-memory accelerator (TMA; needs 16-byte
@@ -71,15 +71,18 @@ def _to_out(y, os, OUT_KIND: tl.constexpr, OUT_MAX: tl.constexpr):
 
 
 @triton.jit
-def _tile_epilogue(acc, offs_m, offs_n, M, N, scale, bias_ptr, amax_ptr, rss_ptr,
-                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STATS: tl.constexpr):
+def _tile_epilogue(acc, offs_m, offs_n, M, N, scale, bias_ptr, res_ptr, amax_ptr, rss_ptr,
+                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, STATS: tl.constexpr):
     y = acc.to(tl.float32) * scale
     if HAS_BIAS:
         b = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         y = y + b[None, :]
     y = _activation(y, ACT)
+    valid = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if HAS_RES:  # residual (M, N), contiguous, added after the activation
+        r = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], mask=valid, other=0.0)
+        y = y + r.to(tl.float32)
     if STATS:
-        valid = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         isnan = valid & (y != y)  # noqa: PLR0124 (NaN test)
         ya = tl.where(valid & (y == y), tl.abs(y), 0.0)  # noqa: PLR0124
         tile_max = tl.max(tl.max(ya, axis=1), axis=0)
@@ -108,10 +111,10 @@ def _store_cast(y, OUT_DT: tl.constexpr):
 
 
 @triton.jit
-def _tma_tile(tile_id, a_desc, b_desc, c_desc, bias_ptr, amax_ptr, rss_ptr, scale, os,
+def _tma_tile(tile_id, a_desc, b_desc, c_desc, bias_ptr, res_ptr, amax_ptr, rss_ptr, scale, os,
               M, N, k_tiles, num_pid_m, num_pid_n,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-              ACC_INT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+              ACC_INT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
               OUT_KIND: tl.constexpr, OUT_MAX: tl.constexpr, OUT_DT: tl.constexpr, STATS: tl.constexpr,
               SUBTILE: tl.constexpr):
     num_pid_in_group = GROUP_M * num_pid_n
@@ -139,26 +142,26 @@ def _tma_tile(tile_id, a_desc, b_desc, c_desc, bias_ptr, amax_ptr, rss_ptr, scal
         acc = tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1))
         acc0, acc1 = tl.split(acc)
         offs_n = off_n + tl.arange(0, BN // 2)
-        y = _tile_epilogue(acc0, offs_m, offs_n, M, N, scale, bias_ptr, amax_ptr, rss_ptr,
-                           HAS_BIAS, ACT, STATS)
+        y = _tile_epilogue(acc0, offs_m, offs_n, M, N, scale, bias_ptr, res_ptr, amax_ptr, rss_ptr,
+                           HAS_BIAS, ACT, HAS_RES, STATS)
         c_desc.store([off_m, off_n], _store_cast(_to_out(y, os, OUT_KIND, OUT_MAX), OUT_DT))
         offs_n = offs_n + BN // 2
-        y = _tile_epilogue(acc1, offs_m, offs_n, M, N, scale, bias_ptr, amax_ptr, rss_ptr,
-                           HAS_BIAS, ACT, STATS)
+        y = _tile_epilogue(acc1, offs_m, offs_n, M, N, scale, bias_ptr, res_ptr, amax_ptr, rss_ptr,
+                           HAS_BIAS, ACT, HAS_RES, STATS)
         c_desc.store([off_m, off_n + BN // 2], _store_cast(_to_out(y, os, OUT_KIND, OUT_MAX), OUT_DT))
     else:
         offs_n = off_n + tl.arange(0, BN)
-        y = _tile_epilogue(acc, offs_m, offs_n, M, N, scale, bias_ptr, amax_ptr, rss_ptr,
-                           HAS_BIAS, ACT, STATS)
+        y = _tile_epilogue(acc, offs_m, offs_n, M, N, scale, bias_ptr, res_ptr, amax_ptr, rss_ptr,
+                           HAS_BIAS, ACT, HAS_RES, STATS)
         c_desc.store([off_m, off_n], _store_cast(_to_out(y, os, OUT_KIND, OUT_MAX), OUT_DT))
 
 
 @triton.jit
-def _linear_tma_kernel(a_desc, b_desc, c_desc, xs_ptr, ws_ptr, bias_ptr, os_ptr, amax_ptr, rss_ptr,
+def _linear_tma_kernel(a_desc, b_desc, c_desc, xs_ptr, ws_ptr, bias_ptr, res_ptr, os_ptr, amax_ptr, rss_ptr,
                        M, N, K,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                        NUM_SMS: tl.constexpr, ACC_INT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       ACT: tl.constexpr, OUT_KIND: tl.constexpr, OUT_MAX: tl.constexpr,
+                       ACT: tl.constexpr, HAS_RES: tl.constexpr, OUT_KIND: tl.constexpr, OUT_MAX: tl.constexpr,
                        OUT_DT: tl.constexpr, STATS: tl.constexpr, FLATTEN: tl.constexpr,
                        SUBTILE: tl.constexpr):
     """Persistent: NUM_SMS programs walk the output tiles (grouped along M for L2 reuse)."""
@@ -173,21 +176,21 @@ def _linear_tma_kernel(a_desc, b_desc, c_desc, xs_ptr, ws_ptr, bias_ptr, os_ptr,
         os = tl.load(os_ptr)
     if FLATTEN:
         for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=True):
-            _tma_tile(tile_id, a_desc, b_desc, c_desc, bias_ptr, amax_ptr, rss_ptr, scale, os,
+            _tma_tile(tile_id, a_desc, b_desc, c_desc, bias_ptr, res_ptr, amax_ptr, rss_ptr, scale, os,
                       M, N, k_tiles, num_pid_m, num_pid_n, BM, BN, BK, GROUP_M, ACC_INT, HAS_BIAS,
-                      ACT, OUT_KIND, OUT_MAX, OUT_DT, STATS, SUBTILE)
+                      ACT, HAS_RES, OUT_KIND, OUT_MAX, OUT_DT, STATS, SUBTILE)
     else:
         for tile_id in tl.range(start_pid, num_tiles, NUM_SMS):
-            _tma_tile(tile_id, a_desc, b_desc, c_desc, bias_ptr, amax_ptr, rss_ptr, scale, os,
+            _tma_tile(tile_id, a_desc, b_desc, c_desc, bias_ptr, res_ptr, amax_ptr, rss_ptr, scale, os,
                       M, N, k_tiles, num_pid_m, num_pid_n, BM, BN, BK, GROUP_M, ACC_INT, HAS_BIAS,
-                      ACT, OUT_KIND, OUT_MAX, OUT_DT, STATS, SUBTILE)
+                      ACT, HAS_RES, OUT_KIND, OUT_MAX, OUT_DT, STATS, SUBTILE)
 
 
 @triton.jit
-def _linear_ptr_kernel(a_ptr, b_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr, os_ptr, amax_ptr, rss_ptr, part_ptr,
-                       M, N, K, stride_am, stride_bn, stride_cm,
+def _linear_ptr_kernel(a_ptr, b_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr, res_ptr, os_ptr, amax_ptr, rss_ptr,
+                       part_ptr, M, N, K, stride_am, stride_bn, stride_cm,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                       ACC_INT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                       ACC_INT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
                        OUT_KIND: tl.constexpr, OUT_MAX: tl.constexpr, STATS: tl.constexpr,
                        SPLIT_K: tl.constexpr):
     """Masked pointer kernel (any shape). With SPLIT_K > 1, program (t, k) sums its share of K
@@ -237,8 +240,8 @@ def _linear_ptr_kernel(a_ptr, b_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr, os_ptr, am
         tl.atomic_add(p_ptrs, acc, mask=mask)
     else:
         scale = tl.load(xs_ptr) * tl.load(ws_ptr)
-        y = _tile_epilogue(acc, offs_m, offs_n, M, N, scale, bias_ptr, amax_ptr, rss_ptr,
-                           HAS_BIAS, ACT, STATS)
+        y = _tile_epilogue(acc, offs_m, offs_n, M, N, scale, bias_ptr, res_ptr, amax_ptr, rss_ptr,
+                           HAS_BIAS, ACT, HAS_RES, STATS)
         os = 1.0
         if OUT_KIND != 0:
             os = tl.load(os_ptr)
@@ -248,16 +251,17 @@ def _linear_ptr_kernel(a_ptr, b_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr, os_ptr, am
 
 
 @triton.jit
-def _splitk_epilogue_kernel(part_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr, os_ptr, amax_ptr, rss_ptr,
+def _splitk_epilogue_kernel(part_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr, res_ptr, os_ptr, amax_ptr, rss_ptr,
                             M, N, stride_cm, BM: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            ACT: tl.constexpr, OUT_KIND: tl.constexpr, OUT_MAX: tl.constexpr,
+                            ACT: tl.constexpr, HAS_RES: tl.constexpr, OUT_KIND: tl.constexpr, OUT_MAX: tl.constexpr,
                             STATS: tl.constexpr):
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     acc = tl.load(part_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], mask=mask, other=0)
     scale = tl.load(xs_ptr) * tl.load(ws_ptr)
-    y = _tile_epilogue(acc, offs_m, offs_n, M, N, scale, bias_ptr, amax_ptr, rss_ptr, HAS_BIAS, ACT, STATS)
+    y = _tile_epilogue(acc, offs_m, offs_n, M, N, scale, bias_ptr, res_ptr, amax_ptr, rss_ptr, HAS_BIAS, ACT,
+                       HAS_RES, STATS)
     os = 1.0
     if OUT_KIND != 0:
         os = tl.load(os_ptr)
@@ -342,10 +346,12 @@ def tma_ok(x2: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> bool:
 
 def linear(x2: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
            bias: torch.Tensor | None, activation: str, out_scale: torch.Tensor | None,
-           out_dtype: torch.dtype, cfg: Config, *, stats: bool = False):
+           out_dtype: torch.dtype, cfg: Config, *, stats: bool = False,
+           residual: torch.Tensor | None = None):
     """``act(x2 @ w.T * x_scale * w_scale + bias)`` in one kernel; x2 ``(M, K)``, w ``(N, K)``.
 
     ``out_dtype`` float8 -> quantised with ``out_scale`` (saturating); bf16/fp32 -> plain.
+    ``residual`` (contiguous ``(M, N)``) is added after the activation, before the output cast.
     With ``stats`` also returns the result's statistics as one float32 tensor of ``M + 1``:
     ``max |y|`` (NaN if any), then each row's sum of squares.
     """
@@ -362,6 +368,7 @@ def linear(x2: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: to
     else:
         amax = rss = x_scale  # unused pointers
     bias_arg = bias if bias is not None else x_scale
+    res_arg = residual if residual is not None else x_scale
     os_arg = out_scale if out_kind else x_scale
     act = ACT_CODES[activation]
     if M == 0 or N == 0:
@@ -375,9 +382,9 @@ def linear(x2: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: to
         tiles = triton.cdiv(M, cfg.bm) * triton.cdiv(N, cfg.bn)
         grid = (min(nsm, tiles),)
         _linear_tma_kernel[grid](
-            a_desc, b_desc, c_desc, x_scale, w_scale, bias_arg, os_arg, amax, rss, M, N, K,
+            a_desc, b_desc, c_desc, x_scale, w_scale, bias_arg, res_arg, os_arg, amax, rss, M, N, K,
             BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GROUP_M=cfg.group_m, NUM_SMS=nsm, ACC_INT=acc_int,
-            HAS_BIAS=bias is not None, ACT=act, OUT_KIND=out_kind, OUT_MAX=out_max,
+            HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None, OUT_KIND=out_kind, OUT_MAX=out_max,
             OUT_DT=_OUT_DT[out_dtype], STATS=stats, FLATTEN=cfg.flatten, SUBTILE=cfg.subtile,
             num_stages=cfg.stages, num_warps=cfg.warps,
         )
@@ -387,17 +394,18 @@ def linear(x2: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: to
                 if split > 1 else x_scale)
         grid = (triton.cdiv(M, cfg.bm) * triton.cdiv(N, cfg.bn), split)
         _linear_ptr_kernel[grid](
-            x2, w, out, x_scale, w_scale, bias_arg, os_arg, amax, rss, part, M, N, K,
+            x2, w, out, x_scale, w_scale, bias_arg, res_arg, os_arg, amax, rss, part, M, N, K,
             x2.stride(0), w.stride(0), out.stride(0),
             BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GROUP_M=cfg.group_m, ACC_INT=acc_int,
-            HAS_BIAS=bias is not None, ACT=act, OUT_KIND=out_kind, OUT_MAX=out_max, STATS=stats,
+            HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None, OUT_KIND=out_kind, OUT_MAX=out_max, STATS=stats,
             SPLIT_K=split, num_stages=cfg.stages, num_warps=cfg.warps,
         )
         if split > 1:
             ebm, ebn = 16, 256
             _splitk_epilogue_kernel[(triton.cdiv(M, ebm), triton.cdiv(N, ebn))](
-                part, out, x_scale, w_scale, bias_arg, os_arg, amax, rss, M, N, out.stride(0),
-                BM=ebm, BN=ebn, HAS_BIAS=bias is not None, ACT=act, OUT_KIND=out_kind, OUT_MAX=out_max,
+                part, out, x_scale, w_scale, bias_arg, res_arg, os_arg, amax, rss, M, N, out.stride(0),
+                BM=ebm, BN=ebn, HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None,
+                OUT_KIND=out_kind, OUT_MAX=out_max,
                 STATS=stats, num_warps=4,
             )
     return (out, buf) if stats else out
