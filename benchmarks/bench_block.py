@@ -35,8 +35,8 @@ def build_variants(model, inputs):
         ("torchao fp8 rowwise (compile)", lambda: torch.compile(torchao_fp8(model, rowwise=True))),
         ("dynamic per-tensor fp8, in-bench (compile)", lambda: torch.compile(dyn_fp8(model))),
         ("fxscale.transform + compile", lambda: torch.compile(fxscale_transform(model, inputs[0]))),
-        ("fxscale.transform + compile, residual adds unfused",
-         lambda: torch.compile(fxscale_transform(model, inputs[0], fuse_residual=False))),
+        ("fxscale.transform(fuse_residual=True) + compile",
+         lambda: torch.compile(fxscale_transform(model, inputs[0], fuse_residual=True))),
         ("fxscale hand block (compile)", lambda: torch.compile(HandBlock(model))),
     ]
     return variants

@@ -288,19 +288,9 @@ class HandBlock(nn.Module):
         return x + self.fc2(h, hsc)
 
 
-def fxscale_transform(model: nn.Module, example, *, fuse_residual: bool = True, **options):
-    """``fxscale.transform(model, (example,), **options)``; ``fuse_residual=False`` leaves the
-    residual adds out of the linears' epilogues (the A/B of that fusion)."""
-    if fuse_residual:
-        return fxscale.transform(model, (example,), **options)
-    from passes import lower
-
-    orig = lower.Lowering.fuse_residual
-    lower.Lowering.fuse_residual = lambda self: None
-    try:
-        return fxscale.transform(model, (example,), **options)
-    finally:
-        lower.Lowering.fuse_residual = orig
+def fxscale_transform(model: nn.Module, example, **options):
+    """``fxscale.transform(model, (example,), **options)``."""
+    return fxscale.transform(model, (example,), **options)
 
 
 # ------------------------------------------------------------------------------ running

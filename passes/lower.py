@@ -12,8 +12,8 @@ Each matmul-like node becomes a scaled op on (data, scale) pairs:
 * then fusion: a linear whose (activation of its) output only feeds quantise nodes writes the
   low-precision data itself (``scaled_linear(..., out_scale, out_fmt)``), a requantise
   point produced by a linear becomes ``scaled_linear_requantise`` (amax in the epilogue), and
-  a residual add of a linear's high-precision output (``x + proj(a)``) moves into the linear
-  (``scaled_linear(..., residual=x)``).
+  on request (``fuse_residual``) a residual add of a linear's high-precision output
+  (``x + proj(a)``) moves into the linear (``scaled_linear(..., residual=x)``).
 
 Everything else stays as it was, in the model's precision.
 """
@@ -374,15 +374,17 @@ def _defined_before(a: fx.Node, b: fx.Node, g: fx.Graph) -> bool:
     return False
 
 
-def lower(gm: fx.GraphModule, an: Analysis) -> fx.GraphModule:
-    """Rewrite the analysed ``gm`` in place into fxscale ops (see module docstring); returns it."""
+def lower(gm: fx.GraphModule, an: Analysis, *, fuse_residual: bool = False) -> fx.GraphModule:
+    """Rewrite the analysed ``gm`` in place into fxscale ops (see module docstring); returns it.
+    ``fuse_residual``: also move residual adds into the linears (:meth:`Lowering.fuse_residual`)."""
     steps = an.steps
     lw = Lowering(gm, an, steps, an.fmt)
     for n in list(gm.graph.nodes):
         if n.op == "call_function" and n.name in steps and steps[n.name].quantised:
             lw.lower_node(n, steps[n.name].quantised)
     lw.fuse()
-    lw.fuse_residual()
+    if fuse_residual:
+        lw.fuse_residual()
     for name in an.measured:  # a measurement nothing low-precision depends on is never emitted
         if name not in lw.stats_nodes and name in lw.nodes:
             ni = info(lw.nodes[name])
