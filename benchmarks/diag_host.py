@@ -1,12 +1,10 @@
 """Host cost of a transformed FFN per plain call, and what it is spent on (GPU machine).
 
-    PYTHONPATH=. python benchmarks/diag_host.py [--m 1024] [--relu-min-m 0 4096]
+    PYTHONPATH=. python benchmarks/diag_host.py [--m 1024]
 
-For each ``fxscale.kernels.cuda.FUSED_RELU_MIN_M`` given (0: the ReLU-into-fp8 linear always
-keeps the custom op and its fused Triton kernel; 4096: below that M it is lowered to cuBLAS +
-an inductor ReLU pass), prints host us per call, plain-call and CUDA-graph device time, the
-kernels launched per call, and the host operators that cost the most (torch.profiler, self
-CPU time per call).
+Prints host us per call, plain-call and CUDA-graph device time, the kernels launched per call,
+and the host operators that cost the most (torch.profiler, self CPU time per call), for bf16
+compile and fxscale.transform (declared bounds / input measured) + compile.
 """
 
 from __future__ import annotations
@@ -37,9 +35,7 @@ def host_ops(fn, x, iters=20, top=10) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, default=1024)
-    ap.add_argument("--relu-min-m", type=int, nargs="+", default=[0, 4096])
     args = ap.parse_args()
-    from fxscale.kernels import cuda
 
     model = init_(FFN(4096, 16384)).cuda().to(torch.bfloat16).eval()
     xs = [torch.randn(args.m, 4096, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
@@ -51,22 +47,16 @@ def main() -> None:
         "transform, dynamic": lambda: torch.compile(fxscale.transform(model, (x,))),
     }
     with torch.no_grad():
-        for relu_min in args.relu_min_m:
-            cuda.FUSED_RELU_MIN_M = relu_min
-            for name, build in builds.items():
-                if name.startswith("bf16") and relu_min != args.relu_min_m[0]:
-                    continue
-                torch._dynamo.reset()
-                fn = build()
-                for _ in range(3):
-                    fn(x)
-                h, _ = host_us(fn, x, 100)
-                plain = time_ms(fn, xs) * 1e3
-                graph = time_ms(fn, xs, graph=True) * 1e3
-                print(f"FUSED_RELU_MIN_M={relu_min:5d} {name:20s} host {h:6.1f} us/call, plain {plain:6.1f} us, "
-                      f"graph {graph:6.1f} us", flush=True)
-                print(host_ops(fn, x), flush=True)
-
+        for name, build in builds.items():
+            torch._dynamo.reset()
+            fn = build()
+            for _ in range(3):
+                fn(x)
+            h, _ = host_us(fn, x, 100)
+            plain = time_ms(fn, xs) * 1e3
+            graph = time_ms(fn, xs, graph=True) * 1e3
+            print(f"{name:20s} host {h:6.1f} us/call, plain {plain:6.1f} us, graph {graph:6.1f} us", flush=True)
+            print(host_ops(fn, x), flush=True)
 
 if __name__ == "__main__":
     main()

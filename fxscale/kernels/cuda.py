@@ -479,18 +479,6 @@ _DECOMP_MIN_M = 64  # at or below this M (decode) the custom op's Triton kernels
 _RESIDUAL_OP_MIN_M = 2048
 
 
-#: From this M on (or under ``mode="reduce-overhead"``), a ReLU-into-fp8 linear keeps the
-#: custom op and its fused Triton kernel; below it, plain calls are host-bound and cuBLAS +
-#: an inductor ReLU pass, called from the compiled code, is faster end to end.
-FUSED_RELU_MIN_M = int(os.environ.get("FXSCALE_FUSED_RELU_MIN_M", "4096"))
-
-
-def _fused_relu_pays(m: int) -> bool:
-    from torch._inductor import config as inductor_config
-
-    return m >= FUSED_RELU_MIN_M or bool(inductor_config.triton.cudagraphs)
-
-
 def _kernel_op(*args):
     return torch.ops.fxscale_kernels.scaled_linear.default(*args)
 
@@ -518,7 +506,7 @@ def _scaled_linear_decomposition(x, x_scale, w, w_scale, bias, activation, out_s
                                           or residual.dtype != out_dtype or residual.shape != (*x.shape[:-1], N)))):
         return _kernel_op(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype, residual)
     fmt = get_format(out_fmt) if out_fmt is not None else None
-    if activation == "relu" and fmt is not None and _tk is not None and _fused_relu_pays(M):
+    if activation == "relu" and fmt is not None and _tk is not None:
         # ReLU into fp8: the Triton kernel fuses it (measured 7% ahead of cuBLAS + a ReLU pass
         # at M=8192 on the H100); the custom op's autotuner decides per shape.
         return _kernel_op(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype, residual)
