@@ -391,48 +391,11 @@ def lower(gm: fx.GraphModule, an: Analysis, *, fuse_residual: bool = False) -> f
             ni.extra["runtime_amax"] = False
             if ni.kind == "input":
                 ni.note = "no low-precision value depends on it: not measured"
-    _inline_scale_fns(gm)
     gm.graph.eliminate_dead_code(is_impure_node=_impure)
     _drop_unused_attrs(gm)
     gm.graph.lint()
     gm.recompile()
     return gm
-
-
-def _inline_scale_fns(gm: fx.GraphModule) -> None:
-    """Replace each :class:`ScaleFn` call by the aten ops it runs (traced with ``make_fx``).
-
-    The rules run once here instead of in Python on every call, and torch.compile then sees a
-    flat graph: guarding a ScaleFn's Python state (steps, bounds, shapes) cost ~0.1 ms of
-    host time per call on the H100 machine.
-    """
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    g = gm.graph
-    for node in list(g.nodes):
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), ScaleFn):
-            continue
-        fn = gm.get_submodule(node.target)
-        devs = [a.args[0].meta["val"].device for a in node.args if isinstance(a.args[0].meta.get("val"), Tensor)]
-        dev = devs[0] if devs else torch.device("cpu")
-        traced = make_fx(fn)(*[torch.ones(2, device=dev) for _ in node.args])
-        env: dict[fx.Node, Any] = {}
-        placeholders = iter(node.args)
-        with g.inserting_before(node):
-            for tn in traced.graph.nodes:
-                if tn.op == "placeholder":
-                    env[tn] = next(placeholders)
-                elif tn.op == "get_attr":  # a constant tensor the rules built
-                    name = f"{node.target}_{tn.target}"
-                    gm.register_buffer(name, getattr(traced, tn.target))
-                    env[tn] = g.get_attr(name)
-                elif tn.op == "output":
-                    out = env[tn.args[0]]
-                else:
-                    env[tn] = g.node_copy(tn, env.__getitem__)
-        node.replace_all_uses_with(out)
-        g.erase_node(node)
-        delattr(gm, node.target)
 
 
 def _impure(node: fx.Node) -> bool:

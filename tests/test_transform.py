@@ -121,19 +121,11 @@ def test_dynamic_region__scales_follow_the_input():
 @torch.no_grad()
 @pytest.mark.parametrize("name", ["mlp", "encoder_layer"])
 def test_transformed_module__compiles_into_one_graph(name):
-    """Run-time scales (ScaleFn: the rules on 0-d tensors, inlined as aten ops) trace without a
-    graph break or a host sync, so the whole module is one graph (and CUDA-graph capturable)."""
-    from passes.lower import ScaleFn
-
+    """Run-time scales (ScaleFn: the rules on 0-d tensors) trace without a graph break or a
+    host sync, so the whole module is one graph (and CUDA-graph capturable on the GPU)."""
     model, args = getattr(models, name)()
     sm = transform(model, args)
-    fx_ = torch.ops.fxscale
-    scales = [n.args[1] for n in sm.graph.nodes if n.target is fx_.quantise.default]
-    scales += [n.args[6] for n in sm.graph.nodes if n.target is fx_.scaled_linear.default]
-    derived = [s for s in scales if isinstance(s, torch.fx.Node) and s.op == "call_function"
-               and s.target is not fx_.scale_from_amax.default]
-    assert derived, "expected a scale derived from run-time measurements by the rules"
-    assert not any(isinstance(m, ScaleFn) for m in sm.modules())  # inlined at transform time
+    assert any(n.op == "call_module" and "fxscale_scale" in str(n.target) for n in sm.graph.nodes)
     compiled = torch.compile(sm, fullgraph=True)
     x = args[0] * 1.5
     assert torch.allclose(compiled(x), sm(x), rtol=1e-4, atol=1e-4)
