@@ -125,7 +125,9 @@ def test_transformed_module__compiles_into_one_graph(name):
     host sync, so the whole module is one graph (and CUDA-graph capturable on the GPU)."""
     model, args = getattr(models, name)()
     sm = transform(model, args)
-    assert any(n.op == "call_module" and "fxscale_scale" in str(n.target) for n in sm.graph.nodes)
+    # each a function torch.compile keeps opaque (allow_in_graph): guarded by identity only
+    assert any(n.op == "call_function" and getattr(n.target, "__name__", "").startswith("fxscale_scale")
+               for n in sm.graph.nodes)
     compiled = torch.compile(sm, fullgraph=True)
     x = args[0] * 1.5
     assert torch.allclose(compiled(x), sm(x), rtol=1e-4, atol=1e-4)
