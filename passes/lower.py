@@ -258,6 +258,11 @@ class Lowering:
         new.meta["val"] = n.meta["val"]
         new.meta["fxscale"] = info(n)
         info(n).kind = "quantised"
+        if new.target is fxops.scaled_linear.default and self.fmt.is_float and self.fmt.bits == 8:
+            n_out, k = new.args[2].meta["val"].shape
+            if k % 16 or n_out % 16:
+                info(n).note = (info(n).note + f"; K={k}, N={n_out} not multiples of 16: no cuBLAS fp8 on the GPU, "
+                                "the masked Triton kernel runs (pad the layer for full speed)").lstrip("; ")
         n.replace_all_uses_with(new)
         self.g.erase_node(n)
 

@@ -127,3 +127,20 @@ def test__report__plot_draws_bound_observed_and_scaled_range():
     segs = ranges[1].get_segments()[0]
     assert segs[:, 1].tolist() == pytest.approx([-5 - 6, -5 + 8.807], abs=1e-3)  # 2^-5 * [2^-6, 448]
     plt.close(ax.figure)
+
+
+@torch.no_grad()
+def test_note__fp8_linear_with_dims_not_multiple_of_16__says_what_runs_on_the_gpu():
+    from torch import nn
+
+    import fxscale
+
+    odd = nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 32)).eval()
+    even = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16)).eval()
+    notes = {r["node"]: r["note"] for r in fxscale.transform(odd, (torch.randn(8, 40),)).report.rows}
+    assert "K=40, N=24 not multiples of 16" in notes["linear"] and "masked Triton" in notes["linear"]
+    assert "K=24, N=32" in notes["linear_1"]
+    rows = fxscale.transform(even, (torch.randn(8, 64),)).report.rows
+    assert not any("multiples of 16" in r["note"] for r in rows)
+    rows = fxscale.transform(odd, (torch.randn(8, 40),), format="int8").report.rows
+    assert not any("multiples of 16" in r["note"] for r in rows)  # fp8 GEMM rule only
