@@ -1,0 +1,109 @@
+"""int8 GEMMs, and inductor's LayerNorm / softmax + quantise kernels against the memory roofline.
+
+    PYTHONPATH=. python benchmarks/bench_int8_norms.py [--m 8192 1024 16] [--md out.md]
+
+1. The FFN's two GEMM shapes with int8 operands: ``torch._int_mm`` (+ epilogue in torch) vs
+   the Triton int8 kernel (fused epilogue) vs bf16 ``F.linear``: where int8 wins.
+2. ``quantise(layer_norm(x))`` and ``quantise(softmax(x))`` (bf16 in, e4m3 out, static scale)
+   as torch.compile generates them, against the copy bandwidth measured here: how much a
+   hand-written fp8-out kernel could still gain (at most the gap to the roofline).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+import fxscale  # noqa: F401  (registers the ops and kernels)
+from benchmarks.common import device_line, time_ms
+from fxscale.formats import get_format
+
+
+def copy_gbs(n_bytes: int = 1 << 30) -> float:
+    a = torch.empty(n_bytes // 2, device="cuda", dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    ms = time_ms(lambda _: b.copy_(a), [None])
+    return 2 * n_bytes / ms / 1e6
+
+
+def int8_rows(M, d, h, out):
+    from fxscale.kernels import cuda
+
+    i8 = get_format("int8")
+    op = torch.ops.fxscale.scaled_linear
+    g = M <= 64
+    for name, (K, N) in {"GEMM1 (d -> 4d)": (d, h), "GEMM2 (4d -> d)": (h, d)}.items():
+        w = torch.randn(N, K, device="cuda") / K**0.5
+        ws = torch.tensor(i8.scale_for(float(w.abs().max())), device="cuda")
+        wq = i8.cast(w / ws)
+        b = torch.randn(N, device="cuda") * 0.1
+        xs = torch.tensor(i8.scale_for(4.0), device="cuda")
+        xq = [i8.cast(torch.randn(M, K, device="cuda").clamp(-4, 4) / xs) for _ in range(3)]
+        wb, bb = w.bfloat16(), b.bfloat16()
+        xb = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+        flops = 2.0 * M * K * N
+        t_bf16 = time_ms(lambda x: F.linear(x, wb, bb), xb, graph=g)
+        out.append(f"| {M} | {name} | bf16 F.linear | {t_bf16:.4f} | {flops / t_bf16 / 1e9:.0f} | 1.00x |")
+        for fam in ("intmm", "triton"):
+            if fam == "intmm" and M <= 16:
+                out.append(f"| {M} | {name} | int8 intmm | n/a: torch._int_mm needs M > 16 | | |")
+                continue
+            cuda.force(fam)
+            cuda.clear_cache()
+            try:
+                t = time_ms(lambda x: op(x, xs, wq, ws, b, "none", None, None, torch.bfloat16), xq, graph=g)
+                out.append(f"| {M} | {name} | int8 {fam} | {t:.4f} | {flops / t / 1e9:.0f} | {t_bf16 / t:.2f}x |")
+            except Exception as e:  # noqa: BLE001  (a family that cannot run this shape is a result)
+                out.append(f"| {M} | {name} | int8 {fam} | failed: {type(e).__name__} | | |")
+            finally:
+                cuda.force(None)
+        print("\n".join(out[-3:]), flush=True)
+
+
+def norm_rows(M, d, bw, out):
+    f = get_format("e4m3")
+    s = torch.tensor(2.0**-5, device="cuda")
+    w = torch.ones(d, device="cuda", dtype=torch.bfloat16)
+    b = torch.zeros(d, device="cuda", dtype=torch.bfloat16)
+    xs = [torch.randn(M, d, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    cases = {
+        "quantise(layer_norm(x))": lambda x: torch.ops.fxscale.quantise(F.layer_norm(x, (d,), w, b), s, f.name),
+        "quantise(softmax(x))": lambda x: torch.ops.fxscale.quantise(torch.softmax(x, dim=-1), s, f.name),
+        "layer_norm(x), bf16 out (reference)": lambda x: F.layer_norm(x, (d,), w, b),
+    }
+    for name, fn in cases.items():
+        c = torch.compile(fn)
+        t = time_ms(c, xs, graph=M <= 64)
+        out_bytes = 2 if "bf16 out" in name else 1
+        floor = M * d * (2 + out_bytes) / bw / 1e6  # ms at the copy bandwidth
+        out.append(f"| {M} | {name} | {t:.4f} | {floor:.4f} | {100 * floor / t:.0f}% |")
+        print(out[-1], flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--m", type=int, nargs="+", default=[8192, 1024, 16])
+    ap.add_argument("--d", type=int, default=4096)
+    ap.add_argument("--hidden", type=int, default=16384)
+    ap.add_argument("--md", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    bw = copy_gbs()
+    out = [f"## int8 GEMMs and fp8-out norms ({device_line()}; copy bandwidth {bw:.0f} GB/s)\n",
+           "| M | GEMM | variant | ms | TFLOP/s | vs bf16 |", "|---|---|---|---|---|---|"]
+    for M in args.m:
+        int8_rows(M, args.d, args.hidden, out)
+    out += ["", "| M | inductor kernel(s) | ms | roofline ms | of roofline |", "|---|---|---|---|---|"]
+    for M in args.m:
+        norm_rows(M, args.d, bw, out)
+    text = "\n".join(out)
+    print(text)
+    if args.md:
+        with open(args.md, "a") as fh:
+            fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
