@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, kernel timings, FFN and block benchmarks.
 #   STEPS="env tests kernels ffn block" OUT=/tmp/out bash benchmarks/run_gpu.sh
+# (also: int8norms -- int8 GEMMs and inductor's fp8-out norms; diag -- host overhead)
 # Each step has its own time cap, so a slow step never loses the ones after it.
 # Logs land in $OUT (tests.log, kernels.log, ffn.log, block.log, errors.log).
 set -u
@@ -28,6 +29,11 @@ for s in $STEPS; do
     kernels)
       timeout "${T_KERNELS:-180}" python3 benchmarks/bench_kernels.py ${KERNEL_ARGS:-} > "$OUT/kernels.log" 2>&1
       grep -E "^\| " "$OUT/kernels.log" | sort -u | head -80; tail -3 "$OUT/kernels.log"
+      ;;
+    int8norms)
+      timeout "${T_INT8:-240}" python3 benchmarks/bench_int8_norms.py --md "$OUT/int8_norms.md" ${INT8_ARGS:-} \
+        > "$OUT/int8_norms.log" 2>&1
+      grep -E "^\| " "$OUT/int8_norms.log" | sort -u | head -40; tail -3 "$OUT/int8_norms.log"
       ;;
     diag)
       timeout "${T_DIAG:-150}" python3 benchmarks/diag_overhead.py > "$OUT/diag.log" 2>&1
