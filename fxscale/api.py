@@ -300,6 +300,9 @@ def transform(
     for k in ("_in_spec", "_out_spec"):
         if hasattr(gm, k):
             setattr(sm, k, getattr(gm, k))
+    for name, mod in gm.named_children():  # run-time scale functions: called opaquely, kept for inspection
+        if name.startswith("fxscale_scale_"):
+            sm.add_submodule(name, mod)
     sm.config = cfg
     sm.report = Report.from_rows(rows, fmt)
     host_check = (ib and cfg.on_overflow != "clamp") or cfg.nonfinite == "raise"

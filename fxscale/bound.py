@@ -66,13 +66,14 @@ def fprod(*xs: Number) -> Number:
         return 0.0
     if not any(_is_t(x) for x in xs):
         return math.prod([float(x) for x in xs])
-    out = 1.0
-    zero = None
+    out = zero = None
     for x in xs:
-        out = out * x
         if _is_t(x):
             zero = (x == 0) if zero is None else (zero | (x == 0))
-    return torch.where(zero, torch.zeros_like(out), out)
+        elif float(x) == 1.0:
+            continue  # (no op for a unit factor: these run as kernels in every run-time scale)
+        out = x if out is None else out * x
+    return torch.where(zero, 0.0, out)
 
 
 def fsqrt(x: Number) -> Number:
