@@ -58,7 +58,9 @@ def compiled_without_lowering(mod, x):
     cuda.set_inductor_lowering(False)
     try:
         c = torch.compile(mod)
-        with torch.no_grad():
+        # the compile caches do not key on the lowering switch: compile afresh
+        with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False), \
+                torch._functorch.config.patch(enable_autograd_cache=False):
             c(x)
     finally:
         cuda.set_inductor_lowering(True)

@@ -565,7 +565,10 @@ _scaled_linear_kernel_op.register_kernel("cuda")(
 
 def set_inductor_lowering(enabled: bool) -> None:
     """Let torch.compile lower large-M ``scaled_linear`` to ``torch._scaled_mm`` directly
-    (default on; ``FXSCALE_INDUCTOR_LOWERING=0`` turns it off). Takes effect at the next compile."""
+    (default on; ``FXSCALE_INDUCTOR_LOWERING=0`` turns it off). Takes effect at the next compile
+    -- of a graph not in torch.compile's caches, which do not key on this switch (compile with
+    ``torch._inductor.config.fx_graph_cache`` and ``torch._functorch.config.enable_autograd_cache``
+    off, as benchmarks/bench_ffn.py does for its A/B)."""
     from torch._inductor import decomposition as dec
 
     op = torch.ops.fxscale.scaled_linear.default
