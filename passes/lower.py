@@ -88,7 +88,7 @@ def _opaque_call(fn: ScaleFn, name: str):
         return fn(*stats)
 
     call.__name__ = call.__qualname__ = name
-    return torch._dynamo.allow_in_graph(call)
+    return torch.compiler.allow_in_graph(call)
 
 
 class Lowering:
