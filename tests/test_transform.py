@@ -189,3 +189,24 @@ def test_exact_scales__win_up_to_a_bit_in_int8_and_stay_sound():
     assert {r["format"] for r in exact.report.rows if r["format"]} == {"int8:exact"}
     with pytest.raises(ValueError, match="exact"):
         transform(model, (x,), format="int8:fast")
+
+
+def test_run_time_scales__opaque_to_dynamo():
+    """Dynamo writes each ScaleFn call into its graph without tracing into it (allow_in_graph),
+    so it guards the function's identity, not the ScaleFn's Python state, on every call."""
+    model, args = models.encoder_layer()
+    sm = transform(model, args)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        torch.compile(sm, backend=backend, fullgraph=True)(*args)
+    finally:
+        torch._dynamo.reset()
+    calls = [n for g in graphs for n in g.graph.nodes
+             if n.op == "call_function" and getattr(n.target, "__name__", "").startswith("fxscale_scale")]
+    assert len(calls) >= 1
