@@ -13,6 +13,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # torchao, carried as a wheel (see the d
     && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
+# torch.compile's on-disk caches do not notice changes to fxscale's op bodies or its inductor
+# lowering (pytorch#144344): one cache directory per version of the sources.
+SRC_HASH=$(find fxscale passes -name '*.py' | sort | xargs cat | sha1sum | cut -c1-12)
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_fxscale_$SRC_HASH}
 for s in $STEPS; do
   echo "=== $s $(date +%T)"
   case $s in
