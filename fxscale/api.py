@@ -41,8 +41,8 @@ class TransformConfig:
     default) or ``"absmax"`` (the seed's rule). ``input_bounds``: declared max |x| per
     floating-point input (None: measured at run time), or a pair ``(max |x|, max row norm)``:
     with max |x| alone, row norms can only be bounded by ``sqrt(D) max |x|``, which a matmul's
-    Cauchy-Schwarz bound then carries (a 1024->4096 FFN: 5 wasted binades at the hidden layer,
-    over e4m3's threshold; 3.2 with the row norm declared, all scales static). ``on_overflow``: what an input beyond
+    Cauchy-Schwarz bound then carries (a 1024->4096 FFN: 5 wasted binades at the hidden layer;
+    3.2 with the row norm declared). ``on_overflow``: what an input beyond
     its declared bound does: ``"raise"`` (ValueError), ``"saturate"`` (clamp, warn once) or
     ``"requantise"`` (that call uses run-time input scales) — each a host-side check, one
     reduction and one sync per input per call — or ``"clamp"``: clamp to the bound inside the
