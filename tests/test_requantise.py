@@ -65,16 +65,17 @@ def test_requantise_point__restarts_the_bound_downstream():
     assert "scaled_linear_requantise" in sm.code  # fused into the producing matmul
 
 
+@pytest.mark.parametrize(("fmt", "threshold", "flat_to", "gone_at"), [("e4m3", 6.0, 8, 14), ("e5m2", 16.0, 20, 30)])
 @pytest.mark.parametrize("dist", ["gaussian", "student-t(3)"])
-def test_e4m3_default_threshold__wasted_binades_cost_nothing_within_it(dist):
-    """Why e4m3's default threshold is 6 binades: the SQNR (vs float64) of a ReLU'd activation
-    stored with 0..8 wasted binades stays within 0.2 dB of a tight scale; only past ~10 do small
-    values start to flush (at 14 it is gone: >5 dB lost), which is what requantise prevents."""
+def test_float8_default_threshold__wasted_binades_cost_nothing_within_it(fmt, threshold, flat_to, gone_at, dist):
+    """Why e4m3's default threshold is 6 binades and e5m2's 16: the SQNR (vs float64) of a ReLU'd
+    activation stored with up to threshold + 2 wasted binades stays within 0.2 dB of a tight
+    scale; far past it small values flush (>5 dB lost), which is what requantise prevents."""
     from fxscale.formats import get_format
     from fxscale.metrics import sqnr_db
 
-    f = get_format("e4m3")
-    assert f.threshold == 6.0
+    f = get_format(fmt)
+    assert f.threshold == threshold
     g = torch.Generator().manual_seed(0)
     x = torch.randn(512, 1024, generator=g, dtype=torch.float64)
     if dist != "gaussian":
@@ -88,9 +89,9 @@ def test_e4m3_default_threshold__wasted_binades_cost_nothing_within_it(dist):
         return f.cast((h / s).float()).double() * s
 
     tight = sqnr_db(h, stored(0))
-    for waste in range(9):
+    for waste in range(flat_to + 1):
         assert sqnr_db(h, stored(waste)) >= tight - 0.2, waste
-    assert sqnr_db(h, stored(14)) < tight - 5.0
+    assert sqnr_db(h, stored(gone_at)) < tight - 5.0
 
 
 @torch.no_grad()
