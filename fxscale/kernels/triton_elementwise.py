@@ -33,7 +33,6 @@ def _choose_scale(amax, FMT_MAX: tl.constexpr, POW2: tl.constexpr, MIN_S: tl.con
         expo = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
         s = (expo << 23).to(tl.float32, bitcast=True)
         s = tl.where(s * FMT_MAX < amax, s * 2.0, s)  # raw rounded down onto a power of two
-        s = tl.where(raw == float("inf"), raw, s)
     s = tl.where(s < MIN_S, MIN_S, s)
     s = tl.where(amax.to(tl.int32, bitcast=True) == 0, 1.0, s)  # bits: a subnormal amax is not 0
     return tl.where(amax != amax, amax, s)  # noqa: PLR0124 (NaN stays NaN)

@@ -2,11 +2,11 @@
 
 * :func:`linear` -- ``act(x @ w.T * x_scale * w_scale + bias) + residual`` with the epilogue
   fused: bias, activation, residual add, and either a plain bf16/fp32 store or the static
-  output scale plus a saturating fp8 cast. With ``stats=True`` the epilogue also records ``max |y|`` (one atomic per tile)
-  and each row's sum of squares (atomics per row), which is what a requantise needs
-  (:func:`fxscale.kernels.triton_elementwise.requant_cast` then casts). Two variants: a
-  persistent kernel that moves tiles with the tensor-memory accelerator (TMA; needs 16-byte
-  aligned rows) and a masked pointer kernel for any shape.
+  output scale plus a saturating fp8 cast. With ``stats=True`` the epilogue also records
+  ``max |y|`` (one atomic per tile) and each row's sum of squares (atomics per row), which is
+  what a requantise needs (:func:`fxscale.kernels.triton_elementwise.requant_cast` then
+  casts). Two variants: a persistent kernel that moves tiles with the tensor-memory
+  accelerator (TMA; needs 16-byte aligned rows) and a masked pointer kernel for any shape.
 
 This module imports triton at the top: :mod:`fxscale.kernels` only imports it where CUDA and
 triton are both available.
