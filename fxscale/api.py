@@ -264,7 +264,7 @@ def transform(
     """
     from passes.calibrate import calibrate
     from passes.capture import capture as capture_graph
-    from passes.lower import lower
+    from passes.lower import ScaleFn, lower
     from passes.requantise import analyse
 
     from .report import Report
@@ -301,7 +301,7 @@ def transform(
         if hasattr(gm, k):
             setattr(sm, k, getattr(gm, k))
     for name, mod in gm.named_children():  # run-time scale functions: called opaquely, kept for inspection
-        if name.startswith("fxscale_scale_"):
+        if isinstance(mod, ScaleFn):
             sm.add_submodule(name, mod)
     sm.config = cfg
     sm.report = Report.from_rows(rows, fmt)
