@@ -78,9 +78,9 @@ def _assert_fp8_close(out, ref, scale, fmt, aggregate=True):
            + 2.0**-8 * r.abs().max())
     bad = (a - r).abs() > tol
     assert not bool(bad.any()), f"{int(bad.sum())} of {a.numel()} elements beyond one ulp"
-    # a few elements a rounding apart: well under a quarter ulp on average (e4m3 0.031, e5m2 0.063)
+    # a few elements a rounding apart: e4m3 0.03 overall, twice that for e5m2's coarser grid
     if aggregate:
-        assert _rel(a, r) < 0.25 * 2.0**-f.mantissa_bits
+        assert _rel(a, r) < 0.03 * 2.0 ** (3 - f.mantissa_bits)
 
 
 def _check(out, ref, out_scale, out_fmt, aggregate=True):
@@ -374,6 +374,14 @@ def test_scaled_linear__cuda_graph_capture_and_replay():
     assert _rel(out, chain(fresh)) < 1e-6
 
 
+def _measured_relu_layer(x, f, wq, ws, b, os_):
+    """x measured on the device, quantised with that scale, through a ReLU layer into ``f``."""
+    st = torch.ops.fxscale.stats(x)
+    s = f.scale_tensor(st[0])
+    q = torch.ops.fxscale.quantise(x, s, f.name)
+    return torch.ops.fxscale.scaled_linear(q, s, wq, ws, b, "relu", os_, f.name, torch.bfloat16)
+
+
 def test_compiled_chain__matches_eager():
     """torch.compile sees the ops through their fake impls and calls the CUDA kernels."""
     f = get_format("e4m3")
@@ -382,10 +390,7 @@ def test_compiled_chain__matches_eager():
     os_ = _out_scale(xq, xs, wq, ws, b, "relu", "e4m3")
 
     def chain(x):
-        st = torch.ops.fxscale.stats(x)
-        s = f.scale_tensor(st[0])
-        q = torch.ops.fxscale.quantise(x, s, f.name)
-        h = torch.ops.fxscale.scaled_linear(q, s, wq, ws, b, "relu", os_, f.name, torch.bfloat16)
+        h = _measured_relu_layer(x, f, wq, ws, b, os_)
         return torch.ops.fxscale.scaled_linear(h, os_, wq, ws, b, "none", None, None, torch.float32)
 
     assert _rel(torch.compile(chain)(x), chain(x)) < 1e-2
@@ -402,10 +407,7 @@ def test_compiled_chain__large_m__inductor_lowering_matches_eager(lowering):
     os_ = _out_scale(xq, xs, wq, ws, b, "relu", "e4m3")
 
     def chain(x):
-        st = torch.ops.fxscale.stats(x)
-        s = f.scale_tensor(st[0])
-        q = torch.ops.fxscale.quantise(x, s, f.name)
-        h = torch.ops.fxscale.scaled_linear(q, s, wq, ws, b, "relu", os_, f.name, torch.bfloat16)
+        h = _measured_relu_layer(x, f, wq, ws, b, os_)
         return h, torch.ops.fxscale.scaled_linear(h, os_, wq, ws, b, "none", None, None, torch.bfloat16)
 
     cuda.set_inductor_lowering(lowering)
