@@ -17,6 +17,7 @@ from benchmarks.common import (
     HandBlock,
     device_line,
     dyn_fp8,
+    emit,
     fxscale_transform,
     init_,
     kernel_breakdown,
@@ -85,10 +86,7 @@ def main() -> None:
                 print(f"per-kernel {name}\n{bd}", flush=True)
                 torch._dynamo.reset()
     text = "\n".join(md)
-    print(text)
-    if args.md:
-        with open(args.md, "a") as f:
-            f.write(text + "\n")
+    emit(text, args.md)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from benchmarks.common import (
     HandFFN,
     device_line,
     dyn_fp8,
+    emit,
+    ffn_shape_args,
     fxscale_transform,
     init_,
     kernel_breakdown,
@@ -121,10 +123,7 @@ def breakdowns(model, x, bound, M):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--m", type=int, nargs="+", default=[8192, 1024, 16])
-    ap.add_argument("--d", type=int, default=4096)
-    ap.add_argument("--hidden", type=int, default=16384)
-    ap.add_argument("--md", default=None, help="append markdown tables here")
+    ffn_shape_args(ap)
     ap.add_argument("--log", default=None, help="tracebacks of failed variants go here")
     ap.add_argument("--skip", nargs="*", default=[], help="skip variants whose name contains any of these")
     ap.add_argument("--breakdown", action="store_true", help="per-kernel profile of bf16 and fxscale")
@@ -176,10 +175,7 @@ def main() -> None:
         md.append("\nautotune candidates that failed:\n\n" + "\n".join(
             f"- {k}: {v}" for k, v in K.cuda.failures().items()) + "\n")
     text = "\n".join(md)
-    print(text)
-    if args.md:
-        with open(args.md, "a") as f:
-            f.write(text + "\n")
+    emit(text, args.md)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import fxscale  # noqa: F401  (registers the ops and kernels)
-from benchmarks.common import device_line, time_ms
+from benchmarks.common import device_line, emit, ffn_shape_args, time_ms
 from fxscale.formats import get_format
 
 
@@ -87,10 +87,7 @@ def norm_rows(M, d, bw, out):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--m", type=int, nargs="+", default=[8192, 1024, 16])
-    ap.add_argument("--d", type=int, default=4096)
-    ap.add_argument("--hidden", type=int, default=16384)
-    ap.add_argument("--md", default=None)
+    ffn_shape_args(ap)
     args = ap.parse_args()
     torch.manual_seed(0)
     bw = copy_gbs()
@@ -102,10 +99,7 @@ def main() -> None:
     for M in args.m:
         norm_rows(M, args.d, bw, out)
     text = "\n".join(out)
-    print(text)
-    if args.md:
-        with open(args.md, "a") as fh:
-            fh.write(text + "\n")
+    emit(text, args.md)
 
 
 if __name__ == "__main__":

@@ -15,16 +15,13 @@ import torch
 import torch.nn.functional as F
 
 import fxscale  # noqa: F401
-from benchmarks.common import device_line, time_ms
+from benchmarks.common import device_line, emit, ffn_shape_args, time_ms
 from fxscale.formats import get_format
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--m", type=int, nargs="+", default=[8192, 1024, 16])
-    ap.add_argument("--d", type=int, default=4096)
-    ap.add_argument("--hidden", type=int, default=16384)
-    ap.add_argument("--md", default=None)
+    ffn_shape_args(ap)
     args = ap.parse_args()
     from fxscale.kernels import cuda
 
@@ -85,10 +82,7 @@ def main() -> None:
     if fails:
         out.append("\nfailed candidates:\n" + "\n".join(f"- {k}: {v}" for k, v in fails.items()))
     text = "\n".join(out) + "\n"
-    print(text)
-    if args.md:
-        with open(args.md, "a") as fh:
-            fh.write(text + "\n")
+    emit(text, args.md)
 
 
 if __name__ == "__main__":

@@ -381,5 +381,21 @@ def kernel_breakdown(fn, x, *, iters: int = 10, top: int = 12) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ffn_shape_args(ap) -> None:
+    """The FFN benchmarks' shared options: token counts, model width, hidden width, markdown out."""
+    ap.add_argument("--m", type=int, nargs="+", default=[8192, 1024, 16])
+    ap.add_argument("--d", type=int, default=4096)
+    ap.add_argument("--hidden", type=int, default=16384)
+    ap.add_argument("--md", default=None, help="append markdown tables here")
+
+
+def emit(text: str, md_path: str | None) -> None:
+    """Print ``text`` and, with ``md_path``, append it to that markdown file."""
+    print(text)
+    if md_path:
+        with open(md_path, "a") as fh:
+            fh.write(text + "\n")
+
+
 def log_file(path):
     return open(path, "a") if path else sys.stderr
