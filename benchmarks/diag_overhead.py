@@ -2,19 +2,19 @@
 
     PYTHONPATH=. python benchmarks/diag_overhead.py [--m 1024]
 
-Prints: any host synchronisation inside a call (torch.cuda sync debug mode), host time per
-call against device time per call, and a cProfile of the host side.
+Prints: the host cost of single op calls; then, per compiled variant, any host synchronisation
+inside a call (torch.cuda sync debug mode), host time per call against plain-call and
+CUDA-graph device time, the kernels launched per call and the host operators that cost the most
+(torch.profiler, self CPU time per call).
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
-import pstats
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import fxscale
 from benchmarks.common import FFN, HandFFN, init_, time_ms
@@ -31,6 +31,20 @@ def host_us(fn, x, n=50):
     return (t1 - t0) / n * 1e6, (t2 - t0) / n * 1e6
 
 
+def host_ops(fn, x, iters=20, top=10) -> str:
+    """Kernels launched per call and the host operators with the most self CPU time per call."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn(x)
+        torch.cuda.synchronize()
+    evs = prof.key_averages()
+    kernels = sum(e.count for e in evs if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+    rows = sorted(((e.self_cpu_time_total / iters, e.count / iters, e.key) for e in evs), reverse=True)[:top]
+    lines = [f"    kernels per call: {kernels / iters:g}"]
+    lines += [f"    {t:8.1f} us  x{c:g}  {k[:100]}" for t, c, k in rows]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, default=1024)
@@ -42,7 +56,8 @@ def main() -> None:
         return torch.compile(m, mode=args.mode)
 
     model = init_(FFN(4096, 16384)).cuda().to(torch.bfloat16).eval()
-    x = torch.randn(args.m, 4096, device="cuda", dtype=torch.bfloat16)
+    xs = [torch.randn(args.m, 4096, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    x = xs[0]
     from fxscale.kernels import cuda
 
     xq = torch.randn(16, 256, device="cuda").to(torch.float8_e4m3fn)
@@ -84,18 +99,11 @@ def main() -> None:
             finally:
                 torch.cuda.set_sync_debug_mode(0)
             h, t = host_us(mod, x)
+            plain = time_ms(mod, xs) * 1e3  # three inputs rotated, as the benchmarks do
             dev = time_ms(mod, [x], graph=args.mode is None) * 1e3
-            print(f"{name:45s} host {h:7.1f} us/call, wall {t:7.1f}, device (graph) {dev:7.1f}; sync: {sync}",
-                  flush=True)
-            pr = cProfile.Profile()
-            pr.enable()
-            for _ in range(20):
-                mod(x)
-            pr.disable()
-            torch.cuda.synchronize()
-            s = io.StringIO()
-            pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(18)
-            print("\n".join(s.getvalue().splitlines()[:40]), flush=True)
+            print(f"{name:45s} host {h:7.1f} us/call, wall {t:7.1f}, plain {plain:7.1f}, "
+                  f"device (graph) {dev:7.1f}; sync: {sync}", flush=True)
+            print(host_ops(mod, x), flush=True)
             torch._dynamo.reset()
 
 

@@ -41,7 +41,7 @@ for s in $STEPS; do
       ;;
     diag)
       timeout "${T_DIAG:-150}" python3 benchmarks/diag_overhead.py > "$OUT/diag.log" 2>&1
-      grep -E "us/call|tottime|\{|fxscale/" "$OUT/diag.log" | head -70; tail -3 "$OUT/diag.log"
+      grep -E "us/call|kernels per call| us  x" "$OUT/diag.log" | head -70; tail -3 "$OUT/diag.log"
       ;;
     ffn)
       timeout "${T_FFN:-420}" python3 benchmarks/bench_ffn.py --log "$OUT/errors.log" ${FFN_ARGS:-} > "$OUT/ffn.log" 2>&1
