@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["ZOO", "bert", "cnn", "encoder_layer", "first_output", "gpt2", "mlp", "with_batch"]
+__all__ = ["ZOO", "bert", "cnn", "encoder_layer", "first_output", "gpt2", "mlp", "relu_activation", "with_batch"]
 
 
 def mlp(batch: int = 4, d: int = 16, hidden: int = 64, seed: int = 0):
@@ -113,3 +113,15 @@ def llama(batch: int = 2, seq: int = 16, seed: int = 0):
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=100, max_position_embeddings=64, use_cache=False)
     return LlamaModel(cfg).eval(), (torch.randint(0, 100, (batch, seq)),)
+
+
+def relu_activation(dist: str = "gaussian", rows: int = 512, d: int = 1024) -> torch.Tensor:
+    """``relu(x @ W)`` in float64, ``x`` Gaussian or Student-t(3) (``dist="student-t(3)"``, heavy
+    tails), ``W`` random with columns of unit scale: the activation the float8 threshold test and
+    study store with wasted binades."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, d, generator=g, dtype=torch.float64)
+    if dist != "gaussian":
+        torch.manual_seed(0)
+        x = x / torch.sqrt(torch.distributions.Chi2(3.0).sample((rows, d)).double() / 3)
+    return torch.relu(x @ (torch.randn(d, d, generator=g, dtype=torch.float64) / d**0.5))

@@ -74,14 +74,11 @@ def test_float8_default_threshold__wasted_binades_cost_nothing_within_it(fmt, th
     from fxscale.formats import get_format
     from fxscale.metrics import sqnr_db
 
+    from .models import relu_activation
+
     f = get_format(fmt)
     assert f.threshold == threshold
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(512, 1024, generator=g, dtype=torch.float64)
-    if dist != "gaussian":
-        torch.manual_seed(0)
-        x = x / torch.sqrt(torch.distributions.Chi2(3.0).sample((512, 1024)).double() / 3)
-    h = torch.relu(x @ (torch.randn(1024, 1024, generator=g, dtype=torch.float64) / 32))
+    h = relu_activation(dist)
     amax = float(h.abs().max())
 
     def stored(waste):
