@@ -15,27 +15,21 @@ import torch
 from benchmarks.common import (
     Block,
     HandBlock,
+    baseline_variants,
     device_line,
-    dyn_fp8,
     emit,
     fxscale_transform,
     init_,
     kernel_breakdown,
     run_variants,
     table,
-    torchao_fp8,
     torchao_version,
 )
 
 
 def build_variants(model, inputs):
     variants = [
-        ("bf16 eager", lambda: model),
-        ("bf16 compile", lambda: torch.compile(model)),
-        ("torchao fp8 tensorwise (compile)", lambda: torch.compile(torchao_fp8(model, rowwise=False))),
-        ("torchao fp8 rowwise (compile)", lambda: torch.compile(torchao_fp8(model, rowwise=True))),
-        ("dynamic per-tensor fp8, in-bench (compile)", lambda: torch.compile(dyn_fp8(model))),
-        ("fxscale.transform + compile", lambda: torch.compile(fxscale_transform(model, inputs[0]))),
+        *baseline_variants(model, inputs[0]),
         ("fxscale.transform(fuse_residual=True) + compile",
          lambda: torch.compile(fxscale_transform(model, inputs[0], fuse_residual=True))),
         ("fxscale hand block (compile)", lambda: torch.compile(HandBlock(model))),

@@ -18,8 +18,8 @@ import torch
 from benchmarks.common import (
     FFN,
     HandFFN,
+    baseline_variants,
     device_line,
-    dyn_fp8,
     emit,
     ffn_shape_args,
     fxscale_transform,
@@ -27,7 +27,6 @@ from benchmarks.common import (
     kernel_breakdown,
     run_variants,
     table,
-    torchao_fp8,
     torchao_version,
 )
 
@@ -72,12 +71,7 @@ def compiled_without_lowering(mod, x):
 def build_variants(model, inputs, bound, small):
     rownorm = 1.25 * math.sqrt(inputs[0].shape[-1])  # declared max row norm (randn rows: ~sqrt(d))
     variants = [
-        ("bf16 eager", lambda: model),
-        ("bf16 compile", lambda: torch.compile(model)),
-        ("torchao fp8 tensorwise (compile)", lambda: torch.compile(torchao_fp8(model, rowwise=False))),
-        ("torchao fp8 rowwise (compile)", lambda: torch.compile(torchao_fp8(model, rowwise=True))),
-        ("dynamic per-tensor fp8, in-bench (compile)", lambda: torch.compile(dyn_fp8(model))),
-        ("fxscale.transform + compile", lambda: torch.compile(fxscale_transform(model, inputs[0]))),
+        *baseline_variants(model, inputs[0]),
         ("fxscale.transform, input_bounds=8, clamp + compile",
          lambda: torch.compile(fxscale_transform(model, inputs[0], input_bounds=bound, threshold=8.0, on_overflow="clamp"))),
         ("fxscale.transform, input_bounds=(8, 1.25 sqrt(d)), clamp + compile",

@@ -293,6 +293,20 @@ def fxscale_transform(model: nn.Module, example, **options):
     return fxscale.transform(model, (example,), **options)
 
 
+def baseline_variants(model: nn.Module, example) -> list:
+    """``(name, builder)`` of what every benchmark compares: bf16 eager and compiled, torchao fp8
+    (tensorwise, rowwise), the in-bench per-tensor dynamic fp8, and ``fxscale.transform`` with
+    its defaults (then torch.compile)."""
+    return [
+        ("bf16 eager", lambda: model),
+        ("bf16 compile", lambda: torch.compile(model)),
+        ("torchao fp8 tensorwise (compile)", lambda: torch.compile(torchao_fp8(model, rowwise=False))),
+        ("torchao fp8 rowwise (compile)", lambda: torch.compile(torchao_fp8(model, rowwise=True))),
+        ("dynamic per-tensor fp8, in-bench (compile)", lambda: torch.compile(dyn_fp8(model))),
+        ("fxscale.transform + compile", lambda: torch.compile(fxscale_transform(model, example))),
+    ]
+
+
 # ------------------------------------------------------------------------------ running
 def run_variants(variants, inputs, ref_in, ref_out, flops, *, modes=("plain",), log=None) -> list[dict]:
     """Time each ``(name, builder[, modes])``; builder() -> callable. ``modes``: "plain" calls
