@@ -19,6 +19,7 @@ from benchmarks.common import (
     FFN,
     HandFFN,
     baseline_variants,
+    compile_fresh,
     device_line,
     emit,
     ffn_shape_args,
@@ -51,24 +52,10 @@ def gemms_only(hand: HandFFN, x):
     return fn
 
 
-def compiled_without_lowering(mod, x):
-    """torch.compile with fxscale's inductor lowering off: every scaled_linear runs as the
-    custom op (its CUDA kernels, chosen by the autotuner) -- the lowering's A/B."""
-    from fxscale.kernels import cuda
-
-    cuda.set_inductor_lowering(False)
-    try:
-        c = torch.compile(mod)
-        # the compile caches do not key on the lowering switch: compile afresh
-        with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False), \
-                torch._functorch.config.patch(enable_autograd_cache=False):
-            c(x)
-    finally:
-        cuda.set_inductor_lowering(True)
-    return c
-
-
 def build_variants(model, inputs, bound, small):
+    def bounds_model():
+        return fxscale_transform(model, inputs[0], input_bounds=bound, threshold=8.0, on_overflow="clamp")
+
     rownorm = 1.25 * math.sqrt(inputs[0].shape[-1])  # declared max row norm (randn rows: ~sqrt(d))
     variants = [
         *baseline_variants(model, inputs[0]),
@@ -83,7 +70,13 @@ def build_variants(model, inputs, bound, small):
          lambda: torch.compile(HandFFN(model, input_bound=bound))),
         ("fxscale hand chain, run-time x amax (eager)", lambda: HandFFN(model)),
         ("fxscale hand chain, input_bound=8 (compile, custom-op kernels only)",
-         lambda: compiled_without_lowering(HandFFN(model, input_bound=bound), inputs[0])),
+         lambda: compile_fresh(HandFFN(model, input_bound=bound), inputs[0], lowering=False)),
+        ("fxscale.transform, input_bounds=8, clamp + compile (freezing)",
+         lambda: compile_fresh(bounds_model(), inputs[0], freezing=True)),
+        ("fxscale.transform, input_bounds=8, clamp + compile (freezing, ReLU GEMM on cuBLAS)",
+         lambda: compile_fresh(bounds_model(), inputs[0], freezing=True, relu_cublas_max_m=4096)),
+        ("fxscale.transform + compile (freezing)",
+         lambda: compile_fresh(fxscale_transform(model, inputs[0]), inputs[0], freezing=True)),
         ("fp8 GEMMs alone, cuBLAS (ceiling)", lambda: gemms_only(HandFFN(model), inputs[0])),
     ]
     if small:

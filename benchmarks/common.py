@@ -293,6 +293,26 @@ def fxscale_transform(model: nn.Module, example, **options):
     return fxscale.transform(model, (example,), **options)
 
 
+def compile_fresh(mod: nn.Module, example, *, lowering: bool = True, relu_cublas_max_m: int = 0,
+                  freezing: bool = False, mode: str | None = None):
+    """``torch.compile(mod)``, compiled now (on ``example``, under no_grad) with these settings
+    and the compile caches off (they do not key on fxscale's lowering switches).
+    ``freezing``: inductor treats parameters and buffers as constants, so static scale
+    arithmetic (reciprocals, scale products, bias / scale) is folded at compile time instead
+    of running as small kernels every call."""
+    from fxscale.kernels import cuda
+
+    cuda.set_inductor_lowering(lowering, relu_cublas_max_m=relu_cublas_max_m)
+    try:
+        c = torch.compile(mod, mode=mode)
+        with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False, freezing=freezing), \
+                torch._functorch.config.patch(enable_autograd_cache=False):
+            c(example)
+    finally:
+        cuda.set_inductor_lowering(True, relu_cublas_max_m=0)
+    return c
+
+
 def baseline_variants(model: nn.Module, example) -> list:
     """``(name, builder)`` of what every benchmark compares: bf16 eager and compiled, torchao fp8
     (tensorwise, rowwise), the in-bench per-tensor dynamic fp8, and ``fxscale.transform`` with

@@ -17,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import fxscale
-from benchmarks.common import FFN, HandFFN, init_, time_ms
+from benchmarks.common import FFN, HandFFN, compile_fresh, init_, time_ms
 
 
 def host_us(fn, x, n=50):
@@ -81,6 +81,13 @@ def main() -> None:
             ("hand static (compile)", lambda: compile_(HandFFN(model, input_bound=8.0))),
             ("transform, input_bounds=8, clamp (compile)", lambda: compile_(fxscale.transform(
                 model, (x,), input_bounds=8.0, threshold=8.0, on_overflow="clamp"))),
+            ("transform, bounds (compile, freezing)", lambda: compile_fresh(fxscale.transform(
+                model, (x,), input_bounds=8.0, threshold=8.0, on_overflow="clamp"), x, freezing=True, mode=args.mode)),
+            ("transform, bounds (freezing, ReLU GEMM cuBLAS)", lambda: compile_fresh(fxscale.transform(
+                model, (x,), input_bounds=8.0, threshold=8.0, on_overflow="clamp"), x, freezing=True,
+                relu_cublas_max_m=4096, mode=args.mode)),
+            ("transform, dynamic (compile, freezing)", lambda: compile_fresh(
+                fxscale.transform(model, (x,)), x, freezing=True, mode=args.mode)),
             ("hand dynamic (compile)", lambda: compile_(HandFFN(model))),
             ("transform, dynamic (compile)", lambda: compile_(fxscale.transform(model, (x,)))),
             ("bf16 compile", lambda: compile_(model)),
