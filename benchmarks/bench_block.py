@@ -16,6 +16,7 @@ from benchmarks.common import (
     Block,
     HandBlock,
     baseline_variants,
+    compile_fresh,
     device_line,
     emit,
     fxscale_transform,
@@ -33,6 +34,8 @@ def build_variants(model, inputs):
         ("fxscale.transform(fuse_residual=True) + compile",
          lambda: torch.compile(fxscale_transform(model, inputs[0], fuse_residual=True))),
         ("fxscale hand block (compile)", lambda: torch.compile(HandBlock(model))),
+        ("fxscale.transform + compile (freezing)",
+         lambda: compile_fresh(fxscale_transform(model, inputs[0]), inputs[0], freezing=True)),
     ]
     return variants
 

@@ -293,7 +293,7 @@ def fxscale_transform(model: nn.Module, example, **options):
     return fxscale.transform(model, (example,), **options)
 
 
-def compile_fresh(mod: nn.Module, example, *, lowering: bool = True, relu_cublas_max_m: int = 0,
+def compile_fresh(mod: nn.Module, example, *, lowering: bool = True, relu_cublas_max_m: int | None = None,
                   freezing: bool = False, mode: str | None = None):
     """``torch.compile(mod)``, compiled now (on ``example``, under no_grad) with these settings
     and the compile caches off (they do not key on fxscale's lowering switches).
@@ -309,7 +309,7 @@ def compile_fresh(mod: nn.Module, example, *, lowering: bool = True, relu_cublas
                 torch._functorch.config.patch(enable_autograd_cache=False):
             c(example)
     finally:
-        cuda.set_inductor_lowering(True, relu_cublas_max_m=0)
+        cuda.set_inductor_lowering(True)
     return c
 
 

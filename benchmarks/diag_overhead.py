@@ -83,9 +83,9 @@ def main() -> None:
                 model, (x,), input_bounds=8.0, threshold=8.0, on_overflow="clamp"))),
             ("transform, bounds (compile, freezing)", lambda: compile_fresh(fxscale.transform(
                 model, (x,), input_bounds=8.0, threshold=8.0, on_overflow="clamp"), x, freezing=True, mode=args.mode)),
-            ("transform, bounds (freezing, ReLU GEMM cuBLAS)", lambda: compile_fresh(fxscale.transform(
+            ("transform, bounds (freezing, ReLU fused Triton)", lambda: compile_fresh(fxscale.transform(
                 model, (x,), input_bounds=8.0, threshold=8.0, on_overflow="clamp"), x, freezing=True,
-                relu_cublas_max_m=4096, mode=args.mode)),
+                relu_cublas_max_m=0, mode=args.mode)),
             ("transform, dynamic (compile, freezing)", lambda: compile_fresh(
                 fxscale.transform(model, (x,)), x, freezing=True, mode=args.mode)),
             ("hand dynamic (compile)", lambda: compile_(HandFFN(model))),

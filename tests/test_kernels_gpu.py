@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 
-import fxscale  # noqa: F401  (registers the ops and, on CUDA, the kernels)
+import fxscale  # registers the ops and, on CUDA, the kernels
 from fxscale.formats import get_format
 
 pytestmark = [
@@ -420,3 +420,33 @@ def test_compiled_chain__large_m__inductor_lowering_matches_eager(lowering):
     he, ye = chain(x)
     _assert_fp8_close(hc, he, os_, f.name)
     assert _rel(yc, ye) < 1e-2
+
+
+@pytest.mark.parametrize("relu_cublas_max_m", [None, 0])
+def test_compiled_transform__freezing__relu_gemm_lowered_at_mid_m(relu_cublas_max_m):
+    """With inductor's freezing on, a transformed FFN at M=256 compiles its ReLU GEMM to
+    ``torch._scaled_mm`` + a ReLU pass (no custom-op call: the static scale arithmetic folds
+    into constants); with the switch at 0 the fused Triton custom op stays. Either way the
+    result is the uncompiled module's (1e-2 relative)."""
+    from torch._inductor.utils import run_and_get_code
+
+    cuda = _cuda()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 256))
+    model = model.cuda().to(torch.bfloat16).eval()
+    x = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
+    t = fxscale.transform(model, (x,), input_bounds=8.0, on_overflow="clamp")
+    cuda.set_inductor_lowering(True, relu_cublas_max_m=relu_cublas_max_m)
+    try:
+        torch._dynamo.reset()
+        with torch.no_grad(), torch._inductor.config.patch(freezing=True, fx_graph_cache=False), \
+                torch._functorch.config.patch(enable_autograd_cache=False):
+            y, code = run_and_get_code(torch.compile(t), x)
+    finally:
+        cuda.set_inductor_lowering(True)
+        torch._dynamo.reset()
+    code = "\n".join(code)
+    assert ("fxscale_kernels.scaled_linear" in code) == (relu_cublas_max_m == 0)
+    assert "_scaled_mm" in code
+    with torch.no_grad():
+        assert _rel(y, t(x)) < 1e-2

@@ -478,9 +478,20 @@ _DECOMP_MIN_M = 64  # at or below this M (decode) the custom op's Triton kernels
 # Triton kernel with the add in its epilogue against cuBLAS + a separate add (device-bound sizes).
 _RESIDUAL_OP_MIN_M = 2048
 # Up to this M a ReLU into fp8 is lowered to cuBLAS + an inductor ReLU pass instead of the Triton
-# kernel that fuses it (0: never). The pass costs device time (~11 us at M=1024 on the H100) but
-# saves the custom op's host time; see set_inductor_lowering.
-_RELU_CUBLAS_MAX_M = 0
+# kernel that fuses it, when inductor freezes parameters (``torch._inductor.config.freezing``):
+# only then does the static scale arithmetic around ``_scaled_mm`` fold into constants. The pass
+# costs ~11 us of device time at M=1024 on the H100, the custom op ~150 us of host time per call
+# (FFN M=1024, plain calls: 0.274 -> 0.221 ms; benchmarks/RESULTS.md, run 21).
+_RELU_CUBLAS_MAX_M_FROZEN = 1024
+_RELU_CUBLAS_MAX_M: int | None = None  # None: the rule above; an int: that M, frozen or not
+
+
+def _relu_cublas_max_m() -> int:
+    if _RELU_CUBLAS_MAX_M is not None:
+        return _RELU_CUBLAS_MAX_M
+    from torch._inductor import config
+
+    return _RELU_CUBLAS_MAX_M_FROZEN if config.freezing else 0
 
 
 def _kernel_op(*args):
@@ -511,7 +522,7 @@ def _scaled_linear_decomposition(x, x_scale, w, w_scale, bias, activation, out_s
                                           or residual.dtype != out_dtype or residual.shape != (*x.shape[:-1], N)))):
         return _kernel_op(*op_args)
     fmt = get_format(out_fmt) if out_fmt is not None else None
-    if activation == "relu" and fmt is not None and _tk is not None and M > _RELU_CUBLAS_MAX_M:
+    if activation == "relu" and fmt is not None and _tk is not None and M > _relu_cublas_max_m():
         # ReLU into fp8: the Triton kernel fuses it (measured 7% ahead of cuBLAS + a ReLU pass
         # at M=8192 on the H100); the custom op's autotuner decides per shape.
         return _kernel_op(*op_args)
@@ -571,17 +582,17 @@ _scaled_linear_kernel_op.register_kernel("cuda")(
 def set_inductor_lowering(enabled: bool, *, relu_cublas_max_m: int | None = None) -> None:
     """Let torch.compile lower large-M ``scaled_linear`` to ``torch._scaled_mm`` directly
     (default on; ``FXSCALE_INDUCTOR_LOWERING=0`` turns it off). ``relu_cublas_max_m``: up to
-    this M, lower a ReLU into fp8 as well (cuBLAS, then an inductor ReLU pass; default 0: the
-    custom op's Triton kernel fuses it, which is faster on the device but costs host time per
-    call). Takes effect at the next compile
+    this M, lower a ReLU into fp8 as well (cuBLAS, then an inductor ReLU pass) instead of the
+    custom op's Triton kernel that fuses it (faster on the device, ~150 us more host time per
+    call); ``None`` restores the default: 1024 where inductor freezes parameters, else 0.
+    Takes effect at the next compile
     -- of a graph not in torch.compile's caches, which do not key on this switch (compile with
     ``torch._inductor.config.fx_graph_cache`` and ``torch._functorch.config.enable_autograd_cache``
     off, as benchmarks/bench_ffn.py does for its A/B)."""
     from torch._inductor import decomposition as dec
 
     global _RELU_CUBLAS_MAX_M
-    if relu_cublas_max_m is not None:
-        _RELU_CUBLAS_MAX_M = int(relu_cublas_max_m)
+    _RELU_CUBLAS_MAX_M = None if relu_cublas_max_m is None else int(relu_cublas_max_m)
     op = torch.ops.fxscale.scaled_linear.default
     for table in (dec.decompositions, dec.fast_random_decomps()):
         if enabled:
