@@ -8,12 +8,19 @@ constants (so weight scales are static), materialises example inputs (real ones 
 Dynamo passes real tensors, else ``randn`` / zeros of the same shape and dtype, SymInts at
 their size hints), and runs :func:`fxscale.transform` on the region.
 
+Each transformed region is then compiled by inductor (``torch.compile`` with
+``options={"freezing": True}``: fused elementwise kernels around the fp8 GEMMs, static scale
+arithmetic folded into constants under ``torch.no_grad()``), as ``torch.compile`` of the
+result of ``fxscale.transform`` would be; ``inductor=False`` runs the transformed graph as it
+is (the fxscale ops' kernels one by one: for debugging and study).
+
 Options go through ``torch.compile(..., options={...})``: any keyword-only option of
 ``fxscale.transform`` (``format``, ``threshold``, ``calibration``, ``input_bounds``,
-``on_overflow``, ``rules``, ``capture``) plus ``strict``. ``calibration`` and
+``on_overflow``, ``rules``, ``capture``) plus ``strict`` and ``inductor``. ``calibration`` and
 ``input_bounds`` are in terms of the region's tensor inputs in order (for a model called
 as ``model(x)`` with no graph break, the model's inputs). On an internal failure the backend
-warns and runs the original graph, unless ``strict=True``, which raises.
+warns and runs the original graph (or, where only inductor failed, the transformed graph
+without inductor), unless ``strict=True``, which raises.
 
 >>> import torch
 >>> model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU()).eval()
@@ -40,7 +47,7 @@ log.addHandler(logging.NullHandler())
 #: Keyword-only options of fxscale.transform the backend passes through.
 TRANSFORM_OPTIONS = ("format", "threshold", "calibration", "input_bounds", "on_overflow", "rules", "capture")
 #: Options of the backend itself.
-BACKEND_OPTIONS = ("strict",)
+BACKEND_OPTIONS = ("strict", "inductor")
 
 
 def _valid_options() -> tuple[str, ...]:
@@ -85,11 +92,12 @@ def fxscale_backend(
     opts.update(kwargs)
     _check_options(opts)
     strict = bool(opts.pop("strict", False))
+    inductor = bool(opts.pop("inductor", True))
     if mode not in (None, "default"):
         warnings.warn(f"fxscale backend ignores torch.compile mode={mode!r}", stacklevel=2)
     _warn_fused_fast_paths(gm)
     try:
-        return _Compiled(gm, example_inputs, opts, strict=strict)
+        return _Compiled(gm, example_inputs, opts, strict=strict, inductor=inductor)
     except Exception as e:
         if strict:
             raise
@@ -288,9 +296,11 @@ class _Compiled:
     non-batch dim changes. Lifting the graph happens at once, so structural failures show
     at compile time."""
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: list[Any], opts: dict[str, Any], *, strict: bool):
+    def __init__(self, gm: fx.GraphModule, example_inputs: list[Any], opts: dict[str, Any], *, strict: bool,
+                 inductor: bool = True):
         self.gm = gm
         self.strict = strict
+        self.inductor = inductor
         self.example_inputs = list(example_inputs)
         self.opts = opts
         self.cache: dict[Any, Any] = {}
@@ -319,6 +329,8 @@ class _Compiled:
                 fn = self._transform(lifted, [t.detach().clone() for t in inputs])
                 if hasattr(fn, "report"):
                     _REPORTS.append(fn.report)
+                if self.inductor:
+                    fn = _InductorRegion(fn, strict=self.strict)
             except Exception as e:
                 if self.strict:
                     raise
@@ -339,6 +351,37 @@ class _Compiled:
 
 class _Passthrough:
     """Cache entry: this key runs the original graph."""
+
+
+class _InductorRegion:
+    """A transformed region compiled by inductor with freezing (parameters and buffers as
+    constants). If inductor fails, warns once and runs the transformed module as it is
+    (``strict``: raises)."""
+
+    def __init__(self, module: Callable[..., Any], *, strict: bool):
+        self.module = module
+        self.compiled = torch.compile(module, options={"freezing": True})
+        self.strict = strict
+        self.failed = False
+
+    def __call__(self, *inputs: Any) -> Any:
+        if self.failed:
+            return self.module(*inputs)
+        try:
+            return self.compiled(*inputs)
+        except Exception as e:
+            if self.strict:
+                raise
+            warnings.warn(
+                f"fxscale backend: inductor could not compile a transformed region "
+                f"({type(e).__name__}: {_short(e)}); it runs without inductor (the fxscale ops one by "
+                'one, slower on the GPU). Pass options={"inductor": False} to choose this, or '
+                '{"strict": True} to raise.',
+                stacklevel=2,
+            )
+            log.debug("fxscale backend: inductor failure", exc_info=True)
+            self.failed = True
+            return self.module(*inputs)
 
 
 #: Report of every region the backend transformed in this process, oldest first.

@@ -116,3 +116,44 @@ def test__backend__encoder_fast_path_warns_with_advice():
         ref = model(*args)
     assert any("set_fastpath_enabled(False)" in str(x.message) for x in w)
     assert torch.isfinite(y).all() and y.shape == ref.shape
+
+
+def test__backend__compiles_each_region_with_inductor_and_matches_the_transformed_graph():
+    """Default: the transformed region runs through inductor (freezing on); inductor=False runs
+    the transformed graph as is. Both compute the same fp8 arithmetic (1e-5 relative: inductor
+    may reorder float32 additions)."""
+    from fxscale import backend
+
+    model, args = models.mlp()
+    fast = fxscale_backend(fx.symbolic_trace(model), list(args), options={"format": "e4m3", "strict": True})
+    plain = fxscale_backend(fx.symbolic_trace(model), list(args),
+                            options={"format": "e4m3", "strict": True, "inductor": False})
+    with torch.no_grad():
+        y_fast, y_plain = fast(*args), plain(*args)
+    torch.testing.assert_close(y_fast, y_plain, rtol=1e-5, atol=1e-6)
+    assert sqnr_db(model(*args), y_fast) >= 20
+    assert all(isinstance(r, backend._InductorRegion) for r in fast.cache.values())
+    assert not any(isinstance(r, backend._InductorRegion) for r in plain.cache.values())
+
+
+def test__backend__inductor_failure_warns_and_runs_the_transformed_graph(monkeypatch):
+    from fxscale import backend
+
+    def broken_compile(module, **kw):
+        def run(*a):
+            raise RuntimeError("inductor exploded")
+
+        return run
+
+    monkeypatch.setattr(backend.torch, "compile", broken_compile)
+    model, args = models.mlp()
+    fn = fxscale_backend(fx.symbolic_trace(model), list(args), options={"format": "e4m3"})
+    with pytest.warns(UserWarning, match="inductor could not compile.*inductor exploded.*inductor.*False"), \
+            torch.no_grad():
+        y = fn(*args)
+    with torch.no_grad():
+        assert sqnr_db(model(*args), y) >= 20  # the transformed graph ran: fp8, not the original
+        assert not torch.equal(y, model(*args))
+    strict = fxscale_backend(fx.symbolic_trace(model), list(args), options={"strict": True})
+    with pytest.raises(RuntimeError, match="inductor exploded"), torch.no_grad():
+        strict(*args)

@@ -450,3 +450,28 @@ def test_compiled_transform__freezing__relu_gemm_lowered_at_mid_m(relu_cublas_ma
     assert "_scaled_mm" in code
     with torch.no_grad():
         assert _rel(y, t(x)) < 1e-2
+
+
+def test_backend__cuda_ffn__inductor_with_freezing_lowers_every_gemm():
+    """torch.compile(model, backend="fxscale") on the GPU: the transformed region goes through
+    inductor with freezing, so at M=256 both GEMMs become torch._scaled_mm calls in the
+    compiled code (no custom-op dispatch), and the result is the transformed module's
+    (1e-2 relative)."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 256))
+    model = model.cuda().to(torch.bfloat16).eval()
+    x = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False), \
+                torch._functorch.config.patch(enable_autograd_cache=False):
+            fast = torch.compile(model, backend="fxscale", options={"strict": True})
+            y, code = run_and_get_code(fast, x)
+            ref = fxscale.transform(model, (x,))(x)
+    finally:
+        torch._dynamo.reset()
+    code = "\n".join(code)
+    assert "fxscale_kernels.scaled_linear" not in code and code.count("_scaled_mm(") >= 2
+    assert _rel(y, ref) < 1e-2
