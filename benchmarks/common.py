@@ -315,8 +315,8 @@ def compile_fresh(mod: nn.Module, example, *, lowering: bool = True, relu_cublas
 
 def baseline_variants(model: nn.Module, example) -> list:
     """``(name, builder)`` of what every benchmark compares: bf16 eager and compiled, torchao fp8
-    (tensorwise, rowwise), the in-bench per-tensor dynamic fp8, and ``fxscale.transform`` with
-    its defaults (then torch.compile)."""
+    (tensorwise, rowwise), the in-bench per-tensor dynamic fp8, ``fxscale.transform`` with its
+    defaults (then torch.compile), and the fxscale torch.compile backend."""
     return [
         ("bf16 eager", lambda: model),
         ("bf16 compile", lambda: torch.compile(model)),
@@ -324,6 +324,7 @@ def baseline_variants(model: nn.Module, example) -> list:
         ("torchao fp8 rowwise (compile)", lambda: torch.compile(torchao_fp8(model, rowwise=True))),
         ("dynamic per-tensor fp8, in-bench (compile)", lambda: torch.compile(dyn_fp8(model))),
         ("fxscale.transform + compile", lambda: torch.compile(fxscale_transform(model, example))),
+        ('torch.compile(backend="fxscale")', lambda: torch.compile(model, backend="fxscale")),
     ]
 
 

@@ -452,7 +452,7 @@ def test_compiled_transform__freezing__relu_gemm_lowered_at_mid_m(relu_cublas_ma
         assert _rel(y, t(x)) < 1e-2
 
 
-def test_backend__cuda_ffn__inductor_with_freezing_lowers_every_gemm():
+def test_compiled_backend__cuda_ffn__inductor_with_freezing_lowers_every_gemm():
     """torch.compile(model, backend="fxscale") on the GPU: the transformed region goes through
     inductor with freezing, so at M=256 both GEMMs become torch._scaled_mm calls in the
     compiled code (no custom-op dispatch), and the result is the transformed module's
