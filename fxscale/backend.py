@@ -400,3 +400,18 @@ def reports() -> list[Any]:
     """
     return list(_REPORTS)
 
+
+
+def _register_without_install() -> None:
+    """Make ``backend="fxscale"`` work where fxscale is imported from a source tree (not
+    pip-installed, so the ``torch_dynamo_backends`` entry point is missing)."""
+    from importlib.metadata import entry_points
+
+    if any(ep.name == "fxscale" for ep in entry_points(group="torch_dynamo_backends")):
+        return
+    from torch._dynamo.backends.registry import register_backend
+
+    try:
+        register_backend(fxscale_backend, name="fxscale")
+    except AssertionError:  # registered already (a re-import)
+        pass
