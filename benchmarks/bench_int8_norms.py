@@ -143,7 +143,7 @@ def norm_rows(M, d, bw, out):
         floor = M * d * (2 + out_bytes) / bw / 1e6  # ms at the copy bandwidth
         row = f"| {M} | {name} | {t:.4f} | {100 * floor / t:.0f}% |"
         if hand is None:
-            row += " | | | |"
+            row += " | | |"
         else:
             try:
                 steps = e4m3_steps(hand(xs[0]), c(xs[0]))
