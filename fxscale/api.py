@@ -111,6 +111,16 @@ class ScaledGraphModule(fx.GraphModule):
             ) from e
 
 
+    def __reduce__(self):
+        raise TypeError(
+            "a transformed module cannot be pickled (torch.save(sm)): its graph calls torch.export's "
+            "input guard and fxscale's run-time scale functions, which pickle cannot store by name. "
+            "Save it as a program: torch.export.save(torch.export.export(sm, example_inputs), path) "
+            "(torch.export.load(path).module() runs it, fxscale imported for its ops), or save "
+            "sm.state_dict() and load it into fxscale.transform(model, example_inputs) of the same model."
+        )
+
+
 def _into_bound(x: Tensor, bound: tuple[float, float | None]) -> Tensor:
     """``x`` clamped to ``max|x| <= a`` and its rows scaled down to ``||x_i|| <= r`` (no host sync)."""
     a, r = bound

@@ -78,3 +78,11 @@ def test_exported_transformed_module_survives_save_and_load():
     loaded = torch.export.load(buf)
     with torch.no_grad():
         assert torch.equal(loaded.module()(*args), sm(*args))
+
+
+def test_pickling_a_transformed_module_says_how_to_save_it():
+    """torch.save(sm) cannot store export's guard function and the run-time scale functions:
+    a clear error naming the two ways that work (both tested above)."""
+    (sm, _args), _ = _pair("cnn", "e4m3")
+    with pytest.raises(TypeError, match=r"torch\.export\.save.*state_dict"):
+        torch.save(sm, io.BytesIO())
