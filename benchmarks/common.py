@@ -300,16 +300,16 @@ def compile_fresh(mod: nn.Module, example, *, lowering: bool = True, relu_cublas
     ``freezing``: inductor treats parameters and buffers as constants, so static scale
     arithmetic (reciprocals, scale products, bias / scale) is folded at compile time instead
     of running as small kernels every call."""
-    from fxscale.kernels import cuda
+    from fxscale.kernels import lowering as lowering_mod
 
-    cuda.set_inductor_lowering(lowering, relu_cublas_max_m=relu_cublas_max_m)
+    lowering_mod.set_inductor_lowering(lowering, relu_cublas_max_m=relu_cublas_max_m)
     try:
         c = torch.compile(mod, mode=mode)
         with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False, freezing=freezing), \
                 torch._functorch.config.patch(enable_autograd_cache=False):
             c(example)
     finally:
-        cuda.set_inductor_lowering(True)
+        lowering_mod.set_inductor_lowering(True)
     return c
 
 

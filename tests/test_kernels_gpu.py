@@ -400,7 +400,8 @@ def test_compiled_chain__matches_eager():
 def test_compiled_chain__large_m__inductor_lowering_matches_eager(lowering):
     """M > 64: torch.compile lowers scaled_linear to torch._scaled_mm (or, switched off, keeps
     the custom op); either way the result is the eager op's."""
-    cuda = _cuda()
+    from fxscale.kernels import lowering as lowering_mod
+
     f = get_format("e4m3")
     xq, xs, wq, ws, b = _operands(256, 512, 512)
     x = xq.float() * xs
@@ -410,12 +411,12 @@ def test_compiled_chain__large_m__inductor_lowering_matches_eager(lowering):
         h = _measured_relu_layer(x, f, wq, ws, b, os_)
         return h, torch.ops.fxscale.scaled_linear(h, os_, wq, ws, b, "none", None, None, torch.bfloat16)
 
-    cuda.set_inductor_lowering(lowering)
+    lowering_mod.set_inductor_lowering(lowering)
     try:
         torch._dynamo.reset()
         hc, yc = torch.compile(chain)(x)
     finally:
-        cuda.set_inductor_lowering(True)
+        lowering_mod.set_inductor_lowering(True)
         torch._dynamo.reset()
     he, ye = chain(x)
     _assert_fp8_close(hc, he, os_, f.name)
@@ -430,20 +431,21 @@ def test_compiled_transform__freezing__relu_gemm_lowered_at_mid_m(relu_cublas_ma
     result is the uncompiled module's (1e-2 relative)."""
     from torch._inductor.utils import run_and_get_code
 
-    cuda = _cuda()
+    from fxscale.kernels import lowering
+
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 256))
     model = model.cuda().to(torch.bfloat16).eval()
     x = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
     t = fxscale.transform(model, (x,), input_bounds=8.0, on_overflow="clamp")
-    cuda.set_inductor_lowering(True, relu_cublas_max_m=relu_cublas_max_m)
+    lowering.set_inductor_lowering(True, relu_cublas_max_m=relu_cublas_max_m)
     try:
         torch._dynamo.reset()
         with torch.no_grad(), torch._inductor.config.patch(freezing=True, fx_graph_cache=False), \
                 torch._functorch.config.patch(enable_autograd_cache=False):
             y, code = run_and_get_code(torch.compile(t), x)
     finally:
-        cuda.set_inductor_lowering(True)
+        lowering.set_inductor_lowering(True)
         torch._dynamo.reset()
     code = "\n".join(code)
     assert ("fxscale_kernels.scaled_linear" in code) == (relu_cublas_max_m == 0)
