@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, kernel timings, FFN and block benchmarks.
 #   STEPS="env tests kernels ffn block" OUT=/tmp/out bash benchmarks/run_gpu.sh
-# (also: int8norms -- int8 GEMMs and inductor's fp8-out norms; diag -- host overhead)
+# (also: int8norms -- int8 GEMMs, and fp8-out norms: inductor vs hand Triton; diag -- host overhead)
 # Each step has its own time cap, so a slow step never loses the ones after it.
 # Logs land in $OUT (tests.log, kernels.log, ffn.log, block.log, errors.log).
+# *_ARGS and TEST_ARGS are split on spaces (quotes inside them are not honoured): give --skip
+# single-word substrings, e.g. FFN_ARGS="--m 1024 --skip rowwise in-bench".
 set -u
 OUT=${OUT:-/tmp/fxscale-out}
 mkdir -p "$OUT"
