@@ -11,8 +11,10 @@ their size hints), and runs :func:`fxscale.transform` on the region.
 Each transformed region is then compiled by inductor (``torch.compile`` with
 ``options={"freezing": True}``: fused elementwise kernels around the fp8 GEMMs, static scale
 arithmetic folded into constants under ``torch.no_grad()``), as ``torch.compile`` of the
-result of ``fxscale.transform`` would be; ``inductor=False`` runs the transformed graph as it
-is (the fxscale ops' kernels one by one: for debugging and study).
+result of ``fxscale.transform`` would be; ``torch.compile(..., mode=...)`` carries over (e.g.
+``mode="reduce-overhead"``: CUDA graphs; torch.compile takes either ``mode`` or ``options``,
+so a mode runs with fxscale's default options). ``inductor=False`` runs the transformed graph
+as it is (the fxscale ops' kernels one by one: for debugging and study).
 
 Options go through ``torch.compile(..., options={...})``: any keyword-only option of
 ``fxscale.transform`` (``format``, ``threshold``, ``calibration``, ``input_bounds``,
@@ -93,11 +95,10 @@ def fxscale_backend(
     _check_options(opts)
     strict = bool(opts.pop("strict", False))
     inductor = bool(opts.pop("inductor", True))
-    if mode not in (None, "default"):
-        warnings.warn(f"fxscale backend ignores torch.compile mode={mode!r}", stacklevel=2)
+    inductor_options = _inductor_options(mode, inductor)
     _warn_fused_fast_paths(gm)
     try:
-        return _Compiled(gm, example_inputs, opts, strict=strict, inductor=inductor)
+        return _Compiled(gm, example_inputs, opts, strict=strict, inductor=inductor_options)
     except Exception as e:
         if strict:
             raise
@@ -109,6 +110,18 @@ def fxscale_backend(
         )
         log.debug("fxscale backend failure", exc_info=True)
         return gm.forward
+
+
+def _inductor_options(mode: str | None, inductor: bool) -> dict[str, Any] | None:
+    """Inductor's options for the transformed regions (None: no inductor): freezing, plus what
+    torch.compile's ``mode`` means for inductor (``"reduce-overhead"``: CUDA graphs)."""
+    if not inductor:
+        if mode not in (None, "default"):
+            warnings.warn(f"fxscale backend with inductor=False ignores torch.compile mode={mode!r}", stacklevel=3)
+        return None
+    from torch._inductor import list_mode_options
+
+    return {**(list_mode_options(mode) if mode else {}), "freezing": True}
 
 
 #: Fused inference fast paths that hide their matmuls from fxscale (they run in high precision).
@@ -297,7 +310,7 @@ class _Compiled:
     at compile time."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: list[Any], opts: dict[str, Any], *, strict: bool,
-                 inductor: bool = True):
+                 inductor: dict[str, Any] | None = None):
         self.gm = gm
         self.strict = strict
         self.inductor = inductor
@@ -329,8 +342,8 @@ class _Compiled:
                 fn = self._transform(lifted, [t.detach().clone() for t in inputs])
                 if hasattr(fn, "report"):
                     _REPORTS.append(fn.report)
-                if self.inductor:
-                    fn = _InductorRegion(fn, strict=self.strict)
+                if self.inductor is not None:
+                    fn = _InductorRegion(fn, self.inductor, strict=self.strict)
             except Exception as e:
                 if self.strict:
                     raise
@@ -358,9 +371,9 @@ class _InductorRegion:
     constants). If inductor fails, warns once and runs the transformed module as it is
     (``strict``: raises)."""
 
-    def __init__(self, module: Callable[..., Any], *, strict: bool):
+    def __init__(self, module: Callable[..., Any], options: dict[str, Any], *, strict: bool):
         self.module = module
-        self.compiled = torch.compile(module, options={"freezing": True})
+        self.compiled = torch.compile(module, options=options)
         self.strict = strict
         self.failed = False
 

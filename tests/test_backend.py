@@ -174,3 +174,32 @@ def test__backend__registered_without_an_installed_entry_point(monkeypatch):
     backend._register_without_install()
     backend._register_without_install()
     assert registry._COMPILER_FNS["fxscale"] is fxscale_backend
+
+
+def test__backend__mode_carries_over_to_inductor(monkeypatch):
+    """torch.compile(..., mode="reduce-overhead") means CUDA graphs for the transformed region
+    too (inductor's options for that mode, plus freezing); with inductor=False a mode warns."""
+    from fxscale import backend
+
+    seen = {}
+
+    def recording_compile(module, **kw):
+        seen.update(kw)
+        return module
+
+    monkeypatch.setattr(backend.torch, "compile", recording_compile)
+    model, args = models.mlp()
+    fn = fxscale_backend(fx.symbolic_trace(model), list(args), mode="reduce-overhead")
+    with torch.no_grad():
+        fn(*args)
+    assert seen["options"] == {"triton.cudagraphs": True, "freezing": True}
+    with pytest.warns(UserWarning, match="inductor=False ignores torch.compile mode='reduce-overhead'"):
+        fxscale_backend(fx.symbolic_trace(model), list(args), mode="reduce-overhead", options={"inductor": False})
+
+
+def test__backend__reduce_overhead_mode_runs():
+    """End to end through torch.compile (on the CPU inductor skips the CUDA graphs)."""
+    model, args = models.mlp()
+    f = torch.compile(model, backend="fxscale", mode="reduce-overhead")
+    with torch.no_grad():
+        assert sqnr_db(model(*args), f(*args)) >= 20
