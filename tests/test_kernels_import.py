@@ -11,6 +11,8 @@ from fxscale.kernels import cuda, lowering
 op = torch.ops.fxscale.scaled_linear.default
 assert dec.decompositions[op] is lowering._scaled_linear_decomposition
 assert lowering._relu_cublas_max_m() == 0          # freezing off
+with torch._inductor.config.patch(freezing=True):  # what inductor sets while compiling, frozen
+    assert lowering._relu_cublas_max_m() == 1024
 lowering.set_inductor_lowering(False)
 assert op not in dec.decompositions
 lowering.set_inductor_lowering(True, relu_cublas_max_m=512)
