@@ -382,12 +382,16 @@ def _measured_relu_layer(x, f, wq, ws, b, os_):
     return torch.ops.fxscale.scaled_linear(q, s, wq, ws, b, "relu", os_, f.name, torch.bfloat16)
 
 
+def _chain_operands(M, K, N):
+    """e4m3 operands of a two-layer chain: x, a weight / scale / bias, the ReLU layer's out scale."""
+    xq, xs, wq, ws, b = _operands(M, K, N)
+    return xq.float() * xs, wq, ws, b, _out_scale(xq, xs, wq, ws, b, "relu", "e4m3")
+
+
 def test_compiled_chain__matches_eager():
     """torch.compile sees the ops through their fake impls and calls the CUDA kernels."""
     f = get_format("e4m3")
-    xq, xs, wq, ws, b = _operands(64, 256, 256)
-    x = xq.float() * xs
-    os_ = _out_scale(xq, xs, wq, ws, b, "relu", "e4m3")
+    x, wq, ws, b, os_ = _chain_operands(64, 256, 256)
 
     def chain(x):
         h = _measured_relu_layer(x, f, wq, ws, b, os_)
@@ -403,9 +407,7 @@ def test_compiled_chain__large_m__inductor_lowering_matches_eager(lowering):
     from fxscale.kernels import lowering as lowering_mod
 
     f = get_format("e4m3")
-    xq, xs, wq, ws, b = _operands(256, 512, 512)
-    x = xq.float() * xs
-    os_ = _out_scale(xq, xs, wq, ws, b, "relu", "e4m3")
+    x, wq, ws, b, os_ = _chain_operands(256, 512, 512)
 
     def chain(x):
         h = _measured_relu_layer(x, f, wq, ws, b, os_)
@@ -423,31 +425,43 @@ def test_compiled_chain__large_m__inductor_lowering_matches_eager(lowering):
     assert _rel(yc, ye) < 1e-2
 
 
+def _bf16_ffn_256():
+    """A 256 -> 1024 -> 256 ReLU FFN in bf16 on the GPU and an input of M=256 rows."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 256))
+    x = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
+    return model.cuda().to(torch.bfloat16).eval(), x
+
+
+def _compiled_with_code(fn, x, **inductor_config):
+    """``fn(x)`` compiled afresh (compile caches off, under no_grad) and inductor's generated code."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False, **inductor_config), \
+                torch._functorch.config.patch(enable_autograd_cache=False):
+            y, code = run_and_get_code(fn, x)
+    finally:
+        torch._dynamo.reset()
+    return y, "\n".join(code)
+
+
 @pytest.mark.parametrize("relu_cublas_max_m", [None, 0])
 def test_compiled_transform__freezing__relu_gemm_lowered_at_mid_m(relu_cublas_max_m):
     """With inductor's freezing on, a transformed FFN at M=256 compiles its ReLU GEMM to
     ``torch._scaled_mm`` + a ReLU pass (no custom-op call: the static scale arithmetic folds
     into constants); with the switch at 0 the fused Triton custom op stays. Either way the
     result is the uncompiled module's (1e-2 relative)."""
-    from torch._inductor.utils import run_and_get_code
-
     from fxscale.kernels import lowering
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 256))
-    model = model.cuda().to(torch.bfloat16).eval()
-    x = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
+    model, x = _bf16_ffn_256()
     t = fxscale.transform(model, (x,), input_bounds=8.0, on_overflow="clamp")
     lowering.set_inductor_lowering(True, relu_cublas_max_m=relu_cublas_max_m)
     try:
-        torch._dynamo.reset()
-        with torch.no_grad(), torch._inductor.config.patch(freezing=True, fx_graph_cache=False), \
-                torch._functorch.config.patch(enable_autograd_cache=False):
-            y, code = run_and_get_code(torch.compile(t), x)
+        y, code = _compiled_with_code(torch.compile(t), x, freezing=True)
     finally:
         lowering.set_inductor_lowering(True)
-        torch._dynamo.reset()
-    code = "\n".join(code)
     assert ("fxscale_kernels.scaled_linear" in code) == (relu_cublas_max_m == 0)
     assert "_scaled_mm" in code
     with torch.no_grad():
@@ -459,21 +473,8 @@ def test_compiled_backend__cuda_ffn__inductor_with_freezing_lowers_every_gemm():
     inductor with freezing, so at M=256 both GEMMs become torch._scaled_mm calls in the
     compiled code (no custom-op dispatch), and the result is the transformed module's
     (1e-2 relative)."""
-    from torch._inductor.utils import run_and_get_code
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 256))
-    model = model.cuda().to(torch.bfloat16).eval()
-    x = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
-    torch._dynamo.reset()
-    try:
-        with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False), \
-                torch._functorch.config.patch(enable_autograd_cache=False):
-            fast = torch.compile(model, backend="fxscale", options={"strict": True})
-            y, code = run_and_get_code(fast, x)
-            ref = fxscale.transform(model, (x,))(x)
-    finally:
-        torch._dynamo.reset()
-    code = "\n".join(code)
+    model, x = _bf16_ffn_256()
+    y, code = _compiled_with_code(torch.compile(model, backend="fxscale", options={"strict": True}), x)
     assert "fxscale_kernels.scaled_linear" not in code and code.count("_scaled_mm(") >= 2
-    assert _rel(y, ref) < 1e-2
+    with torch.no_grad():
+        assert _rel(y, fxscale.transform(model, (x,))(x)) < 1e-2
