@@ -11,12 +11,12 @@ True
 from . import kernels, ops  # noqa: F401  (registers torch.ops.fxscale.* and device kernels)
 from .api import TransformConfig, dynamic_baseline, transform
 from .audit import audit
-from .backend import _register_without_install
+from .backend import _register as _register_backend
 from .formats import FORMATS, Format, get_format, wasted_bits
 from .metrics import sqnr_db
 from .scaled import ScaledTensor, ScaledTensorData, dequantise, quantise, requantise
 
-_register_without_install()
+_register_backend()
 
 __all__ = [
     "FORMATS",

@@ -98,7 +98,7 @@ def fxscale_backend(
     inductor_options = _inductor_options(mode, inductor)
     _warn_fused_fast_paths(gm)
     try:
-        return _Compiled(gm, example_inputs, opts, strict=strict, inductor=inductor_options)
+        return _Compiled(gm, example_inputs, opts, strict=strict, inductor_options=inductor_options)
     except Exception as e:
         if strict:
             raise
@@ -310,10 +310,10 @@ class _Compiled:
     at compile time."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: list[Any], opts: dict[str, Any], *, strict: bool,
-                 inductor: dict[str, Any] | None = None):
+                 inductor_options: dict[str, Any] | None = None):
         self.gm = gm
         self.strict = strict
-        self.inductor = inductor
+        self.inductor_options = inductor_options  # None: run the transformed graph without inductor
         self.example_inputs = list(example_inputs)
         self.opts = opts
         self.cache: dict[Any, Any] = {}
@@ -342,8 +342,8 @@ class _Compiled:
                 fn = self._transform(lifted, [t.detach().clone() for t in inputs])
                 if hasattr(fn, "report"):
                     _REPORTS.append(fn.report)
-                if self.inductor is not None:
-                    fn = _InductorRegion(fn, self.inductor, strict=self.strict)
+                if self.inductor_options is not None:
+                    fn = _InductorRegion(fn, self.inductor_options, strict=self.strict)
             except Exception as e:
                 if self.strict:
                     raise
@@ -415,16 +415,14 @@ def reports() -> list[Any]:
 
 
 
-def _register_without_install() -> None:
-    """Make ``backend="fxscale"`` work where fxscale is imported from a source tree (not
-    pip-installed, so the ``torch_dynamo_backends`` entry point is missing)."""
-    from importlib.metadata import entry_points
-
-    if any(ep.name == "fxscale" for ep in entry_points(group="torch_dynamo_backends")):
-        return
+def _register() -> None:
+    """Make ``backend="fxscale"`` known to Dynamo on import, also where fxscale runs from a source
+    tree without the ``torch_dynamo_backends`` entry point. Where the entry point exists it
+    names this same function, so registering directly changes nothing there (and saves the
+    scan of installed packages' metadata at import)."""
     from torch._dynamo.backends.registry import register_backend
 
     try:
         register_backend(fxscale_backend, name="fxscale")
-    except AssertionError:  # registered already (a re-import)
+    except AssertionError:  # registered already (the entry point was loaded, or a re-import)
         pass

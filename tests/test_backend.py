@@ -162,17 +162,14 @@ def test__backend__inductor_failure_warns_and_runs_the_transformed_graph(monkeyp
 def test__backend__registered_without_an_installed_entry_point(monkeypatch):
     """From a source tree (PYTHONPATH, no pip install) the entry point is missing: importing
     fxscale registers the backend itself; doing it again is harmless."""
-    import importlib.metadata
-
     from torch._dynamo.backends import registry
 
     from fxscale import backend
 
-    monkeypatch.setattr(importlib.metadata, "entry_points", lambda **kw: [])
     monkeypatch.setattr(registry, "_COMPILER_FNS", {k: v for k, v in registry._COMPILER_FNS.items() if k != "fxscale"})
     monkeypatch.setattr(registry, "_BACKENDS", {k: v for k, v in registry._BACKENDS.items() if k != "fxscale"})
-    backend._register_without_install()
-    backend._register_without_install()
+    backend._register()
+    backend._register()
     assert registry._COMPILER_FNS["fxscale"] is fxscale_backend
 
 
