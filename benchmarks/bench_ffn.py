@@ -60,7 +60,7 @@ def build_variants(model, inputs, bound, small):
     variants = [
         *baseline_variants(model, inputs[0]),
         ("fxscale.transform, input_bounds=8, clamp + compile",
-         lambda: torch.compile(fxscale_transform(model, inputs[0], input_bounds=bound, threshold=8.0, on_overflow="clamp"))),
+         lambda: torch.compile(bounds_model())),
         ("fxscale.transform, input_bounds=(8, 1.25 sqrt(d)), clamp + compile",
          lambda: torch.compile(fxscale_transform(model, inputs[0], input_bounds=[(bound, rownorm)], on_overflow="clamp"))),
         ("fxscale.transform, e4m3:exact + compile",
@@ -81,7 +81,7 @@ def build_variants(model, inputs, bound, small):
     ]
     if small:
         variants.append(("fxscale.transform, input_bounds=8, clamp (reduce-overhead)",
-                         lambda: torch.compile(fxscale_transform(model, inputs[0], input_bounds=bound, threshold=8.0, on_overflow="clamp"),
+                         lambda: torch.compile(bounds_model(),
                                                mode="reduce-overhead"), ("plain",)))
         variants.append(("fxscale hand chain, input_bound=8 (reduce-overhead)",
                          lambda: torch.compile(HandFFN(model, input_bound=bound), mode="reduce-overhead"),

@@ -58,6 +58,10 @@ def main() -> None:
     model = init_(FFN(4096, 16384)).cuda().to(torch.bfloat16).eval()
     xs = [torch.randn(args.m, 4096, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
     x = xs[0]
+
+    def bounds():
+        return fxscale.transform(model, (x,), input_bounds=8.0, threshold=8.0, on_overflow="clamp")
+
     from fxscale.kernels import cuda
 
     xq = torch.randn(16, 256, device="cuda").to(torch.float8_e4m3fn)
@@ -79,13 +83,11 @@ def main() -> None:
             print(f"{name:45s} host {h:7.1f} us/call  (wall {t:7.1f})", flush=True)
         builders = [
             ("hand static (compile)", lambda: compile_(HandFFN(model, input_bound=8.0))),
-            ("transform, input_bounds=8, clamp (compile)", lambda: compile_(fxscale.transform(
-                model, (x,), input_bounds=8.0, threshold=8.0, on_overflow="clamp"))),
-            ("transform, bounds (compile, freezing)", lambda: compile_fresh(fxscale.transform(
-                model, (x,), input_bounds=8.0, threshold=8.0, on_overflow="clamp"), x, freezing=True, mode=args.mode)),
-            ("transform, bounds (freezing, ReLU fused Triton)", lambda: compile_fresh(fxscale.transform(
-                model, (x,), input_bounds=8.0, threshold=8.0, on_overflow="clamp"), x, freezing=True,
-                relu_cublas_max_m=0, mode=args.mode)),
+            ("transform, input_bounds=8, clamp (compile)", lambda: compile_(bounds())),
+            ("transform, bounds (compile, freezing)",
+             lambda: compile_fresh(bounds(), x, freezing=True, mode=args.mode)),
+            ("transform, bounds (freezing, ReLU fused Triton)",
+             lambda: compile_fresh(bounds(), x, freezing=True, relu_cublas_max_m=0, mode=args.mode)),
             ("transform, dynamic (compile, freezing)", lambda: compile_fresh(
                 fxscale.transform(model, (x,)), x, freezing=True, mode=args.mode)),
             ("hand dynamic (compile)", lambda: compile_(HandFFN(model))),
