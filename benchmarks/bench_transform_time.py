@@ -3,11 +3,10 @@
 Target (DESIGN.md): under 2 s. The model is transformers' ``GPT2Model`` (and, optionally,
 ``GPT2LMHeadModel``, whose tied 50257x768 head is one more matmul operand) built from
 ``GPT2Config(n_layer=12, n_embd=768, n_head=12, use_cache=False)`` with random weights; the
-input is ``(1, 32)`` token ids. We time the whole ``transform`` (median of 3 runs), then
-call the passes one by one exactly as ``fxscale/api.py`` does (capture, calibrate, analyse,
-lower, report), and inside ``analyse`` the time spent in ``Bound.of_tensor`` (weight norms)
-and in its ``torch.linalg.eigvalsh`` (spectral norms), by wrapping those functions in this
-process only.
+input is ``(1, 32)`` token ids. We time the whole ``transform`` (median of 3 runs) and read
+each compiler pass's wall time from the pipeline itself (``sm.pass_times``, recorded by
+``passes.run``), plus the time to render the report; ``--profile`` adds a cProfile of the
+``analyse`` pass.
 
     .venv/bin/python benchmarks/bench_transform_time.py [--lm-head] [--runs 3] [--write]
 
@@ -18,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import functools
 import io
 import os
 import platform
@@ -31,10 +29,7 @@ import warnings
 import torch
 
 import fxscale
-import fxscale.bound as fb
-from fxscale.api import _input_bounds, transform
-from fxscale.formats import get_format
-from fxscale.nodeinfo import info
+from fxscale.api import transform
 
 DATE = "2026-11-26"  # the date this benchmark was run for the results file
 
@@ -60,94 +55,23 @@ def build_model(lm_head: bool):
     return model, (ids,)
 
 
-class Timer:
-    """Accumulates wall time of wrapped calls (outermost call only, so recursion counts once)."""
-
-    def __init__(self):
-        self.total = 0.0
-        self.calls = 0
-        self._depth = 0
-
-    def wrap(self, fn):
-        @functools.wraps(fn)
-        def inner(*a, **k):
-            self._depth += 1
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                self._depth -= 1
-                if self._depth == 0:
-                    self.total += time.perf_counter() - t0
-                    self.calls += 1
-
-        return inner
-
-
-def phases(model, args, fmt_name: str = "float8_e4m3fn") -> dict[str, float]:
-    """One transform, pass by pass as ``fxscale/api.py`` calls them; seconds per phase."""
-    from fxscale.report import Report
-    from passes.calibrate import calibrate
-    from passes.capture import capture as capture_graph
-    from passes.lower import lower
-    from passes.requantise import analyse
-
-    fmt = get_format(fmt_name)
-    out: dict[str, float] = {}
-
-    # Wrap Bound.of_tensor and eigvalsh for this one run (restored afterwards).
-    of_tensor_t, eig_t = Timer(), Timer()
-    orig_of_tensor = fb.Bound.__dict__["of_tensor"]
-    orig_eig = torch.linalg.eigvalsh
-    fb.Bound.of_tensor = staticmethod(of_tensor_t.wrap(orig_of_tensor.__func__))
-    torch.linalg.eigvalsh = eig_t.wrap(orig_eig)
-    try:
-        t = time.perf_counter()
-        gm = capture_graph(model, args, method="export")
-        out["capture"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        calibrate(gm, [args])
-        out["calibrate"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        ib = _input_bounds(placeholders, None)
-        an = analyse(gm, fmt=fmt, mode="rownorm", threshold=None, input_bounds=ib, requantise=True)
-        out["analyse"] = time.perf_counter() - t
-        out["  of which Bound.of_tensor"] = of_tensor_t.total
-        out["    of which eigvalsh"] = eig_t.total
-        out["_of_tensor_calls"] = of_tensor_t.calls
-        out["_eig_calls"] = eig_t.calls
-
-        rows = [(n.name, info(n)) for n in gm.graph.nodes if not (n.op == "call_module" and "guards" in str(n.target))]
-        t = time.perf_counter()
-        lower(gm, an)
-        out["lower"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        report = Report.from_rows(rows, fmt)
-        text = str(report)
-        out["report"] = time.perf_counter() - t
-        out["_nodes"] = len(rows)
-        out["_summary"] = text.strip().splitlines()[-1]
-    finally:
-        fb.Bound.of_tensor = orig_of_tensor
-        torch.linalg.eigvalsh = orig_eig
-    return out
+def report_time(sm) -> float:
+    """Seconds to render ``sm.report`` as text (the table the user prints)."""
+    t = time.perf_counter()
+    str(sm.report)
+    return time.perf_counter() - t
 
 
 def profile_analyse(model, args, top: int = 12) -> str:
-    """cProfile of one ``analyse`` call (after capture + calibrate), by own time."""
-    from passes.calibrate import calibrate
-    from passes.capture import capture as capture_graph
-    from passes.requantise import analyse
+    """cProfile of the pipeline's ``analyse`` pass (after capture + calibrate), by own time."""
+    import passes
+    from fxscale.config import TransformConfig
 
-    gm = capture_graph(model, args, method="export")
-    calibrate(gm, [args])
+    by_name = {p.name: p for p in passes.PIPELINE}
+    c = passes.run(model, args, TransformConfig(format="float8_e4m3fn"), passes=[by_name["capture"], by_name["calibrate"]])
     pr = cProfile.Profile()
     pr.enable()
-    analyse(gm, fmt=get_format("float8_e4m3fn"), mode="rownorm", input_bounds={}, requantise=True)
+    by_name["analyse"].fn(c)
     pr.disable()
     s = io.StringIO()
     pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(top)
@@ -164,25 +88,22 @@ def bench(lm_head: bool, runs: int) -> dict:
         transform(model, args)
         first = time.perf_counter() - t
         print(f"{name}: first transform in the process {first:.2f} s", flush=True)
-        totals, cpu = [], []
+        totals, cpu, per_phase = [], [], []
         for _ in range(runs):
             t, c = time.perf_counter(), time.process_time()
             sm = transform(model, args)
             totals.append(time.perf_counter() - t)
             cpu.append(time.process_time() - c)
-            print(f"{name}: transform {totals[-1]:.2f} s (CPU time of the process {cpu[-1]:.2f} s)", flush=True)
-        per_phase = []
-        for _ in range(runs):
-            per_phase.append(phases(model, args))
-            print(f"{name}: phases " + ", ".join(
-                f"{k.strip()} {1000 * v:.0f} ms" for k, v in per_phase[-1].items() if not k.startswith("_")), flush=True)
+            per_phase.append({**sm.pass_times, "report": report_time(sm)})
+            print(f"{name}: transform {totals[-1]:.2f} s (CPU time of the process {cpu[-1]:.2f} s); passes "
+                  + ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in per_phase[-1].items()), flush=True)
     # Sanity: it runs and is finite.
     with torch.no_grad():
         y = sm(*args)
     y0 = y[0] if isinstance(y, (tuple, list)) else getattr(y, "last_hidden_state", None)
     if y0 is None:
         y0 = y.logits
-    med = {k: statistics.median([p[k] for p in per_phase]) for k in per_phase[0] if not k.startswith("_")}
+    med = {k: statistics.median([p[k] for p in per_phase]) for k in per_phase[0]}
     return {
         "name": name,
         "first": first,
@@ -190,10 +111,8 @@ def bench(lm_head: bool, runs: int) -> dict:
         "median": statistics.median(totals),
         "cpu_median": statistics.median(cpu),
         "phases": med,
-        "nodes": per_phase[0]["_nodes"],
-        "of_tensor_calls": per_phase[0]["_of_tensor_calls"],
-        "eig_calls": per_phase[0]["_eig_calls"],
-        "summary": per_phase[0]["_summary"],
+        "nodes": len(sm.graph.nodes),
+        "summary": str(sm.report).strip().splitlines()[-1],
         "finite": bool(torch.isfinite(y0).all()),
     }
 
@@ -222,17 +141,12 @@ def render(results: list[dict], profile: str | None) -> str:
             f"not counted: {r['first']:.2f} s); process CPU time (both cores) median {r['cpu_median']:.2f} s. Target < 2 s: **{'met' if r['median'] < 2 else 'MISSED'}**. "
             f"Output finite: {r['finite']}."),
             "",
-            "| phase (median of runs, pass by pass as api.py calls them) | ms |",
+            "| pass (median of the timed runs, from sm.pass_times; report: rendering it) | ms |",
             "|---|---|",
         ]
         for k, v in r["phases"].items():
-            label = k.strip()
-            if k.startswith("    "):
-                label = f"&nbsp;&nbsp;&nbsp;&nbsp;{label} ({r['eig_calls']} calls)"
-            elif k.startswith("  "):
-                label = f"&nbsp;&nbsp;{label} ({r['of_tensor_calls']} calls)"
-            lines.append(f"| {label} | {1000 * v:.0f} |")
-        top = sum(v for k, v in r["phases"].items() if not k.startswith(" "))
+            lines.append(f"| {k} | {1000 * v:.0f} |")
+        top = sum(r["phases"].values())
         lines += [f"| sum of phases | {1000 * top:.0f} |", "", f"Report summary: `{r['summary']}`", ""]
     if profile:
         lines += ["## `analyse` profile (GPT2Model, by own time)", "", "```", profile.strip(), "```", ""]

@@ -8,7 +8,7 @@
 True
 """
 
-from . import kernels, ops  # noqa: F401  (registers torch.ops.fxscale.* and device kernels)
+from . import kernels, ops, scaled_ops  # noqa: F401  (registers torch.ops.fxscale.*, device kernels, eager op table)
 from .api import TransformConfig, dynamic_baseline, transform
 from .audit import audit
 from .backend import _register as _register_backend

@@ -16,9 +16,10 @@ result of ``fxscale.transform`` would be; ``torch.compile(..., mode=...)`` carri
 so a mode runs with fxscale's default options). ``inductor=False`` runs the transformed graph
 as it is (the fxscale ops' kernels one by one: for debugging and study).
 
-Options go through ``torch.compile(..., options={...})``: any keyword-only option of
-``fxscale.transform`` (``format``, ``threshold``, ``calibration``, ``input_bounds``,
-``on_overflow``, ``rules``, ``capture``) plus ``strict`` and ``inductor``. ``calibration`` and
+Options go through ``torch.compile(..., options={...})``: any option of ``fxscale.transform``
+(the fields of :class:`fxscale.config.TransformConfig`: ``format``, ``threshold``,
+``input_bounds``, ``on_overflow``, ``rules``, ...; and ``calibration``) plus ``strict`` and
+``inductor``. ``calibration`` and
 ``input_bounds`` are in terms of the region's tensor inputs in order (for a model called
 as ``model(x)`` with no graph break, the model's inputs). On an internal failure the backend
 warns and runs the original graph (or, where only inductor failed, the transformed graph
@@ -41,31 +42,22 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .config import option_names
+
 __all__ = ["BACKEND_OPTIONS", "TRANSFORM_OPTIONS", "fxscale_backend", "reports"]
 
 log = logging.getLogger(__name__)
 log.addHandler(logging.NullHandler())
 
-#: Keyword-only options of fxscale.transform the backend passes through.
-TRANSFORM_OPTIONS = ("format", "threshold", "calibration", "input_bounds", "on_overflow", "rules", "capture")
+#: Options of fxscale.transform the backend passes through: the fields of the one validated
+#: config (fxscale.config.TransformConfig), plus the calibration batches.
+TRANSFORM_OPTIONS = (*option_names(), "calibration")
 #: Options of the backend itself.
 BACKEND_OPTIONS = ("strict", "inductor")
 
 
 def _valid_options() -> tuple[str, ...]:
-    """The documented options, plus any further keyword-only option ``transform`` accepts."""
-    names = list(TRANSFORM_OPTIONS) + list(BACKEND_OPTIONS)
-    try:
-        import inspect
-
-        from .api import transform
-
-        for p in inspect.signature(transform).parameters.values():
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in names:
-                names.append(p.name)
-    except Exception:
-        log.debug("could not introspect fxscale.api.transform", exc_info=True)
-    return tuple(names)
+    return TRANSFORM_OPTIONS + BACKEND_OPTIONS
 
 
 def _check_options(options: dict[str, Any]) -> None:

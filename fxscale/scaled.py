@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .config import check_rules
 from .formats import Format, get_format
 
 __all__ = [
@@ -79,8 +80,8 @@ def eager_options(*, rules: str | None = None, threshold: float | None = None) -
     0.125
     """
     cur = _OPTIONS.get()
-    if rules is not None and rules not in ("rownorm", "absmax"):
-        raise ValueError(f"rules must be 'rownorm' or 'absmax', got {rules!r}")
+    if rules is not None:
+        check_rules(rules)  # the one validator, shared with transform's config
     new = EagerOptions(rules if rules is not None else cur.rules, threshold if threshold is not None else cur.threshold)
     token = _OPTIONS.set(new)
     try:
@@ -89,12 +90,17 @@ def eager_options(*, rules: str | None = None, threshold: float | None = None) -
         _OPTIONS.reset(token)
 
 
+def current_options() -> EagerOptions:
+    """The :class:`EagerOptions` in force (set by :func:`eager_options`)."""
+    return _OPTIONS.get()
+
+
 class ScaledFallbackWarning(UserWarning):
     """An op on a ScaledTensor had no scaled implementation and ran in float32."""
 
 
 # ============================================================================ data
-def _acc_dtype(fmt: Format) -> torch.dtype:
+def acc_dtype(fmt: Format) -> torch.dtype:
     """High-precision type to compute in: float64 for integers (int8 products sum exactly)."""
     return torch.float32 if fmt.is_float else torch.float64
 
@@ -130,7 +136,7 @@ class ScaledTensorData:
 
     def to_tensor(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The represented value ``data * scale`` in ``dtype`` (computed in float32 or wider)."""
-        hp = torch.float64 if dtype == torch.float64 else _acc_dtype(self.format)
+        hp = torch.float64 if dtype == torch.float64 else acc_dtype(self.format)
         return (self.data.to(hp) * self.scale.to(hp)).to(dtype)
 
     @property
@@ -151,7 +157,7 @@ def _scale_str(scale: Tensor) -> str:
 
 
 # ============================================================================ quantise
-def _finite_amax(x: Tensor) -> float:
+def finite_amax(x: Tensor) -> float:
     """max |x| over the finite elements (0 if none)."""
     if x.numel() == 0:
         return 0.0
@@ -161,7 +167,7 @@ def _finite_amax(x: Tensor) -> float:
 
 
 def _quantise_data(x: Tensor, fmt: Format) -> ScaledTensorData:
-    scale = fmt.scale_for(_finite_amax(x))
+    scale = fmt.scale_for(finite_amax(x))
     hp = torch.float64 if x.dtype == torch.float64 else torch.float32
     return ScaledTensorData(fmt.cast(x.to(hp) / scale), torch.tensor(scale, dtype=torch.float32, device=x.device))
 
@@ -191,12 +197,12 @@ def requantise(st: ScaledTensor | ScaledTensorData) -> ScaledTensor:
     """
     d = st.st if isinstance(st, ScaledTensor) else st
     fmt = d.format
-    mx = _finite_amax(d.data.to(_acc_dtype(fmt)))
+    mx = finite_amax(d.data.to(acc_dtype(fmt)))
     if mx == 0.0:
         return ScaledTensor(ScaledTensorData(d.data, d.scale))
     new_scale = fmt.scale_for(mx * float(d.scale))
     ratio = d.scale.to(torch.float64) / new_scale
-    data = fmt.cast((d.data.to(torch.float64) * ratio).to(_acc_dtype(fmt)))
+    data = fmt.cast((d.data.to(torch.float64) * ratio).to(acc_dtype(fmt)))
     return ScaledTensor(ScaledTensorData(data, torch.tensor(new_scale, dtype=torch.float32, device=d.data.device)))
 
 
@@ -270,13 +276,16 @@ class ScaledTensor(Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        # The op table lives beside the ops (fxscale.scaled_ops), imported here, lazily: no circle.
+        from .scaled_ops import HANDLERS, fallback
+
         kwargs = kwargs or {}
-        handler = _HANDLERS.get(func) or _HANDLERS.get(func.overloadpacket)
+        handler = HANDLERS.get(func) or HANDLERS.get(func.overloadpacket)
         if handler is not None:
             out = handler(func, args, kwargs)
             if out is not NotImplemented:
                 return out
-        return scaled_ops.fallback(func, args, kwargs)
+        return fallback(func, args, kwargs)
 
 
 def _to(func, x: ScaledTensor, args, kwargs) -> Tensor:
@@ -291,20 +300,3 @@ def _to(func, x: ScaledTensor, args, kwargs) -> Tensor:
     if dtype is None:
         return ScaledTensor(d)
     return d.to_tensor(dtype)
-
-
-# ============================================================================ dispatch handlers
-_HANDLERS: dict[Any, Any] = {}
-
-
-def _handles(*ops):
-    def deco(fn):
-        for op in ops:
-            _HANDLERS[op] = fn
-        return fn
-
-    return deco
-
-
-# The handlers (and the float32 fallback) live beside this file; importing registers them.
-from . import scaled_ops

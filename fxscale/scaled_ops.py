@@ -2,7 +2,9 @@
 
 Each handler takes the op and its arguments as they reach ``__torch_dispatch__`` and returns a
 ``ScaledTensor`` (scale from :mod:`fxscale.rules`), a plain tensor, or ``NotImplemented``.
-Imported by :mod:`fxscale.scaled`, which owns the registry.
+The table (``HANDLERS``, filled by ``@implements``) lives here, beside the ops; the subclass
+imports it lazily inside ``__torch_dispatch__``, so this module imports :mod:`fxscale.scaled`
+and not the other way round.
 """
 
 from __future__ import annotations
@@ -19,16 +21,31 @@ from . import rules as _rules
 from .bound import Bound
 from .formats import Format, get_format
 from .scaled import (
-    _OPTIONS,
     ScaledFallbackWarning,
     ScaledTensor,
     ScaledTensorData,
-    _acc_dtype,
-    _finite_amax,
-    _handles,
+    acc_dtype,
+    current_options,
+    finite_amax,
 )
 
 aten = torch.ops.aten
+
+#: ATen overload (or packet) -> handler ``(func, args, kwargs) -> ScaledTensor | Tensor | NotImplemented``.
+HANDLERS: dict[Any, Any] = {}
+
+
+def implements(*ops):
+    """Decorator: ``fn`` handles each op in ``ops`` on ScaledTensors. Registering an op twice raises."""
+
+    def deco(fn):
+        for op in ops:
+            if op in HANDLERS:
+                raise ValueError(f"ScaledTensor op {op} already has a handler ({HANDLERS[op].__name__})")
+            HANDLERS[op] = fn
+        return fn
+
+    return deco
 
 
 def _fmt_of(*xs: Any) -> Format:
@@ -63,9 +80,9 @@ def _finish(hp: Tensor, bound: Bound | None, fmt: Format) -> ScaledTensor:
 
     Requantises (scale from the real max |hp|) where the bound wastes more than the threshold.
     """
-    opts = _OPTIONS.get()
+    opts = current_options()
     threshold = fmt.threshold if opts.threshold is None else opts.threshold
-    amax = _finite_amax(hp)
+    amax = finite_amax(hp)
     b = float(bound.absmax) if bound is not None else math.inf
     if not math.isfinite(b) or amax == 0.0 or math.log2(b / amax) > threshold:
         scale = fmt.scale_for(amax)
@@ -81,12 +98,12 @@ def _finish(hp: Tensor, bound: Bound | None, fmt: Format) -> ScaledTensor:
 
 def _computed(func, args, kwargs, scaled_positions: tuple[str, ...]):
     """Run ``func`` on the dequantised operands in high precision, bound it, cast back."""
-    named = _rules._normalise(func, args, kwargs)
+    named = _rules.normalise(func, args, kwargs)
     if any(not isinstance(named.get(n), ScaledTensor) for n in scaled_positions):
         return NotImplemented
     tensors = [x for x in named.values() if isinstance(x, Tensor)]
     fmt = _fmt_of(*tensors)
-    dt = _acc_dtype(fmt)
+    dt = acc_dtype(fmt)
     hp_args = tree_map(lambda x: _hp(x, dt), args)
     hp_kwargs = tree_map(lambda x: _hp(x, dt), kwargs)
     out = func(*hp_args, **hp_kwargs)
@@ -94,7 +111,7 @@ def _computed(func, args, kwargs, scaled_positions: tuple[str, ...]):
     r_kwargs = {k: _map2(_arg, kwargs[k], hp_kwargs[k]) for k in kwargs}
     bound = None
     if func in _rules.RULES:
-        bound = _rules.evaluate(func, r_args, r_kwargs, [tuple(out.shape)], mode=_OPTIONS.get().rules)[0]
+        bound = _rules.evaluate(func, r_args, r_kwargs, [tuple(out.shape)], mode=current_options().rules)[0]
     return _finish(out, bound, fmt)
 
 
@@ -104,53 +121,53 @@ def _map2(fn, a, b):
     return fn(a, b)
 
 
-@_handles(aten.mm.default, aten.bmm.default, aten.matmul.default, aten.mv.default, aten.dot.default)
+@implements(aten.mm.default, aten.bmm.default, aten.matmul.default, aten.mv.default, aten.dot.default)
 def _matmul(func, args, kwargs):
     """Both operands scaled; float32 accumulation (float64 for integer formats)."""
     a, b = args[0], args[1]
     if not (isinstance(a, ScaledTensor) and isinstance(b, ScaledTensor)):
         return NotImplemented
     fmt = _fmt_of(a, b)
-    dt = _acc_dtype(fmt)
+    dt = acc_dtype(fmt)
     ha, hb = a.st.to_tensor(dt), b.st.to_tensor(dt)
     out = func(ha, hb)
     op, sa, sb, shape = func, ha, hb, tuple(out.shape)
     if func in (aten.mv.default, aten.dot.default):  # the rules see them as (M, K) @ (K, 1)
         op, sa, sb = aten.mm.default, ha.reshape(-1, ha.shape[-1]), hb.reshape(-1, 1)
         shape = (sa.shape[0], 1)
-    bound = _rules.evaluate(op, (_arg(a, sa), _arg(b, sb)), {}, [shape], mode=_OPTIONS.get().rules)[0]
+    bound = _rules.evaluate(op, (_arg(a, sa), _arg(b, sb)), {}, [shape], mode=current_options().rules)[0]
     return _finish(out, bound, fmt)
 
 
-@_handles(aten.addmm.default, aten.baddbmm.default)
+@implements(aten.addmm.default, aten.baddbmm.default)
 def _addmm(func, args, kwargs):
     """Matrix operands scaled; the bias may be scaled or a float tensor (added in high precision)."""
     return _computed(func, args, kwargs, ("mat1", "mat2") if func is aten.addmm.default else ("batch1", "batch2"))
 
 
-@_handles(aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor)
+@implements(aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor)
 def _binary(func, args, kwargs):
     """Both operands scaled, same format; the result keeps it."""
     return _computed(func, args, kwargs, ("self", "other"))
 
 
-@_handles(aten.gelu.default, aten.silu.default, aten.tanh.default, aten.neg.default, aten.abs.default)
+@implements(aten.gelu.default, aten.silu.default, aten.tanh.default, aten.neg.default, aten.abs.default)
 def _unary(func, args, kwargs):
     return _computed(func, args, kwargs, ("self",))
 
 
-@_handles(aten.relu.default)
+@implements(aten.relu.default)
 def _relu(func, args, kwargs):
     """relu is exact on the data: same format, same scale."""
     d = args[0].st
     fmt = d.format
-    return ScaledTensor(ScaledTensorData(fmt.cast(torch.relu(d.data.to(_acc_dtype(fmt)))), d.scale))
+    return ScaledTensor(ScaledTensorData(fmt.cast(torch.relu(d.data.to(acc_dtype(fmt)))), d.scale))
 
 
-@_handles(aten.cat.default, aten.stack.default)
+@implements(aten.cat.default, aten.stack.default)
 def _joined(func, args, kwargs):
     """Concatenation of scaled tensors of one format: exact when the scales agree."""
-    named = _rules._normalise(func, args, kwargs)
+    named = _rules.normalise(func, args, kwargs)
     xs = named["tensors"]
     if not xs or not all(isinstance(x, ScaledTensor) for x in xs):
         return NotImplemented
@@ -160,10 +177,10 @@ def _joined(func, args, kwargs):
         try:
             data = func([x._data for x in xs], dim)
         except (RuntimeError, NotImplementedError):  # no float8 kernel: via float32, exact
-            data = fmt.cast(func([x._data.to(_acc_dtype(fmt)) for x in xs], dim))
+            data = fmt.cast(func([x._data.to(acc_dtype(fmt)) for x in xs], dim))
         return ScaledTensor(ScaledTensorData(data, xs[0]._scale))
-    hp = func([x.st.to_tensor(_acc_dtype(fmt)) for x in xs], dim)
-    b = max(float(x._scale) * _finite_amax(x._data.to(_acc_dtype(fmt))) for x in xs)
+    hp = func([x.st.to_tensor(acc_dtype(fmt)) for x in xs], dim)
+    b = max(float(x._scale) * finite_amax(x._data.to(acc_dtype(fmt))) for x in xs)
     return _finish(hp, Bound(b), fmt)
 
 
@@ -177,7 +194,7 @@ _SHAPE_OPS = (
 )
 
 
-@_handles(*_SHAPE_OPS)
+@implements(*_SHAPE_OPS)
 def _shape_op(func, args, kwargs):
     """Moves elements without arithmetic: apply to the data, keep the scale."""
     x = args[0]
@@ -189,11 +206,11 @@ def _shape_op(func, args, kwargs):
     except (RuntimeError, NotImplementedError):  # some shape ops lack float8 kernels: go via float32
         fmt = d.format
         out = tree_map(lambda t: fmt.cast(t) if isinstance(t, Tensor) else t,
-                       func(d.data.to(_acc_dtype(fmt)), *args[1:], **kwargs))
+                       func(d.data.to(acc_dtype(fmt)), *args[1:], **kwargs))
     return tree_map(lambda t: ScaledTensor(ScaledTensorData(t, d.scale)) if isinstance(t, Tensor) else t, out)
 
 
-@_handles(aten._to_copy.default)
+@implements(aten._to_copy.default)
 def _to_copy(func, args, kwargs):
     x = args[0]
     dtype = kwargs.get("dtype")

@@ -1,0 +1,131 @@
+"""The compiler: an ordered list of passes over one captured ATen graph, and :func:`run`.
+
+Each pass is one file with one job; it reads and writes the :class:`Compilation` below (the
+graph, and what earlier passes left on it) and nothing else:
+
+========== ==================== ============================================================
+pass       file                 job
+========== ==================== ============================================================
+capture    capture.py           model -> ATen ``GraphModule`` (``torch.export``), shapes in
+                                ``node.meta["val"]``
+calibrate  calibrate.py         observed ``(max |x|, max row norm)`` of every float node
+analyse    requantise.py        proven bounds for every node (the dataflow of bounds.py,
+                                rules from :mod:`fxscale.rules`), weights quantised once,
+                                requantise points placed
+lower      lower.py             rewrite into ``torch.ops.fxscale.*`` calls, fuse epilogues
+========== ==================== ============================================================
+
+The wall time of each pass is recorded in :attr:`Compilation.times` (seconds, by name).
+
+>>> import torch
+>>> from fxscale.config import TransformConfig
+>>> model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU())
+>>> c = run(model, (torch.randn(4, 16),), TransformConfig(format="e4m3"))
+>>> list(c.times) == [p.name for p in PIPELINE]
+True
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx, nn
+
+from fxscale.config import TransformConfig
+from fxscale.nodeinfo import NodeInfo, info
+from fxscale.runtime import Analysis
+
+__all__ = ["PIPELINE", "Compilation", "Pass", "run"]
+
+
+@dataclass
+class Compilation:
+    """What the pipeline works on, filled in pass by pass."""
+
+    model: nn.Module
+    example_inputs: tuple
+    config: TransformConfig
+    batches: list[tuple]                        # example_inputs + calibration batches
+    gm: fx.GraphModule | None = None            # capture
+    placeholders: list[fx.Node] = field(default_factory=list)      # capture
+    input_bounds: dict[str, tuple[float, float | None]] = field(default_factory=dict)  # analyse
+    analysis: Analysis | None = None            # analyse
+    rows: list[tuple[str, NodeInfo]] = field(default_factory=list)  # analyse: per-node records
+    times: dict[str, float] = field(default_factory=dict)           # pass name -> wall seconds
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One step of the pipeline: ``fn(compilation)`` reads and writes what ``doc`` says."""
+
+    name: str
+    fn: Callable[[Compilation], None]
+    doc: str
+
+
+def _capture(c: Compilation) -> None:
+    from .capture import capture
+
+    c.gm = capture(c.model, c.example_inputs, method=c.config.capture)
+    c.placeholders = [n for n in c.gm.graph.nodes if n.op == "placeholder"]
+
+
+def _calibrate(c: Compilation) -> None:
+    from .calibrate import calibrate
+
+    calibrate(c.gm, c.batches)
+
+
+def _analyse(c: Compilation) -> None:
+    from .bounds import input_bounds_by_name
+    from .requantise import analyse
+
+    cfg = c.config
+    c.input_bounds = input_bounds_by_name(c.placeholders, cfg.input_bounds)
+    c.analysis = analyse(c.gm, fmt=cfg.format, mode=cfg.rules, threshold=cfg.threshold,
+                         input_bounds=c.input_bounds, requantise=cfg.requantise)
+    c.rows = [(n.name, info(n)) for n in c.gm.graph.nodes
+              if not (n.op == "call_module" and "guards" in str(n.target))]
+
+
+def _lower(c: Compilation) -> None:
+    from .lower import lower
+
+    lower(c.gm, c.analysis, fuse_residual=c.config.fuse_residual)
+
+
+#: The passes, in the order :func:`run` applies them.
+PIPELINE: list[Pass] = [
+    Pass("capture", _capture, "model -> ATen GraphModule; writes gm, placeholders"),
+    Pass("calibrate", _calibrate, "runs the batches; writes info(node).observed"),
+    Pass("analyse", _analyse, "bounds, weight quantisation, requantise placement; writes analysis, rows"),
+    Pass("lower", _lower, "rewrites gm into torch.ops.fxscale.* calls and fuses epilogues"),
+]
+
+
+def run(
+    model: nn.Module,
+    example_inputs: Any,
+    config: TransformConfig,
+    *,
+    calibration: Sequence[Any] | None = None,
+    passes: Sequence[Pass] | None = None,
+) -> Compilation:
+    """Apply ``passes`` (default: :data:`PIPELINE`) to ``model``; returns the :class:`Compilation`
+    with the lowered graph in ``gm`` and each pass's wall time in ``times``."""
+    args = _as_tuple(example_inputs)
+    c = Compilation(model, args, config, [args] + [_as_tuple(b) for b in (calibration or [])])
+    for p in PIPELINE if passes is None else passes:
+        t0 = time.perf_counter()
+        p.fn(c)
+        c.times[p.name] = time.perf_counter() - t0
+    return c
+
+
+def _as_tuple(x: Any) -> tuple:
+    from torch import Tensor
+
+    return (x,) if isinstance(x, Tensor) else tuple(x)

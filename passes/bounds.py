@@ -13,23 +13,32 @@ Every other node's bound comes from its op's rule. Operands of matmul-like ops a
 the low-precision format, so the rule sees the bound of the *quantised* operand
 (:func:`fxscale.bound.quantised_bound`): rounding can push a value up by half a step.
 
-The pass's state is an :class:`Analysis`; the same :func:`evaluate_step` runs inside
-:class:`ScaleFn` modules of the transformed graph with 0-d tensors instead of floats.
+The pass's state is an :class:`~fxscale.runtime.Analysis`; the same
+:func:`~fxscale.runtime.evaluate_step` runs inside :class:`~fxscale.runtime.ScaleFn` modules
+of the transformed graph with 0-d tensors instead of floats.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, fx
 
-from fxscale.bound import INF, Bound, quantised_bound
+from fxscale.bound import INF, Bound
 from fxscale.formats import Format
-from fxscale.rules import Arg, evaluate, lookup
+
+# The step evaluation runs at transform time (here) and at run time (inside ScaleFn), so it
+# lives in the runtime; these names are re-exported for the passes.
+from fxscale.runtime import Analysis, Ref, Step, evaluate_step, measured_bound, operand_scale, refs
+
+__all__ = [
+    "QUANTISED_OPERANDS", "Analysis", "Ref", "Step", "build_steps", "concrete_shape", "declared_bound",
+    "evaluate_step", "input_bounds_by_name", "is_float_value", "measured_bound", "operand_positions", "operand_scale",
+    "quantise_const", "refs",
+]
 
 aten = torch.ops.aten
 
@@ -43,26 +52,6 @@ QUANTISED_OPERANDS: dict[Any, tuple[str, ...]] = {
     aten.baddbmm.default: ("batch1", "batch2"),
     aten.conv2d.default: ("input", "weight"),
 }
-
-
-@dataclass(frozen=True)
-class Ref:
-    """A reference to another node's value inside a :class:`Step`."""
-
-    name: str
-
-
-@dataclass
-class Step:
-    """One node, as the bound propagation needs it (no reference to the fx graph)."""
-
-    name: str
-    op: Any
-    args: tuple
-    kwargs: dict
-    out_shapes: list[tuple[int, ...]]
-    quantised: tuple[int, ...] = ()  # positions in ``args`` that are low-precision operands
-    getitem: int | None = None       # for operator.getitem: the index taken
 
 
 def concrete_shape(val: Any) -> tuple[int, ...] | None:
@@ -183,106 +172,6 @@ def _sums_over_symbolic_dim(n: fx.Node) -> bool:
     return any(not isinstance(x.shape[d], int) for d in dims)
 
 
-@dataclass
-class Analysis:
-    """Bounds of every node, and which run-time measurements each one depends on."""
-
-    fmt: Format
-    mode: str
-    bounds: dict[str, Any] = field(default_factory=dict)       # name -> Bound | list | None
-    deps: dict[str, frozenset] = field(default_factory=dict)   # name -> measured sources
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    consts: dict[str, Tensor] = field(default_factory=dict)    # get_attr name -> value
-    measured: dict[str, str] = field(default_factory=dict)     # name -> why it is measured
-    failures: dict[str, str] = field(default_factory=dict)     # name -> why no rule applied
-    # Constants read by matmuls: quantised once here, so that the matmul's rule sees the
-    # exact bound of the weight it really multiplies: name -> (data, scale, bound).
-    quantised_consts: dict[str, tuple[Tensor, float, Bound]] = field(default_factory=dict)
-    steps: dict[str, Step] = field(default_factory=dict)       # name -> Step, for lowering
-
-    def arg(self, ref: Ref) -> Arg | None:
-        b = self.bounds.get(ref.name)
-        if b is None or isinstance(b, list):
-            return None
-        return Arg(b, self.shapes[ref.name], self.consts.get(ref.name))
-
-
-def operand_scale(fmt: Format, b: Bound):
-    """The scale a low-precision operand with bound ``b`` is stored with."""
-    if isinstance(b.absmax, Tensor):
-        return fmt.scale_tensor(b.absmax)
-    return fmt.scale_for(b.absmax)
-
-
-def _materialise(a: Any, an: Analysis, quantise: bool = False) -> Any:
-    if isinstance(a, Ref):
-        arg = an.arg(a)
-        if arg is None:
-            if a.name not in an.shapes or isinstance(an.bounds.get(a.name), list):
-                raise _NoBound(a.name)
-            # No bound (an integer index, a mask, an op without a rule): unknown, which a
-            # rule that ignores this input (embedding indices, LayerNorm's input) survives.
-            arg = Arg(Bound.unknown(), an.shapes[a.name], an.consts.get(a.name))
-        if quantise and a.name in an.quantised_consts:
-            return Arg(an.quantised_consts[a.name][2], arg.shape, None)
-        if quantise and not (isinstance(arg.bound.absmax, float) and math.isinf(arg.bound.absmax)):
-            qb = quantised_bound(arg.bound, an.fmt, operand_scale(an.fmt, arg.bound), arg.shape)
-            return Arg(qb, arg.shape, None)
-        return arg
-    if isinstance(a, (list, tuple)):
-        return type(a)(_materialise(x, an) for x in a)
-    return a
-
-
-class _NoBound(Exception):
-    pass
-
-
-def evaluate_step(step: Step, an: Analysis) -> None:
-    """Compute ``step``'s bound into ``an.bounds`` (None where no rule applies)."""
-    if step.getitem is not None:
-        src = an.bounds.get(step.args[0].name)
-        an.bounds[step.name] = src[step.getitem] if isinstance(src, list) and step.getitem < len(src) else None
-        an.deps[step.name] = an.deps.get(step.args[0].name, frozenset())
-        return
-    deps: set = set()
-    for r in refs(step.args) + refs(step.kwargs):
-        deps |= an.deps.get(r.name, frozenset())
-    an.deps[step.name] = frozenset(deps)
-    if lookup(step.op) is None or any(s is None for s in step.out_shapes):
-        an.bounds[step.name] = None
-        an.failures[step.name] = "no rule" if lookup(step.op) is None else "not a tensor"
-        return
-    try:
-        args = tuple(_materialise(a, an, i in step.quantised) for i, a in enumerate(step.args))
-        kwargs = {k: _materialise(v, an) for k, v in step.kwargs.items()}
-        res = evaluate(step.op, args, kwargs, step.out_shapes, mode=an.mode)
-    except _NoBound as e:
-        an.bounds[step.name] = None
-        an.failures[step.name] = f"input {e.args[0]} has no bound"
-        return
-    an.bounds[step.name] = res[0] if len(res) == 1 and len(step.out_shapes) == 1 else list(res)
-    if not any(_has_tensor(b) for b in res):
-        an.deps[step.name] = frozenset()  # e.g. after a LayerNorm: no longer depends on measurements
-    if res[0] is None and len(res) == 1:
-        an.failures[step.name] = "rule does not apply to these arguments"
-
-
-def _has_tensor(b: Bound | None) -> bool:
-    return b is not None and any(isinstance(getattr(b, f), Tensor) for f in b.__dataclass_fields__)
-
-
-def refs(a: Any) -> list[Ref]:
-    """Every :class:`Ref` inside ``a`` (nested lists, tuples, dicts), in order."""
-    if isinstance(a, Ref):
-        return [a]
-    if isinstance(a, (list, tuple)):
-        return [r for x in a for r in refs(x)]
-    if isinstance(a, dict):
-        return [r for x in a.values() for r in refs(x)]
-    return []
-
-
 def quantise_const(value: Tensor, fmt: Format, *, spectral: bool) -> tuple[Tensor, float, Bound]:
     """Quantise a constant once: ``(data, scale, exact bound of the dequantised data)``.
 
@@ -303,17 +192,6 @@ def quantise_const(value: Tensor, fmt: Format, *, spectral: bool) -> tuple[Tenso
     return data, scale, bound
 
 
-def measured_bound(stats, shape: tuple[int, ...]) -> Bound:
-    """Bound from a measurement ``[absmax, rownorm]`` (a tensor of 2, or two floats).
-
-    The fields stay 0-d tensors, so that every bound computed from them is a tensor too:
-    that is how the analysis knows which bounds depend on run-time measurements.
-    """
-    if not isinstance(stats, Tensor):
-        stats = torch.tensor([float(stats[0]), float(stats[1])], dtype=torch.float64)
-    return Bound(stats[0], stats[1]).tighten(shape)
-
-
 def declared_bound(value: float | tuple[float, float | None], shape: tuple[int, ...]) -> Bound:
     """Bound of an input declared as ``max |x|`` or ``(max |x|, max row norm)``."""
     a, r = value if isinstance(value, tuple) else (value, None)
@@ -321,3 +199,44 @@ def declared_bound(value: float | tuple[float, float | None], shape: tuple[int, 
         if v is not None and not (v >= 0 and math.isfinite(v)):
             raise ValueError(f"a declared input bound must be finite and >= 0, got {value}")
     return Bound(float(a), INF if r is None else float(r)).tighten(shape)
+
+
+def input_bounds_by_name(placeholders: list[fx.Node], input_bounds) -> dict[str, tuple[float, float | None]]:
+    """Declared bounds by placeholder: ``(max |x|, max row norm or None)``, rounded up to the dtype."""
+    floats = [p for p in placeholders if isinstance(p.meta.get("val"), Tensor) and p.meta["val"].dtype.is_floating_point]
+    if input_bounds is None:
+        return {}
+    if isinstance(input_bounds, (int, float)):
+        return {p.name: _declared(input_bounds, p) for p in floats}
+    seq = list(input_bounds)
+    if len(seq) != len(placeholders):
+        raise ValueError(
+            f"input_bounds has {len(seq)} entries but the model takes {len(placeholders)} tensor inputs "
+            f"({', '.join(p.name for p in placeholders)}); give one per input (None for none), "
+            "each a max |x| or a pair (max |x|, max row norm), or a single float"
+        )
+    return {p.name: _declared(b, p) for p, b in zip(placeholders, seq) if b is not None}
+
+
+def _declared(b, p: fx.Node) -> tuple[float, float | None]:
+    a, r = (b if isinstance(b, (tuple, list)) else (b, None))
+    for v in (a, r):
+        if v is not None and not (isinstance(v, (int, float)) and float(v) >= 0 and math.isfinite(float(v))):
+            raise ValueError(
+                f"input {p.name!r}: a declared bound must be a finite number >= 0 (or a pair "
+                f"(max |x|, max row norm)), got {b!r}"
+            )
+    return _representable(float(a), p), (None if r is None else _representable(float(r), p))
+
+
+def _representable(b: float, p: fx.Node) -> float:
+    """The smallest value of input ``p``'s dtype >= ``b``: so that an input clamped to its bound in
+    its own dtype (float32 rounds 2**1.75 up) passes the run-time check; proofs use this bound."""
+    v = p.meta.get("val")
+    if not (isinstance(v, Tensor) and v.dtype.is_floating_point) or not math.isfinite(b):
+        return b
+    r = float(torch.tensor(b, dtype=torch.float64).to(v.dtype))
+    if r < b:
+        _, e = math.frexp(r)  # r = m * 2**e, 0.5 <= m < 1: one ulp of r is eps * 2**(e - 1)
+        r = float(torch.tensor(r + math.ldexp(torch.finfo(v.dtype).eps, e - 1), dtype=torch.float64).to(v.dtype))
+    return r

@@ -25,13 +25,13 @@ from typing import Any
 
 import networkx as nx
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, fx
 
 from fxscale.bound import Bound
 from fxscale.formats import Format
 from fxscale.nodeinfo import info
+from fxscale.runtime import Analysis, ScaleFn, Step, opaque_call, refs
 
-from .bounds import Analysis, Step, evaluate_step, measured_bound, operand_scale, refs
 from .requantise import dependency_graph
 
 aten = torch.ops.aten
@@ -42,53 +42,6 @@ _ACTIVATIONS = {
     aten.silu.default: lambda n: "silu",
     aten.gelu.default: lambda n: "gelu_tanh" if n.kwargs.get("approximate", n.args[1] if len(n.args) > 1 else "none") == "tanh" else "gelu",
 }
-
-
-class ScaleFn(nn.Module):
-    """Scale of one low-precision value whose bound depends on run-time measurements.
-
-    ``forward(*stats)`` takes the ``[amax, rownorm]`` measurement of each source, re-runs the
-    rules of the nodes between the sources and the value on 0-d tensors, and returns the
-    value's scale (no host sync, so it stays inside compiled / CUDA-graph regions).
-    """
-
-    def __init__(self, an: Analysis, target: str, sources: list[str], steps: list[Step], static: dict[str, Any]):
-        super().__init__()
-        self.fmt, self.mode, self.target = an.fmt, an.mode, target
-        self.sources = sources
-        self.steps = steps
-        self.static = static  # name -> float Bound of nodes the steps read that are static
-        self.shapes = {k: an.shapes[k] for k in set(an.shapes) & (set(static) | set(sources) | {s.name for s in steps})}
-        self.consts = {k: v for k, v in an.consts.items() if k in static}
-
-    def forward(self, *stats: Tensor) -> Tensor:
-        an = Analysis(self.fmt, self.mode)
-        an.bounds.update(self.static)
-        an.shapes.update(self.shapes)
-        an.consts.update(self.consts)
-        for name, st in zip(self.sources, stats):
-            an.bounds[name] = measured_bound(st, self.shapes[name])
-        for step in self.steps:
-            evaluate_step(step, an)
-        scale = operand_scale(self.fmt, an.bounds[self.target])
-        # On the measurements' device: a CPU scalar here would sync the host every call.
-        return torch.as_tensor(scale, dtype=torch.float32, device=stats[0].device)
-
-    def extra_repr(self) -> str:
-        return f"target={self.target}, sources={self.sources}, steps={len(self.steps)}"
-
-
-def _opaque_call(fn: ScaleFn, name: str):
-    """``fn`` as a function torch.compile puts in its graph without tracing into it
-    (``allow_in_graph``): Dynamo then guards the function's identity instead of every piece of
-    the ScaleFn's Python state (its steps and bounds: ~0.1 ms of host time per call), and the
-    rules are traced once, when the graph is compiled."""
-
-    def call(*stats: Tensor) -> Tensor:
-        return fn(*stats)
-
-    call.__name__ = call.__qualname__ = name
-    return torch.compiler.allow_in_graph(call)
 
 
 class Lowering:
@@ -183,7 +136,7 @@ class Lowering:
         self.gm.add_submodule(mod_name, fn)
         stats = [self.stats_of(d) for d in deps]
         with self.g.inserting_after(a):
-            sc = self.g.call_function(_opaque_call(fn, mod_name), tuple(stats))
+            sc = self.g.call_function(opaque_call(fn, mod_name), tuple(stats))
         return sc
 
     def _getitem_after(self, node: fx.Node, i: int) -> fx.Node:

@@ -9,8 +9,9 @@ import math
 
 import torch
 
-from .bound import INF, Bound, fmax, fprod, fsqrt
-from .rules import Arg, RuleCall, _bcast, register
+from ..bound import INF, Bound, fmax, fprod, fsqrt
+from .helpers import bcast
+from .registry import Arg, RuleCall, register
 
 aten = torch.ops.aten
 
@@ -95,7 +96,7 @@ def _transpose(c: RuleCall) -> Bound:
 
 @register(aten.expand, aten.expand_as, aten.broadcast_to, exact=True)
 def _expand(c: RuleCall) -> Bound:
-    return _bcast(c["self"], c.out_shape)
+    return bcast(c["self"], c.out_shape)
 
 
 @register(aten.slice, aten.narrow, exact=True)

@@ -11,18 +11,9 @@ import math
 import torch
 from torch import Tensor
 
-from .bound import INF, Bound, fmax, fmin, fprod, fsqrt
-from .rules import (
-    Arg,
-    RuleCall,
-    _add_bias,
-    _as_matrix_lhs,
-    _as_matrix_rhs,
-    _bcast,
-    const_float,
-    matmul_bound,
-    register,
-)
+from ..bound import INF, Bound, fmax, fmin, fprod, fsqrt
+from .helpers import add_bias, as_matrix_lhs, as_matrix_rhs, bcast, const_float, matmul_bound
+from .registry import Arg, RuleCall, register
 
 aten = torch.ops.aten
 
@@ -30,7 +21,7 @@ aten = torch.ops.aten
 @register(aten.mm, aten.bmm, aten.matmul)
 def _mm(c: RuleCall) -> Bound:
     a, b = c["self"], c[("mat2" if "mat2" in c.args else "other")]
-    out = matmul_bound(_as_matrix_lhs(a), _as_matrix_rhs(b), a.shape[-1])
+    out = matmul_bound(as_matrix_lhs(a), as_matrix_rhs(b), a.shape[-1])
     if len(b.shape) == 1 and len(a.shape) >= 2:
         # (..., M, K) @ (K,) -> (..., M): the output's rows are the (M, 1) products' columns.
         return Bound(out.absmax, rownorm=out.colnorm)
@@ -43,8 +34,8 @@ def _mm(c: RuleCall) -> Bound:
 @register(aten.linear)
 def _linear(c: RuleCall) -> Bound:
     x, w = c["input"], c["weight"]
-    out = matmul_bound(_as_matrix_lhs(x), w.bound.transposed(), x.shape[-1])
-    return _add_bias(out, c.get("bias"), c.out_shape)
+    out = matmul_bound(as_matrix_lhs(x), w.bound.transposed(), x.shape[-1])
+    return add_bias(out, c.get("bias"), c.out_shape)
 
 
 @register(aten.addmm, aten.baddbmm)
@@ -53,7 +44,7 @@ def _addmm(c: RuleCall) -> Bound:
     b = c["mat2"] if "mat2" in c.args else c["batch2"]
     beta, alpha = float(c.get("beta", 1)), float(c.get("alpha", 1))
     out = matmul_bound(a.bound, b.bound, a.shape[-1]).scaled(alpha)
-    return _add_bias(out, c["self"] if beta != 0 else None, c.out_shape, beta)
+    return add_bias(out, c["self"] if beta != 0 else None, c.out_shape, beta)
 
 
 @register(aten.conv1d, aten.conv2d, aten.convolution)
@@ -65,12 +56,12 @@ def _conv(c: RuleCall) -> Bound:
     else:
         l1 = fprod(w.bound.absmax, math.prod(w.shape[1:]))
     out = Bound(fprod(x.bound.absmax, l1))
-    return _add_bias(out, c.get("bias"), (c.out_shape[1],)) if c.get("bias") is not None else out
+    return add_bias(out, c.get("bias"), (c.out_shape[1],)) if c.get("bias") is not None else out
 
 
 # ============================================================================ elementwise
 def _binary_inputs(c: RuleCall):
-    return _bcast(c["self"], c.out_shape), _bcast(c["other"], c.out_shape)
+    return bcast(c["self"], c.out_shape), bcast(c["other"], c.out_shape)
 
 
 @register(aten.add, aten.sub)
@@ -94,7 +85,7 @@ def _mul(c: RuleCall) -> Bound:
 
 @register(aten.div)
 def _div(c: RuleCall) -> Bound | None:
-    a, d = _bcast(c["self"], c.out_shape), c["other"]
+    a, d = bcast(c["self"], c.out_shape), c["other"]
     if c.get("rounding_mode") is not None:
         return None
     if isinstance(d, Arg):
@@ -342,7 +333,7 @@ def _sum(c: RuleCall) -> Bound:
 
 @register(aten.where)
 def _where(c: RuleCall) -> Bound:
-    a, b = _bcast(c["self"], c.out_shape), _bcast(c["other"], c.out_shape)
+    a, b = bcast(c["self"], c.out_shape), bcast(c["other"], c.out_shape)
     return Bound(
         fmax(a.absmax, b.absmax),
         fsqrt(fprod(a.rownorm, a.rownorm) + fprod(b.rownorm, b.rownorm)),

@@ -1,0 +1,133 @@
+"""The transformed model at run time: :class:`ScaledGraphModule` and its input guard.
+
+What a deployed model runs besides its graph: the host-side check of declared input bounds
+(``on_overflow``, ``nonfinite``) and the in-graph clamp (``on_overflow="clamp"``). Imports no
+compiler (``passes``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, fx
+from torch.utils import _pytree as pytree
+
+if TYPE_CHECKING:
+    from .api import TransformConfig
+
+__all__ = ["ScaledGraphModule"]
+
+
+class ScaledGraphModule(fx.GraphModule):
+    """The transformed model: a GraphModule of ``torch.ops.fxscale.*`` calls, plus ``report``.
+
+    Inputs with a declared bound are checked on every call (one reduction each, outside the
+    graph): beyond the bound, ``on_overflow`` decides. NaN/Inf inputs propagate or raise.
+    """
+
+    report: Any
+    config: TransformConfig
+    pass_times: dict[str, float]  # wall seconds of each compiler pass that built it
+
+    def __call__(self, *args, **kwargs):
+        clamps = getattr(self, "_fxscale_clamps", None)
+        if clamps is not None:
+            args, kwargs = _clamp_inputs(clamps, args, kwargs)
+        checked = getattr(self, "_fxscale_checks", None)
+        if checked is not None:
+            args, kwargs, use_dynamic = _check_inputs(self, args, kwargs)
+            if use_dynamic:
+                return self._fxscale_dynamic(*args, **kwargs)
+        try:
+            return super().__call__(*args, **kwargs)
+        except AssertionError as e:
+            if "Guard failed" not in str(e):
+                raise
+            raise ValueError(
+                f"{e}: fxscale proved its bounds for the example inputs' shapes, with only the batch "
+                "dimension (dim 0) left dynamic, since bounds can depend on the other sizes (a longer "
+                "sequence sums more terms). Transform again with an example of this shape, or use "
+                "torch.compile(model, backend='fxscale'), which transforms once per shape."
+            ) from e
+
+
+    def __reduce__(self):
+        raise TypeError(
+            "a transformed module cannot be pickled (torch.save(sm)): its graph calls torch.export's "
+            "input guard and fxscale's run-time scale functions, which pickle cannot store by name. "
+            "Save it as a program: torch.export.save(torch.export.export(sm, example_inputs), path) "
+            "(torch.export.load(path).module() runs it, fxscale imported for its ops), or save "
+            "sm.state_dict() and load it into fxscale.transform(model, example_inputs) of the same model."
+        )
+
+
+def _into_bound(x: Tensor, bound: tuple[float, float | None]) -> Tensor:
+    """``x`` clamped to ``max|x| <= a`` and its rows scaled down to ``||x_i|| <= r`` (no host sync)."""
+    a, r = bound
+    x = x.clamp(-a, a)
+    if r is not None and x.dim() >= 1 and x.numel():
+        norms = torch.linalg.vector_norm(x.float(), dim=-1, keepdim=True)
+        x = x * (r / norms.clamp_min(torch.finfo(torch.float32).tiny)).clamp(max=1.0).to(x.dtype)
+    return x
+
+
+def _clamp_inputs(clamps: list, args, kwargs):
+    """``on_overflow="clamp"``: each bounded input brought within its bound, traced into the graph."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    for i, bound in enumerate(clamps):
+        x = leaves[i] if i < len(leaves) else None
+        if bound is not None and isinstance(x, Tensor) and x.dtype.is_floating_point:
+            leaves[i] = _into_bound(x, bound)
+    return pytree.tree_unflatten(leaves, spec)
+
+
+@torch.compiler.disable  # a host-side check by design: it runs before the (compiled) graph
+def _check_inputs(sm: ScaledGraphModule, args, kwargs):
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    cfg = sm.config
+    use_dynamic = False
+    changed = False
+    for i, (name, bound) in enumerate(sm._fxscale_checks):
+        if i >= len(leaves):
+            break
+        x = leaves[i]
+        if not isinstance(x, Tensor) or not x.dtype.is_floating_point or x.numel() == 0:
+            continue
+        # One fused reduction (max |x| and max row norm) per input per call, outside the graph.
+        amax_f, rn_f = (float(v) for v in torch.ops.fxscale.stats(x.detach()))
+        if not math.isfinite(amax_f):
+            if cfg.nonfinite == "raise":
+                raise ValueError(f"input {name!r} holds NaN or Inf; pass nonfinite='propagate' to let it flow")
+            continue
+        if bound is None or cfg.on_overflow == "clamp":
+            continue
+        a, r = bound
+        if amax_f <= a and (r is None or rn_f <= r):
+            continue
+        what = (
+            f"max |x| = {amax_f:.6g} beyond its declared bound {a:.6g}"
+            if amax_f > a
+            else f"max row norm = {rn_f:.6g} beyond its declared bound {r:.6g}"
+        )
+        if cfg.on_overflow == "raise":
+            raise ValueError(
+                f"input {name!r} has {what}; declare a larger input_bounds, "
+                "or pass on_overflow='saturate', 'requantise' or 'clamp'"
+            )
+        if cfg.on_overflow == "saturate":
+            if not getattr(sm, "_fxscale_warned", False):
+                warnings.warn(
+                    f"input {name!r} has {what}: saturating to the bound (on_overflow='saturate'; warned once)",
+                    stacklevel=3,
+                )
+                sm._fxscale_warned = True
+            leaves[i] = _into_bound(x, bound)
+            changed = True
+        else:
+            use_dynamic = True
+    if changed:
+        args, kwargs = pytree.tree_unflatten(leaves, spec)
+    return args, kwargs, use_dynamic and sm._fxscale_dynamic is not None
