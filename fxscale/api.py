@@ -106,37 +106,44 @@ def transform(
 
 
 def dynamic_baseline(model: nn.Module, example_inputs: Any, *, format: str | torch.dtype | Format = torch.float8_e4m3fn):
-    """The comparison point: per-tensor *dynamic* scaling of every matmul operand.
+    """The comparison point: per-tensor *dynamic* scaling of the matmuls fxscale quantises.
 
     Returns a function that runs ``model`` with each matmul-like op's operands quantised to
     ``format`` with their own run-time amax (power-of-two scale) and computed in float32:
     what fxscale's static scales are measured against (``torch.compile``-free, CPU-friendly).
+    The matmuls the precision pass keeps in high precision (``passes.precision``: a rotary
+    embedding's ``inv_freq @ positions``, an outer product) stay in high precision here too,
+    decided on ``example_inputs``.
 
     >>> model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
     >>> run = dynamic_baseline(model, (torch.randn(2, 16),))
     >>> run(torch.randn(3, 16)).shape
     torch.Size([3, 4])
     """
-    from passes.bounds import QUANTISED_OPERANDS
+    from passes.bounds import operand_positions
+    from passes.calibrate import calibrate
     from passes.capture import capture as capture_graph
+    from passes.precision import decide
 
     fmt = get_format(format)
-    gm = capture_graph(model, _normalise_inputs(example_inputs))
+    args = _normalise_inputs(example_inputs)
+    gm = capture_graph(model, args)
+    calibrate(gm, [args])
+    decide(gm, fmt)
+    quantised = {n.name: operand_positions(n) for n in gm.graph.nodes if n.op == "call_function"}
 
     def fake_quant(t: Tensor) -> Tensor:
         s = fmt.scale_for(float(t.detach().abs().max()) if t.numel() else 0.0)
         return (fmt.cast(t.float() / s).float() * s).to(t.dtype)
 
     class _Dynamic(fx.Interpreter):
-        def call_function(self, target, args, kwargs):
-            names = QUANTISED_OPERANDS.get(target)
-            if names is not None:
-                schema = [a.name for a in target._schema.arguments]
-                args = tuple(
-                    fake_quant(a) if i < len(schema) and schema[i] in names and isinstance(a, Tensor) else a
-                    for i, a in enumerate(args)
-                )
-            return super().call_function(target, args, kwargs)
+        def run_node(self, n: fx.Node) -> Any:
+            positions = quantised.get(n.name)
+            if not positions:
+                return super().run_node(n)
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            args = tuple(fake_quant(a) if i in positions and isinstance(a, Tensor) else a for i, a in enumerate(args))
+            return getattr(self, n.op)(n.target, args, kwargs)
 
     def run(*inputs, **kwargs):
         # The Interpreter flattens inputs and rebuilds the output structure (the graph's codegen).

@@ -46,6 +46,12 @@ class ScaledGraphModule(fx.GraphModule):
         except AssertionError as e:
             if "Guard failed" not in str(e):
                 raise
+            if "size()[0]" in str(e):
+                raise ValueError(
+                    f"{e}: the batch dimension (dim 0) of this input was fixed to the example's size when "
+                    "the model was captured (a warning at transform time said why). Transform again with an "
+                    "example of this batch size, or use torch.compile(model, backend='fxscale')."
+                ) from e
             raise ValueError(
                 f"{e}: fxscale proved its bounds for the example inputs' shapes, with only the batch "
                 "dimension (dim 0) left dynamic, since bounds can depend on the other sizes (a longer "

@@ -1,6 +1,6 @@
 """``NodeInfo``: everything fxscale learns about one graph node, in ``node.meta["fxscale"]``.
 
-The passes fill it in (calibrate: ``observed``; bounds: ``bound``; requantise: ``requantise``,
+The passes fill it in (calibrate: ``observed``; precision: ``demand``, ``precision``, ``precision_why``; bounds: ``bound``; requantise: ``requantise``,
 ``wasted_bits``; lower: ``format``, ``scale``, ``kind``, ``note``) and :class:`fxscale.report.Report`
 turns it into one table row per node.
 """
@@ -37,6 +37,9 @@ class NodeInfo:
     observed: Any = None              # fxscale.bound.Bound-like: observed absmax / rownorm (floats)
     wasted_bits: float | None = None  # projected log2(bound / observed) for the absmax
     requantise: bool = False          # a run-time amax restarts the bound here
+    demand: float | None = None       # precision: error its consumers tolerate, relative to observed max |x|
+    precision: str | None = None      # precision, matmul-like nodes: "low" (quantised) or "high"
+    precision_why: str = ""           # precision: why a matmul stays in high precision
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -9,6 +9,8 @@ pass       file                 job
 capture    capture.py           model -> ATen ``GraphModule`` (``torch.export``), shapes in
                                 ``node.meta["val"]``
 calibrate  calibrate.py         observed ``(max |x|, max row norm)`` of every float node
+precision  precision.py         which matmuls may compute on low-precision operands: each
+                                consumer's tolerated error, walked backwards (DESIGN 9)
 analyse    requantise.py        proven bounds for every node (the dataflow of bounds.py,
                                 rules from :mod:`fxscale.rules`), weights quantised once,
                                 requantise points placed
@@ -79,6 +81,12 @@ def _calibrate(c: Compilation) -> None:
     calibrate(c.gm, c.batches)
 
 
+def _precision(c: Compilation) -> None:
+    from .precision import decide
+
+    decide(c.gm, c.config.format)
+
+
 def _analyse(c: Compilation) -> None:
     from .bounds import input_bounds_by_name
     from .requantise import analyse
@@ -101,6 +109,7 @@ def _lower(c: Compilation) -> None:
 PIPELINE: list[Pass] = [
     Pass("capture", _capture, "model -> ATen GraphModule; writes gm, placeholders"),
     Pass("calibrate", _calibrate, "runs the batches; writes info(node).observed"),
+    Pass("precision", _precision, "tolerated error per value; writes info(node).demand, .precision, .precision_why"),
     Pass("analyse", _analyse, "bounds, weight quantisation, requantise placement; writes analysis, rows"),
     Pass("lower", _lower, "rewrites gm into torch.ops.fxscale.* calls and fuses epilogues"),
 ]

@@ -83,8 +83,8 @@ def _to_ref(a: Any) -> Any:
 def operand_positions(node: fx.Node) -> tuple[int, ...]:
     """Positions in ``node.args`` of its low-precision matmul operands (empty if none)."""
     names = QUANTISED_OPERANDS.get(node.target)
-    if names is None or node.kwargs:
-        return ()
+    if names is None or node.kwargs or node.meta.get("fxscale") is not None and node.meta["fxscale"].precision == "high":
+        return ()  # (the precision pass keeps it in high precision)
     schema = node.target._schema
     pos = tuple(i for i, a in enumerate(schema.arguments) if a.name in names and i < len(node.args))
     if len(pos) != 2:

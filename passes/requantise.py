@@ -157,6 +157,8 @@ def analyse(
             evaluate_step(step, an)
             if step.quantised:
                 ni.kind = "quantised"
+            elif ni.precision == "high":
+                ni.kind, ni.note = "high", ni.precision_why
             elif n.name in an.failures and is_float_value(n) and an.failures[n.name] == "no rule":
                 ni.kind = "fallback"
                 ni.note = f"no rule for {ni.op}: runs in high precision"
