@@ -51,6 +51,8 @@ class Lowering:
         self.dep = dependency_graph(gm)
         self.order = {n.name: i for i, n in enumerate(self.g.nodes)}
         self.nodes = {n.name: n for n in self.g.nodes}
+        # A lowered node's replacement has a new name; the analysis knows it by the old one.
+        self.alias: dict[str, str] = {}
         self.stats_nodes: dict[str, fx.Node] = {}
         self.lowp: dict[str, tuple[fx.Node, fx.Node]] = {}
         self.weights: dict[tuple[str, bool], tuple[fx.Node, fx.Node]] = {}
@@ -69,6 +71,10 @@ class Lowering:
         node.meta["val"] = value
         info(node).kind = "weight"
         return node
+
+    def key(self, node: fx.Node) -> str:
+        """The name the analysis knows ``node`` by (a lowered matmul's replacement: the original)."""
+        return self.alias.get(node.name, node.name)
 
     def _first(self) -> fx.Node:
         return next(iter(self.g.nodes))
@@ -105,7 +111,7 @@ class Lowering:
 
     def scale_node(self, a: fx.Node) -> fx.Node:
         """A node computing the scale of low-precision operand ``a`` (before its consumers)."""
-        an, name = self.an, a.name
+        an, name = self.an, self.key(a)
         b = an.bounds[name]
         if name in an.measured:
             amax = self._getitem_after(self.stats_of(name), 0)
@@ -145,14 +151,15 @@ class Lowering:
 
     def operand(self, a: fx.Node) -> tuple[fx.Node, fx.Node]:
         """(data, scale) of activation ``a`` in the low-precision format (created once)."""
-        if a.name not in self.lowp:
+        name = self.key(a)
+        if name not in self.lowp:
             sc = self.scale_node(a)
             anchor = _latest(self.g, [a, sc])
             with self.g.inserting_after(anchor):
                 q = self.g.call_function(fxops.quantise.default, (a, sc, self.fmt.name))
             info(a).format = self.fmt.name
-            self.lowp[a.name] = (q, sc)
-        return self.lowp[a.name]
+            self.lowp[name] = (q, sc)
+        return self.lowp[name]
 
     # ------------------------------------------------------------------ rewrite
     def lower_node(self, n: fx.Node, positions: tuple[int, ...]) -> None:
@@ -210,6 +217,8 @@ class Lowering:
                     new = self.g.call_function(aten.add.Tensor, (new, n.args[0]))
         new.meta["val"] = n.meta["val"]
         new.meta["fxscale"] = info(n)
+        self.alias[new.name] = self.key(n)
+        self.nodes[self.key(n)] = new
         info(n).kind = "quantised"
         if new.target is fxops.scaled_linear.default and self.fmt.is_float and self.fmt.bits == 8:
             n_out, k = new.args[2].meta["val"].shape
@@ -233,15 +242,16 @@ class Lowering:
                     y, act = u, _ACTIVATIONS[u.target](u)
             users = list(y.users)
             quants = [u for u in users if u.op == "call_function" and u.target is fxops.quantise.default]
-            if not quants or y.name not in self.lowp:
+            yname = self.key(y)
+            if not quants or yname not in self.lowp:
                 continue
-            q, sc = self.lowp[y.name]
-            stats = self.stats_nodes.get(y.name)
+            q, sc = self.lowp[yname]
+            stats = self.stats_nodes.get(yname)
             others = [u for u in users if u is not q and u is not stats]
             if others:
                 continue
             x, xs, w, ws, bias, _, _, _, dtype = lin.args
-            if y.name in self.an.measured:
+            if yname in self.an.measured:
                 if stats is None:
                     continue
                 with self.g.inserting_before(lin):
