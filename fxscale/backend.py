@@ -411,10 +411,20 @@ def _register() -> None:
     """Make ``backend="fxscale"`` known to Dynamo on import, also where fxscale runs from a source
     tree without the ``torch_dynamo_backends`` entry point. Where the entry point exists it
     names this same function, so registering directly changes nothing there (and saves the
-    scan of installed packages' metadata at import)."""
-    from torch._dynamo.backends.registry import register_backend
+    scan of installed packages' metadata at import).
 
+    Not while Dynamo itself is loading that entry point (``torch.compile(model,
+    backend="fxscale")`` without importing fxscale first): Dynamo registers the function it
+    loaded right after the import, and a name registered already fails that with
+    ``AssertionError: duplicate name: fxscale``. Dynamo has found the entry point by then.
+    """
+    from importlib.metadata import EntryPoint
+
+    from torch._dynamo.backends import registry
+
+    if isinstance(registry._BACKENDS.get("fxscale"), EntryPoint) and "fxscale" not in registry._COMPILER_FNS:
+        return  # Dynamo is loading (or will load) the entry point and registers it itself
     try:
-        register_backend(fxscale_backend, name="fxscale")
+        registry.register_backend(fxscale_backend, name="fxscale")
     except AssertionError:  # registered already (the entry point was loaded, or a re-import)
         pass
