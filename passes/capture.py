@@ -24,6 +24,7 @@ torch.Size([5, 8])
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 import traceback
@@ -101,22 +102,37 @@ def _as_args(example_inputs: Any) -> tuple:
     return example_inputs
 
 
-def _batch_dims(args: tuple) -> tuple:
-    """``dynamic_shapes`` for export: dim 0 of every tensor with at least one dim is AUTO."""
+def _batch_dims(model: nn.Module, args: tuple) -> tuple:
+    """``dynamic_shapes`` for export: dim 0 of every tensor with at least one dim is AUTO.
+
+    One entry per parameter of ``forward``: the arguments a ``*args`` parameter collects
+    share one entry, a tuple (export matches the spec to the signature, not to ``args``).
+    """
 
     def one(x):
         if isinstance(x, torch.Tensor) and x.dim() >= 1:
             return {0: torch.export.Dim.AUTO}
         return None
 
-    return tuple(pytree.tree_map(one, a) if not isinstance(a, torch.Tensor) else one(a) for a in args)
+    specs = tuple(pytree.tree_map(one, a) if not isinstance(a, torch.Tensor) else one(a) for a in args)
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # no signature to read: one entry per argument
+        return specs
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    for i, p in enumerate(params):
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            return specs[:i] + (specs[i:],)
+        if p.kind not in positional:
+            break
+    return specs
 
 
 def _export(model: nn.Module, args: tuple, dynamic_batch: bool) -> torch.fx.GraphModule:
     ep = None
     if dynamic_batch and _has_batched_tensor(args):
         try:
-            ep = torch.export.export(model, args, strict=False, dynamic_shapes=_batch_dims(args))
+            ep = torch.export.export(model, args, strict=False, dynamic_shapes=_batch_dims(model, args))
         except Exception as e:  # noqa: BLE001  (any failure: retry with static shapes below)
             log.debug("export with a dynamic batch failed, retrying static: %s", e)
             dyn_err = e

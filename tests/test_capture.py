@@ -119,3 +119,42 @@ def test__capture__bad_arguments():
         capture(lambda x: x, args)
     gm = capture(model, args[0])  # a bare tensor is accepted
     assert gm(*args).shape == (4, 16)
+
+
+@torch.no_grad()
+def test__varargs_forward__gets_a_matching_dynamic_batch():
+    """``forward(self, *args)``: export matches dynamic_shapes to the signature (one tuple
+    for ``*args``); a spec per argument failed, and capture fell back to a static batch."""
+    import fxscale
+
+    class VarArgs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(16, 8)
+
+        def forward(self, *args):
+            return self.lin(args[0]) + args[1]
+
+    m = VarArgs().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no static-batch warning blaming the model
+        sm = fxscale.transform(m, (torch.randn(4, 16), torch.randn(4, 8)))
+    x, b = torch.randn(7, 16), torch.randn(7, 8)
+    assert fxscale.sqnr_db(m(x, b), sm(x, b)) > 20.0
+
+
+def test__static_batch_guard__error_says_the_batch_was_fixed():
+    import fxscale
+
+    class FixedBatch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.lin(x.reshape(4, 16))
+
+    with pytest.warns(UserWarning, match="specialised"):
+        sm = fxscale.transform(FixedBatch(), (torch.randn(4, 16),))
+    with pytest.raises(ValueError, match="batch dimension .dim 0. of this input was fixed"):
+        sm(torch.randn(5, 16))
