@@ -11,6 +11,7 @@ True
 from . import kernels, ops, scaled_ops  # noqa: F401  (registers torch.ops.fxscale.*, device kernels, eager op table)
 from .api import TransformConfig, dynamic_baseline, transform
 from .audit import audit
+from .baselines import linear_only_baseline
 from .backend import _register as _register_backend
 from .formats import FORMATS, Format, get_format, wasted_bits
 from .metrics import sqnr_db
@@ -28,6 +29,7 @@ __all__ = [
     "dequantise",
     "dynamic_baseline",
     "get_format",
+    "linear_only_baseline",
     "quantise",
     "requantise",
     "sqnr_db",

@@ -51,6 +51,7 @@ QUANTISED_OPERANDS: dict[Any, tuple[str, ...]] = {
     aten.matmul.default: ("self", "other"),
     aten.baddbmm.default: ("batch1", "batch2"),
     aten.conv2d.default: ("input", "weight"),
+    aten.conv1d.default: ("input", "weight"),
 }
 
 
@@ -151,7 +152,7 @@ def _SUM_OVER_DYNAMIC_DIM(*args, **kwargs):  # a marker with no rule: the node's
 
 def _contracts_over_symbolic_dim(n: fx.Node) -> bool:
     """A matmul whose contraction length changes between calls (``x.T @ x`` over the batch)."""
-    if n.target not in QUANTISED_OPERANDS or n.target is aten.conv2d.default:
+    if n.target not in QUANTISED_OPERANDS or n.target in (aten.conv2d.default, aten.conv1d.default):
         return False
     names = QUANTISED_OPERANDS[n.target]
     schema = [a.name for a in n.target._schema.arguments]

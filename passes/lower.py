@@ -180,20 +180,28 @@ class Lowering:
             wt = True
         else:
             wt = None
-        if t is aten.conv2d.default:
+        if t in (aten.conv2d.default, aten.conv1d.default):
             args = list(n.args) + [None] * (7 - len(n.args))
             _, _, cbias, stride, padding, dilation, groups = args
             if isinstance(padding, str) or not const_b:
                 info(n).kind = "high"
-                info(n).note = "conv2d with string padding or a run-time weight: high precision"
+                info(n).note = f"{t.__name__.split('.')[0]} with string padding or a run-time weight: high precision"
                 return
             xd, xs = self.operand(a)
             wd, ws = self.weight(b, False)
+            one_d = t is aten.conv1d.default
+            if one_d:  # conv1d(x, w) = conv2d over a height of 1: (.., C, L) -> (.., C, 1, L)
+                stride, padding, dilation = ([k, _pair(v)[0]] for k, v in ((1, stride or 1), (0, padding or 0), (1, dilation or 1)))
             with self.g.inserting_before(n):
+                if one_d:
+                    xd = self.g.call_function(aten.unsqueeze.default, (xd, -2))
+                    wd = self.g.call_function(aten.unsqueeze.default, (wd, -2))
                 new = self.g.call_function(
                     fxops.scaled_conv2d.default,
                     (xd, xs, wd, ws, cbias, _pair(stride or 1), _pair(padding or 0), _pair(dilation or 1), int(groups or 1), dtype),
                 )
+                if one_d:
+                    new = self.g.call_function(aten.squeeze.dim, (new, -2))
         elif wt is not None and const_b and not const_a:
             xd, xs = self.operand(a)
             wd, ws = self.weight(b, wt)
