@@ -3,19 +3,21 @@
 Each pass is one file with one job; it reads and writes the :class:`Compilation` below (the
 graph, and what earlier passes left on it) and nothing else:
 
-========== ==================== ============================================================
-pass       file                 job
-========== ==================== ============================================================
-capture    capture.py           model -> ATen ``GraphModule`` (``torch.export``), shapes in
-                                ``node.meta["val"]``
-calibrate  calibrate.py         observed ``(max |x|, max row norm)`` of every float node
-precision  precision.py         which matmuls may compute on low-precision operands: each
-                                consumer's tolerated error, walked backwards (DESIGN 9)
-analyse    requantise.py        proven bounds for every node (the dataflow of bounds.py,
-                                rules from :mod:`fxscale.rules`), weights quantised once,
-                                requantise points placed
-lower      lower.py             rewrite into ``torch.ops.fxscale.*`` calls, fuse epilogues
-========== ==================== ============================================================
+============= ==================== ============================================================
+pass          file                 job
+============= ==================== ============================================================
+capture       capture.py           model -> ATen ``GraphModule`` (``torch.export``), shapes in
+                                   ``node.meta["val"]``
+functionalise functionalise.py     in-place ops (``relu_``, ``add_``, ...) -> out-of-place, where safe
+fold          fold.py              shape ops on constants (``weight.T``) -> constants
+calibrate     calibrate.py         observed ``(max |x|, max row norm)`` of every float node
+precision     precision.py         which matmuls may compute on low-precision operands: each
+                                   consumer's tolerated error, walked backwards (DESIGN 9)
+analyse       requantise.py        proven bounds for every node (the dataflow of bounds.py,
+                                   rules from :mod:`fxscale.rules`), weights quantised once,
+                                   requantise points placed
+lower         lower.py             rewrite into ``torch.ops.fxscale.*`` calls, fuse epilogues
+============= ==================== ============================================================
 
 The wall time of each pass is recorded in :attr:`Compilation.times` (seconds, by name).
 
@@ -75,6 +77,18 @@ def _capture(c: Compilation) -> None:
     c.placeholders = [n for n in c.gm.graph.nodes if n.op == "placeholder"]
 
 
+def _functionalise(c: Compilation) -> None:
+    from .functionalise import functionalise
+
+    functionalise(c.gm)
+
+
+def _fold(c: Compilation) -> None:
+    from .fold import fold
+
+    fold(c.gm)
+
+
 def _calibrate(c: Compilation) -> None:
     from .calibrate import calibrate
 
@@ -108,6 +122,8 @@ def _lower(c: Compilation) -> None:
 #: The passes, in the order :func:`run` applies them.
 PIPELINE: list[Pass] = [
     Pass("capture", _capture, "model -> ATen GraphModule; writes gm, placeholders"),
+    Pass("functionalise", _functionalise, "in-place ops -> out-of-place where nothing else sees the storage"),
+    Pass("fold", _fold, "shape ops on parameters / buffers -> new constants (weights quantised once)"),
     Pass("calibrate", _calibrate, "runs the batches; writes info(node).observed"),
     Pass("precision", _precision, "tolerated error per value; writes info(node).demand, .precision, .precision_why"),
     Pass("analyse", _analyse, "bounds, weight quantisation, requantise placement; writes analysis, rows"),

@@ -369,3 +369,26 @@ def _ones(c: RuleCall) -> Bound:
 def _scalar_tensor(c: RuleCall) -> Bound:
     return Bound(abs(float(c["s"])))
 
+
+
+@register(aten.hardsigmoid)
+def _hardsigmoid(c: RuleCall) -> Bound:
+    """``hardsigmoid(x) = clamp(x / 6 + 1/2, 0, 1)``: within ``[0, min(1, (max|x| + 3) / 6)]``."""
+    return Bound(fmin(1.0, (c["self"].bound.absmax + 3.0) / 6.0))
+
+
+@register(aten.cumsum)
+def _cumsum(c: RuleCall) -> Bound:
+    """A prefix sum along ``dim`` is bounded by the whole sum of |x| there: the row sum
+    (``dim`` last), the column sum (``dim`` second to last), or n max |x|."""
+    x = c["self"]
+    nd = len(x.shape)
+    if nd == 0:
+        return x.bound
+    dim = int(c["dim"]) % nd
+    am = fprod(x.bound.absmax, x.shape[dim])
+    if dim == nd - 1:
+        am = fmin(am, x.bound.rowsum)
+    elif dim == nd - 2:
+        am = fmin(am, x.bound.colsum)
+    return Bound(am)

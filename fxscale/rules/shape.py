@@ -157,3 +157,19 @@ def _cat(c: RuleCall) -> Bound:
     return Bound(mx("absmax"), mx("rownorm"), mx("colnorm"), mx("rowsum"), mx("colsum"), mx("spectral"))
 
 
+
+
+register(aten.type_as)(_to)  # x.type_as(y): x cast to y's dtype
+
+
+@register(aten.pad, aten.constant_pad_nd, exact=True)
+def _pad(c: RuleCall) -> Bound:
+    """Constant padding adds entries equal to ``value`` (0 by default): with 0, every norm of
+    every row and column, and the spectral norm, stay; other values and modes (reflect,
+    replicate, circular: copies of entries) keep max |x| only."""
+    b = c["self"].bound
+    mode = c.get("mode", "constant")
+    value = abs(float(c.get("value", 0.0) or 0.0))
+    if mode == "constant" and value == 0.0:
+        return b
+    return Bound(fmax(b.absmax, value) if mode == "constant" else b.absmax)

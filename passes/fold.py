@@ -1,0 +1,101 @@
+"""Fold: shape ops on constants (``weight.T``, ``weight.t()``, a slice of a fused weight)
+become constants, so that a matmul reading them reads a weight, quantised once.
+
+``x @ self.weight.T`` (Falcon, hand-written attention) captures as
+``matmul(x, numpy_T(weight))``: the matmul's operand was a run-time value, measured and
+quantised again on every call. Here a chain of shape-only ops (transpose, permute, view,
+slice, select, unsqueeze, contiguous, a dtype cast) whose only tensor input is a parameter
+or buffer is evaluated once and replaced by a ``get_attr`` of the result (a view of the
+weight where the op is one: no copy). A buffer that the graph mutates is left alone.
+
+>>> import torch
+>>> from passes.capture import capture
+>>> class M(torch.nn.Module):
+...     def __init__(self):
+...         super().__init__()
+...         self.w = torch.nn.Parameter(torch.randn(8, 4))
+...     def forward(self, x):
+...         return x @ self.w.T
+>>> gm = capture(M(), (torch.randn(2, 4),))
+>>> fold(gm)
+['numpy_t']
+>>> [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+['aten.matmul.default']
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+__all__ = ["FOLDABLE", "fold"]
+
+#: Ops folded on constants: they move values without arithmetic (a dtype cast rounds, once).
+FOLDABLE = {
+    aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default, aten.view.default,
+    aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default, aten.squeeze.dim,
+    aten.squeeze.dims, aten.squeeze.default, aten.contiguous.default, aten.clone.default,
+    aten.detach.default, aten.alias.default, aten.slice.Tensor, aten.select.int, aten.flatten.using_ints,
+    aten.to.dtype, aten._to_copy.default,
+}
+
+
+def _attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _mutated(node: fx.Node) -> bool:
+    return any(isinstance(u.target, torch._ops.OpOverload) and u.target._schema.is_mutable for u in node.users)
+
+
+def _static(a) -> bool:
+    if isinstance(a, fx.Node):
+        return False
+    if isinstance(a, (list, tuple)):
+        return all(_static(x) for x in a)
+    return not isinstance(a, (torch.SymInt, torch.SymFloat))
+
+
+def fold(gm: fx.GraphModule) -> list[str]:
+    """Replace shape ops on constants by constants (module docstring); returns the names of
+    the nodes folded, in graph order."""
+    g = gm.graph
+    done: list[str] = []
+    for n in list(g.nodes):
+        if n.op != "call_function" or n.target not in FOLDABLE or not n.args:
+            continue
+        src = n.args[0]
+        if not (isinstance(src, fx.Node) and src.op == "get_attr") or _mutated(src):
+            continue
+        if not (_static(n.args[1:]) and _static(tuple(n.kwargs.values()))):
+            continue
+        if n.target in (aten._to_copy.default,) and set(n.kwargs) - {"dtype"}:
+            continue  # a device or layout change: left to run
+        value = _attr(gm, src.target)
+        if not isinstance(value, torch.Tensor):
+            continue
+        with torch.no_grad():
+            out = n.target(value.detach(), *n.args[1:], **n.kwargs)
+        if not isinstance(out, torch.Tensor):
+            continue
+        name = f"{src.target.replace('.', '_')}_{n.name}"
+        while hasattr(gm, name):
+            name += "_"
+        gm.register_buffer(name, out)
+        with g.inserting_before(n):
+            c = g.get_attr(name)
+        c.meta = dict(n.meta)
+        n.replace_all_uses_with(c)
+        g.erase_node(n)
+        if not src.users:
+            g.erase_node(src)
+        done.append(n.name)
+    if done:
+        g.lint()
+        gm.recompile()
+    return done

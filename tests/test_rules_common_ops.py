@@ -1,0 +1,51 @@
+"""Rules for common ops that had none (issue 14, item 5): ``hardsigmoid``, ``cumsum``, ``pad``,
+``type_as``. Each never under-estimates any field, checked as in tests/test_rules.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fxscale.rules import lookup
+from tests.test_rules import KINDS, SETTINGS, check, dims, make, seeds
+
+aten = torch.ops.aten
+
+
+@pytest.mark.parametrize("op", [aten.hardsigmoid.default, aten.cumsum.default, aten.pad.default,
+                                aten.constant_pad_nd.default, aten.type_as.default])
+def test__common_ops__have_rules(op):
+    assert lookup(op) is not None
+
+
+@SETTINGS
+@given(shape=st.lists(dims, min_size=1, max_size=3), kind=st.sampled_from(KINDS), seed=seeds,
+       mag=st.sampled_from([1e-3, 1.0, 50.0]))
+def test__hardsigmoid_and_cumsum__never_underestimate(shape, kind, seed, mag):
+    g = torch.Generator().manual_seed(seed)
+    x = make(shape, kind, g, mag)
+    for y in (x, -x):
+        check(aten.hardsigmoid.default, (y,))
+        for dim in range(-len(shape), len(shape)):
+            check(aten.cumsum.default, (y, dim))
+
+
+@SETTINGS
+@given(shape=st.lists(dims, min_size=2, max_size=3), kind=st.sampled_from(KINDS), seed=seeds,
+       pads=st.sampled_from([[1, 0], [0, 2], [1, 1, 2, 0], [0, 0, 0, 1]]), value=st.sampled_from([0.0, -7.0, 0.5]))
+def test__pad__never_underestimates(shape, kind, seed, pads, value):
+    g = torch.Generator().manual_seed(seed)
+    x = make(shape, kind, g, 2.0)
+    check(aten.pad.default, (x, pads), {"mode": "constant", "value": value})
+    check(aten.constant_pad_nd.default, (x, pads, value))
+    if len(pads) == 2 and max(pads) < shape[-1]:
+        for mode in ("reflect", "replicate", "circular"):
+            check(aten.pad.default, (x, pads), {"mode": mode})
+
+
+def test__type_as__keeps_the_bound_up_to_rounding():
+    g = torch.Generator().manual_seed(0)
+    x = make((3, 5), "randn", g, 3.0)
+    check(aten.type_as.default, (x, torch.zeros(2, dtype=torch.float64)))
