@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -37,6 +38,23 @@ def _freeze(gm: fx.GraphModule) -> None:
         mod = gm.get_submodule(mod_name) if mod_name else gm
         del mod._parameters[attr]
         mod.register_buffer(attr, p.detach())
+
+
+#: Fused ops that hide matmuls from fxscale (PyTorch's inference fast paths).
+_HIDING = ("_transformer_encoder_layer_fwd", "_native_multi_head_attention")
+
+
+def _warn_if_nothing_quantised(rows: list, name: str) -> None:
+    """Warn, with the reasons, where a graph with matmul-like ops (or fused ops that hide them)
+    ends up with nothing quantised: no silent float32."""
+    if any(ni.kind == "quantised" for _, ni in rows):
+        return
+    why = [f"{n}: {ni.note or 'high precision'}" for n, ni in rows if ni.precision is not None]
+    why += [f"{n}: {ni.note}" for n, ni in rows if ni.kind == "fallback" and any(h in ni.op for h in _HIDING)]
+    if why:
+        more = f"; and {len(why) - 4} more" if len(why) > 4 else ""
+        warnings.warn(f"fxscale quantised nothing in {name} ({len(rows)} nodes), which runs in high precision: "
+                      + "; ".join(why[:4]) + more, stacklevel=3)
 
 
 def _normalise_inputs(example_inputs: Any) -> tuple:
@@ -95,6 +113,7 @@ def transform(
     sm.config = cfg
     sm.report = Report.from_rows(c.rows, cfg.format)
     sm.pass_times = dict(c.times)
+    _warn_if_nothing_quantised(c.rows, type(model).__name__)
     host_check = (ib and cfg.on_overflow != "clamp") or cfg.nonfinite == "raise"
     sm._fxscale_checks = [(p.name, ib.get(p.name)) for p in placeholders] if host_check else None
     sm._fxscale_clamps = [ib.get(p.name) for p in placeholders] if (ib and cfg.on_overflow == "clamp") else None
@@ -123,11 +142,15 @@ def dynamic_baseline(model: nn.Module, example_inputs: Any, *, format: str | tor
     from passes.bounds import operand_positions
     from passes.calibrate import calibrate
     from passes.capture import capture as capture_graph
+    from passes.fold import fold
+    from passes.functionalise import functionalise
     from passes.precision import decide
 
     fmt = get_format(format)
     args = _normalise_inputs(example_inputs)
     gm = capture_graph(model, args)
+    functionalise(gm)
+    fold(gm)
     calibrate(gm, [args])
     decide(gm, fmt)
     quantised = {n.name: operand_positions(n) for n in gm.graph.nodes if n.op == "call_function"}
