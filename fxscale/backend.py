@@ -88,6 +88,9 @@ def fxscale_backend(
     strict = bool(opts.pop("strict", False))
     inductor = bool(opts.pop("inductor", True))
     inductor_options = _inductor_options(mode, inductor)
+    from .fastpath import decompose_fast_paths
+
+    decompose_fast_paths(gm)  # nn.TransformerEncoderLayer's fused op, op by op: its matmuls get quantised
     _warn_fused_fast_paths(gm)
     try:
         return _Compiled(gm, example_inputs, opts, strict=strict, inductor_options=inductor_options)
@@ -129,7 +132,8 @@ def _warn_fused_fast_paths(gm: fx.GraphModule) -> None:
     if found:
         warnings.warn(
             f"the compiled graph calls {', '.join(found)} (PyTorch's fused inference fast path for "
-            "nn.TransformerEncoderLayer / nn.MultiheadAttention under no_grad), which fxscale runs in "
+            "nn.TransformerEncoderLayer / nn.MultiheadAttention under no_grad, here with a mask or in "
+            "nn.MultiheadAttention, which fxscale does not write out), which fxscale runs in "
             "high precision as one op. Call torch.backends.mha.set_fastpath_enabled(False) before "
             "running the compiled model so that fxscale sees its matmuls.",
             stacklevel=3,

@@ -174,3 +174,12 @@ def test__positions_through_floor__tolerate_no_error():
     _, high, d = _demands(Bucket(), (torch.randn(4, 16),))
     assert d["linear"] == 0.0 and "integer" in high["linear"]
     assert math.isinf(d.get("floor") or math.inf) or d["floor"] > 0
+
+
+def test__nothing_quantised__warns_with_the_reason():
+    class Outer(nn.Module):
+        def forward(self, a, b):  # (B, M), (B, N) -> (B, M, N): an outer product, K = 1
+            return a[:, :, None] @ b[:, None, :]
+
+    with pytest.warns(UserWarning, match=r"quantised nothing in Outer.*K=1"):
+        fxscale.transform(Outer(), (torch.randn(2, 8), torch.randn(2, 4)))
