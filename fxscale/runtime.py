@@ -110,7 +110,7 @@ def evaluate_step(step: Step, an: Analysis) -> None:
     for r in refs(step.args) + refs(step.kwargs):
         deps |= an.deps.get(r.name, frozenset())
     an.deps[step.name] = frozenset(deps)
-    if lookup(step.op) is None or any(s is None for s in step.out_shapes):
+    if lookup(step.op) is None or all(s is None for s in step.out_shapes):
         an.bounds[step.name] = None
         an.failures[step.name] = "no rule" if lookup(step.op) is None else "not a tensor"
         return

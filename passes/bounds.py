@@ -127,7 +127,7 @@ def _rms_norm_idiom(n: fx.Node, shapes) -> Step | None:
         if r.target is not aten.rsqrt.default or not isinstance(r.args[0], fx.Node):
             continue
         add = r.args[0]
-        if add.target is not aten.add.Tensor or len(add.args) != 2:
+        if add.target not in (aten.add.Tensor, aten.add.Scalar) or len(add.args) != 2:
             continue
         mean, eps = (add.args if isinstance(add.args[0], fx.Node) else add.args[::-1])
         if not isinstance(mean, fx.Node) or isinstance(eps, fx.Node) or not (float(eps) >= 0):
@@ -173,14 +173,16 @@ def _sums_over_symbolic_dim(n: fx.Node) -> bool:
     return any(not isinstance(x.shape[d], int) for d in dims)
 
 
-def quantise_const(value: Tensor, fmt: Format, *, spectral: bool) -> tuple[Tensor, float, Bound]:
+def quantise_const(value: Tensor, fmt: Format, *, spectral: bool, amax: float | None = None) -> tuple[Tensor, float, Bound]:
     """Quantise a constant once: ``(data, scale, exact bound of the dequantised data)``.
 
     The bound is of what the matmul really reads, rounding included (a weight can round up
-    by half a step: 6% in e4m3).
+    by half a step: 6% in e4m3). ``amax``: the max |w| the scale is chosen for, when it is
+    not the constant's own (a shard of a tensor-parallel weight takes the whole weight's).
     """
     w = value.detach().to(torch.float32)
-    amax = float(w.abs().max()) if w.numel() else 0.0
+    if amax is None:
+        amax = float(w.abs().max()) if w.numel() else 0.0
     scale = fmt.scale_for(amax)
     if math.isfinite(amax) and fmt.pow2:  # in range by construction (exact scaling): a plain cast
         scaled = w * (1.0 / scale)

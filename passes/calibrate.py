@@ -99,6 +99,8 @@ class Calibrator(Interpreter):
         if n.op == "get_attr":
             # Constants: the bounds pass measures them exactly (and only once); no need here.
             return out
+        if _in_flight(n):
+            return out  # a collective's result is valid only after its wait_tensor
         self._record(n, out)
         return out
 
@@ -138,6 +140,15 @@ class Calibrator(Interpreter):
                     "inputs (run it in float32 eagerly) or drop that batch."
                 )
             )
+
+
+def _in_flight(n: Node) -> bool:
+    """A functional collective (``_c10d_functional.all_reduce`` ...), before its ``wait_tensor``."""
+    return (
+        n.op == "call_function"
+        and getattr(n.target, "namespace", None) == "_c10d_functional"
+        and n.target is not torch.ops._c10d_functional.wait_tensor.default
+    )
 
 
 def _where(n: Node) -> str:

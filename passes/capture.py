@@ -35,6 +35,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .distributed import capture_local, has_dtensor
+
 __all__ = ["METHODS", "CaptureError", "capture"]
 
 log = logging.getLogger(__name__)
@@ -76,7 +78,9 @@ def capture(
     was_training = model.training
     try:
         model.eval()
-        if method == "export":
+        if method == "export" and has_dtensor(model):
+            gm = _export_tensor_parallel(model, args, dynamic_batch)
+        elif method == "export":
             gm = _export(model, args, dynamic_batch)
         else:
             gm = _symbolic_trace(model, args)
@@ -155,6 +159,14 @@ def _export(model: nn.Module, args: tuple, dynamic_batch: bool) -> torch.fx.Grap
     if dynamic_batch:
         _warn_if_static_batch(model, gm)
     return gm
+
+
+def _export_tensor_parallel(model: nn.Module, args: tuple, dynamic_batch: bool) -> torch.fx.GraphModule:
+    """A DTensor-parallel model: this rank's local graph, collectives included (passes.distributed)."""
+    try:
+        return capture_local(model, args, dynamic_batch)
+    except Exception as e:
+        raise _capture_error(model, e, "tracing the tensor-parallel model (make_fx through DTensor, then torch.export)") from e
 
 
 def _has_batched_tensor(args: tuple) -> bool:

@@ -116,6 +116,7 @@ def analyse(
         for pos in s.quantised:
             operand_of.setdefault(s.args[pos].name, []).append(s.name)
     spectral = weights_needing_spectral(gm, steps, operand_of) if mode == "rownorm" else set()
+    _constants(gm, an, steps, operand_of, spectral)
 
     for n in gm.graph.nodes:
         ni = info(n)
@@ -136,18 +137,8 @@ def analyse(
             else:
                 _measure(an, n, "input without a declared bound: run-time amax")
         elif n.op == "get_attr":
-            value = _attr(gm, n.target)
-            if not hasattr(value, "dtype") or not value.dtype.is_floating_point:
+            if n.name not in an.consts:
                 continue
-            an.consts[n.name] = value
-            users = [u.name for u in n.users]
-            if n.name in operand_of:
-                q = an.quantised_consts[n.name] = quantise_const(value, fmt, spectral=n.name in spectral)
-                if all(n.name in _operand_names(steps[u]) for u in users if u in steps):
-                    an.bounds[n.name] = q[2]  # only matmuls read it: the stored weight is the value
-            if n.name not in an.bounds:
-                rows_only = all(u.target is aten.embedding.default for u in n.users)  # a lookup table
-                an.bounds[n.name] = Bound.of_tensor(value, spectral=False, columns=not rows_only)
             b = an.bounds[n.name]
             an.deps[n.name] = frozenset()
             ni.observed = (float(b.absmax), float(b.rownorm))  # exact for a constant
@@ -179,6 +170,39 @@ def analyse(
             if ni.wasted_bits is None:
                 ni.wasted_bits = projected_waste(ni.bound, ni.observed)
     return an
+
+
+def _constants(gm: fx.GraphModule, an: Analysis, steps: dict, operand_of: dict, spectral: set[str]) -> None:
+    """Bounds of the floating-point constants; matmul operands quantised once.
+
+    In a tensor-parallel graph (one with collectives) every rank's constants and calibration
+    statistics are first combined across ranks (``passes.distributed``), so that all ranks
+    derive the same bounds and scales.
+    """
+    from .distributed import agree_amax, agree_bounds, process_group
+
+    group = process_group(gm)
+    consts = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            value = _attr(gm, n.target)
+            if hasattr(value, "dtype") and value.dtype.is_floating_point:
+                consts[n.name] = (n, value)
+    amax = {k: float(v.detach().abs().max()) if v.numel() else 0.0 for k, (_, v) in consts.items() if k in operand_of}
+    if group is not None:
+        shapes = {n.name: concrete_shape(n.meta.get("val")) for n in gm.graph.nodes}
+        amax = agree_amax(group, gm, shapes, amax)
+    for name, (n, value) in consts.items():
+        an.consts[name] = value
+        if name in operand_of:
+            q = an.quantised_consts[name] = quantise_const(value, an.fmt, spectral=name in spectral, amax=amax[name])
+            if all(name in _operand_names(steps[u.name]) for u in n.users if u.name in steps):
+                an.bounds[name] = q[2]  # only matmuls read it: the stored weight is the value
+        if name not in an.bounds:
+            rows_only = all(u.target is aten.embedding.default for u in n.users)  # a lookup table
+            an.bounds[name] = Bound.of_tensor(value, spectral=False, columns=not rows_only)
+    if group is not None:
+        agree_bounds(group, gm, an)
 
 
 def _operand_names(step) -> set[str]:

@@ -129,11 +129,11 @@ def evaluate(op, args: tuple, kwargs: dict, out_shapes: list[tuple[int, ...]], *
     named = normalise(op, args, kwargs)
     if mode == "absmax":
         named = {k: _strip(v) for k, v in named.items()}
-    res = rule.fn(RuleCall(op, named, [tuple(s) for s in out_shapes], mode))
+    res = rule.fn(RuleCall(op, named, [None if s is None else tuple(s) for s in out_shapes], mode))
     res = list(res) if isinstance(res, (tuple, list)) else [res]
     out = []
     for b, shape in zip(res, out_shapes):
-        if b is None:
+        if b is None or shape is None:  # (or an output that is not a tensor: a SymInt, None)
             out.append(None)
             continue
         if not rule.exact:
