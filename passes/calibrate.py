@@ -186,3 +186,7 @@ def calibrate(gm: GraphModule, batches: Iterable[tuple], *, reset: bool = True) 
                     f"got {type(b).__name__}"
                 )
             interp.run(*b)
+    # A tensor-parallel graph: the same statistics on every rank (a no-op without collectives).
+    from .distributed import agree_observed
+
+    agree_observed(gm)

@@ -12,11 +12,11 @@ constants as ``get_attr``), so the rest of the pipeline is the single-process on
 
 **Agreement.** Each rank proves bounds for its own shards, and the collective rules
 (:mod:`fxscale.rules.parallel`) need every rank's bound of a value to be one number valid
-for all ranks. :func:`agree_amax` and :func:`agree_bounds` make it so at transform time, with
-two small collectives on the graph's own process group: weights are quantised with the scale
-of the whole (unsharded) weight (the max of the shards' max |w|), every constant's bound is the
-max over ranks of each norm, and the calibration statistics that decide requantise placement
-are maxed over ranks too. Given the same graph (checked: same ops, same shapes on every rank),
+for all ranks. Three small collectives on the graph's own process group make it so, once at
+transform time: :func:`agree_observed` maxes the calibration statistics over ranks (the
+precision pass and requantise placement decide on them), :func:`agree_amax` gives each weight
+shard the scale of the whole (unsharded) weight (the max of the shards' max |w|), and
+:func:`agree_bounds` makes every constant's bound the max over ranks of each norm. Given the same graph (checked: same ops, same shapes on every rank),
 the analysis is then the same computation on the same numbers on every rank: every rank
 derives identical scales and places requantises identically, and the transformed graph holds
 no collective beyond the model's own.
@@ -42,7 +42,7 @@ from fxscale.bound import Bound
 from fxscale.nodeinfo import info
 from fxscale.rules.parallel import COLLECTIVES
 
-__all__ = ["agree_amax", "agree_bounds", "capture_local", "collectives", "has_dtensor", "process_group"]
+__all__ = ["agree_amax", "agree_bounds", "agree_observed", "capture_local", "collectives", "has_dtensor", "process_group"]
 
 _c10d = torch.ops._c10d_functional
 
@@ -193,16 +193,24 @@ def _signature(gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]]) -> list[s
     return [f"{n.name} {n.op} {n.target} {shapes.get(n.name)}" for n in gm.graph.nodes]
 
 
-def agree_amax(group, gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]], amax: dict[str, float]) -> dict[str, float]:
-    """Max over ranks of each weight's max |w| (the unsharded weight's): one collective.
+def agree_observed(gm: fx.GraphModule) -> None:
+    """After calibration: every node's observed statistics maxed over ranks (in place).
 
-    It also checks that every rank captured the same graph (ops and shapes), and raises
-    ``ValueError`` naming the first node that differs otherwise: agreement needs it.
+    The precision pass and requantise placement decide on these statistics, so ranks must
+    see the same ones to build the same graph. One collective, which also checks that every
+    rank captured the same graph (ops and shapes): ``ValueError`` naming the first node that
+    differs otherwise. A graph without collectives is left alone.
     """
-    sig = _signature(gm, shapes)
-    keys = sorted(amax)
+    from .bounds import concrete_shape
+
+    group = process_group(gm)
+    if group is None:
+        return
+    sig = [f"{n.name} {n.op} {n.target} {concrete_shape(n.meta.get('val'))}" for n in gm.graph.nodes]
+    nodes = [n for n in gm.graph.nodes if info(n).observed is not None]
+    obs = [tuple(float(v) for v in info(n).observed) for n in nodes]
     gathered: list[Any] = [None] * group.size()
-    dist.all_gather_object(gathered, (hashlib.sha256("\n".join(sig).encode()).hexdigest(), sig, [amax[k] for k in keys]), group=group)
+    dist.all_gather_object(gathered, (hashlib.sha256("\n".join(sig).encode()).hexdigest(), sig, obs), group=group)
     for r, (h, other, _) in enumerate(gathered):
         if h != gathered[0][0]:
             first = next((f"{a!r} on rank 0, {b!r} on rank {r}" for a, b in zip(gathered[0][1], other) if a != b), "different lengths")
@@ -211,26 +219,31 @@ def agree_amax(group, gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]], am
                 "up to its shards' values: shard evenly (each sharded size divisible by the number of ranks) and "
                 "pass the same example inputs on every rank"
             )
-    return {k: max(g[2][i] for g in gathered) for i, k in enumerate(keys)}
+    for i, n in enumerate(nodes):
+        info(n).observed = tuple(max(g[2][i][j] for g in gathered) for j in range(len(obs[i])))
 
 
-def agree_bounds(group, gm: fx.GraphModule, an) -> None:
-    """Max over ranks of every constant's bound and every node's calibration statistics.
+def agree_amax(group, amax: dict[str, float]) -> dict[str, float]:
+    """Max over ranks of each weight's max |w| (the unsharded weight's): one collective."""
+    keys = sorted(amax)
+    t = torch.tensor([amax[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return dict(zip(keys, t.tolist()))
 
-    ``an`` is the bounds pass's :class:`passes.bounds.Analysis` with its constants filled in;
-    updated in place (``an.bounds``, ``an.quantised_consts``), and so is each node's
-    ``NodeInfo.observed``. One collective (an all-reduce MAX of float64s).
+
+def agree_bounds(group, an) -> None:
+    """Max over ranks of every norm of every constant's bound: one collective.
+
+    ``an`` is the bounds pass's :class:`fxscale.runtime.Analysis` with its constants filled
+    in; updated in place (``an.bounds``, ``an.quantised_consts``).
     """
     consts = [k for k in sorted(an.consts) if isinstance(an.bounds.get(k), Bound)]
-    qconsts = [k for k in sorted(an.quantised_consts)]
-    observed = [n for n in gm.graph.nodes if info(n).observed is not None and n.name not in an.consts]
+    qconsts = sorted(an.quantised_consts)
     flat: list[float] = []
     for k in consts:
         flat += list(_fields(an.bounds[k]))
     for k in qconsts:
         flat += list(_fields(an.quantised_consts[k][2]))
-    for n in observed:
-        flat += [float(info(n).observed[0]), float(info(n).observed[1])]
     t = torch.tensor(flat, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     vals = t.tolist()
@@ -242,9 +255,6 @@ def agree_bounds(group, gm: fx.GraphModule, an) -> None:
         data, scale, _ = an.quantised_consts[k]
         an.quantised_consts[k] = (data, scale, Bound(*vals[i : i + 6]))
         i += 6
-    for n in observed:
-        info(n).observed = (vals[i], vals[i + 1])
-        i += 2
 
 
 def _fields(b: Bound) -> tuple[float, ...]:

@@ -175,9 +175,8 @@ def analyse(
 def _constants(gm: fx.GraphModule, an: Analysis, steps: dict, operand_of: dict, spectral: set[str]) -> None:
     """Bounds of the floating-point constants; matmul operands quantised once.
 
-    In a tensor-parallel graph (one with collectives) every rank's constants and calibration
-    statistics are first combined across ranks (``passes.distributed``), so that all ranks
-    derive the same bounds and scales.
+    In a tensor-parallel graph (one with collectives) every rank's constants are combined
+    across ranks (``passes.distributed``), so that all ranks derive the same bounds and scales.
     """
     from .distributed import agree_amax, agree_bounds, process_group
 
@@ -190,8 +189,7 @@ def _constants(gm: fx.GraphModule, an: Analysis, steps: dict, operand_of: dict, 
                 consts[n.name] = (n, value)
     amax = {k: float(v.detach().abs().max()) if v.numel() else 0.0 for k, (_, v) in consts.items() if k in operand_of}
     if group is not None:
-        shapes = {n.name: concrete_shape(n.meta.get("val")) for n in gm.graph.nodes}
-        amax = agree_amax(group, gm, shapes, amax)
+        amax = agree_amax(group, amax)
     for name, (n, value) in consts.items():
         an.consts[name] = value
         if name in operand_of:
@@ -202,7 +200,7 @@ def _constants(gm: fx.GraphModule, an: Analysis, steps: dict, operand_of: dict, 
             rows_only = all(u.target is aten.embedding.default for u in n.users)  # a lookup table
             an.bounds[name] = Bound.of_tensor(value, spectral=False, columns=not rows_only)
     if group is not None:
-        agree_bounds(group, gm, an)
+        agree_bounds(group, an)
 
 
 def _operand_names(step) -> set[str]:
