@@ -70,6 +70,19 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             "ratios": [(r["node"], r["ratio"], r["static"]) for r in fxscale.audit(sm, _extreme(3))],
             "collectives": _collectives(sm),
         }
+        if world == 2:  # ranks whose graphs differ (a shard of another shape): refused
+            import torch.distributed._functional_collectives as funcol
+            from torch.fx.experimental.proxy_tensor import make_fx
+
+            from passes.distributed import agree_observed
+
+            gm = make_fx(lambda t: funcol.all_reduce(t * 2, "sum", dist.group.WORLD), tracing_mode="fake")(
+                torch.randn(4 + rank, 8))
+            try:
+                agree_observed(gm)
+                res["uneven"] = "no error"
+            except ValueError as e:
+                res["uneven"] = str(e)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -127,6 +140,9 @@ def test__tensor_parallel__ranks_agree_and_match_single_process(world, single):
     expected += [str(c10d.all_gather_into_tensor.default), str(c10d.wait_tensor.default)]
     for res in ranks:
         assert res["collectives"] == expected
+    if world == 2:  # refused on every rank, naming the first node that differs
+        for res in ranks:
+            assert "the ranks captured different graphs" in res["uneven"] and "on rank 1" in res["uneven"], res["uneven"]
 
 
 # ---------------------------------------------------------------------------- the rules alone
