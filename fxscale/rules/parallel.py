@@ -4,7 +4,7 @@ A tensor-parallel model captured per rank (``passes.distributed``) holds
 ``_c10d_functional`` ops: ``all_reduce`` after a row-parallel matmul, ``all_gather_into_tensor``
 and ``reduce_scatter_tensor`` around sequence-parallel regions, ``wait_tensor`` after each.
 Their rules bound the result from *this rank's* input bound, which is sound because the
-transform first makes every rank's bounds agree (``passes.distributed.agree``): each rank's
+transform first makes every rank's bounds agree (``passes.distributed``): each rank's
 bound of a value is then one number valid for every rank's local value, so
 
 * a sum over ``R`` ranks is bounded by the sum of the ranks' bounds, ``R`` times the bound,
