@@ -11,10 +11,11 @@ value, ``s`` the format's relative rounding step, 2^-4 in e4m3, 2^-8 in int8):
   its output's max; so an argument bounded by ``B`` needs a relative error below ~``1/B``;
 * integer, index and selection arithmetic (casts to integers, ``floor``/``round``,
   ``remainder``, ``argmax``/``topk``/``sort``) tolerates none;
-* additions, shape ops and exact moves pass the error on; ``x * c`` divides it by ``|c|``
-  (by ``max |y|`` for ``x * y``), ``x / c`` multiplies it;
-* every other op (ReLU, GELU, normalisations, reductions, ...) keeps the *relative* error:
-  ``tolerance(in) = tolerance(out) * max|in| / max|out|``.
+* additions, shape ops and exact moves pass the error on;
+* every other op (products, ReLU, GELU, normalisations, reductions, ...) keeps the *relative*
+  error: ``tolerance(in) = tolerance(out) * max|in| / max|out|`` (a product ``x * y`` adds
+  its factors' relative errors, elementwise: a gated MLP's ``act(gate) * up`` asks of ``up``
+  what its output is asked, not that divided by ``max |act(gate)|``).
 
 A matmul-like node is then quantised only where it pays and where its output tolerates what
 low-precision operands do to it (about ``s * max|out|``, within a factor :data:`SLACK`):
@@ -55,7 +56,7 @@ from fxscale.formats import Format
 from fxscale.nodeinfo import info
 from fxscale.rules import lookup
 
-from .bounds import QUANTISED_OPERANDS, concrete_shape, operand_positions
+from .bounds import concrete_shape, operand_names, operand_positions
 
 aten = torch.ops.aten
 
@@ -81,13 +82,12 @@ _SOFTMAX = {aten.softmax.int, aten._softmax.default}
 _LOG_SOFTMAX = {aten.log_softmax.int, aten._log_softmax.default}
 _ADDITIVE = {aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar,
              aten.rsub.Tensor, aten._to_copy.default, aten.to.dtype, aten.type_as.default}
-_MUL = {aten.mul.Tensor, aten.mul.Scalar}
 _DIV = {aten.div.Tensor, aten.div.Scalar}
 
 
 def matmul_k(node: fx.Node) -> int | None:
     """The contraction length of a matmul-like node (C_in/groups * kernel size for a conv)."""
-    names = QUANTISED_OPERANDS.get(node.target)
+    names = operand_names(node.target)
     if names is None:
         return None
     schema = [a.name for a in node.target._schema.arguments]
@@ -119,7 +119,7 @@ def _div(a: float, b: float | None) -> float:
 def _tolerance(n: fx.Node, a: fx.Node, e_out: float, fmt: Format) -> tuple[float, str]:
     """(absolute error ``n`` tolerates in its input ``a``, a short reason) given ``e_out``."""
     t = n.target
-    if t in QUANTISED_OPERANDS and a in _operands(n):
+    if operand_names(t) is not None and a in _operands(n):
         return fmt.rel_rounding * (_amax(a) or 0.0), "matmul operand"
     if t in _SHAPE_QUERIES:
         return math.inf, ""
@@ -138,16 +138,8 @@ def _tolerance(n: fx.Node, a: fx.Node, e_out: float, fmt: Format) -> tuple[float
         return _div(e_out, 2 * (_amax(n) or 0.0)), "softmax"
     if t in _LOG_SOFTMAX:
         return e_out / 2, "log_softmax"
-    if t in _MUL or t in _DIV:
-        others = [x for x in n.args[:2] if x is not a]
-        other = others[0] if others else a
-        c = _amax(other) if isinstance(other, fx.Node) else (abs(float(other)) if isinstance(other, (int, float)) else None)
-        if t in _MUL:
-            return _div(e_out, c), ""
-        if n.args[0] is a and not isinstance(other, fx.Node) and c is not None and "rounding_mode" not in n.kwargs:
-            return e_out * c, ""
-        if n.kwargs.get("rounding_mode") is not None:
-            return 0.0, "integer / selection arithmetic"
+    if t in _DIV and n.kwargs.get("rounding_mode") is not None:
+        return 0.0, "integer / selection arithmetic"
     # Everything else keeps the relative error: tolerance(in) = tolerance(out) * max|in| / max|out|.
     if math.isinf(e_out):
         return e_out, ""
@@ -155,7 +147,7 @@ def _tolerance(n: fx.Node, a: fx.Node, e_out: float, fmt: Format) -> tuple[float
 
 
 def _operands(n: fx.Node) -> list[fx.Node]:
-    names = QUANTISED_OPERANDS[n.target]
+    names = operand_names(n.target)
     schema = [x.name for x in n.target._schema.arguments]
     return [n.args[i] for i, s in enumerate(schema) if s in names and i < len(n.args) and isinstance(n.args[i], fx.Node)]
 
