@@ -219,3 +219,25 @@ def _(x, x_scale, w, w_scale, bias, stride, padding, dilation, groups, out_dtype
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     return x.new_empty((*x.shape[:-3], w.shape[0], oh, ow), dtype=out_dtype)
+
+
+@torch.library.custom_op("fxscale::scaled_grouped_mm", mutates_args=())
+def scaled_grouped_mm(x: Tensor, x_scale: Tensor, w: Tensor, w_scales: Tensor, offs: Tensor,
+                      out_dtype: torch.dtype) -> Tensor:
+    """Grouped (MoE expert) matmul of scaled data: rows ``offs[e-1]:offs[e]`` of ``x`` (S, K)
+    times expert ``e``'s ``w[e]`` (K, N), scaled by ``x_scale * w_scales[e]``; rows past the
+    last offset are 0 (as transformers' ``grouped_mm_fallback``). Reference: one host sync
+    for the offsets, one matmul per non-empty group, accumulated in float32."""
+    out = torch.zeros(x.shape[0], w.shape[-1], dtype=torch.float32, device=x.device)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            acc = _upcast(x[start:end]) @ _upcast(w[e])
+            out[start:end] = acc.to(torch.float32) * (x_scale * w_scales[e])
+        start = end
+    return out.to(out_dtype)
+
+
+@scaled_grouped_mm.register_fake
+def _(x, x_scale, w, w_scales, offs, out_dtype):
+    return x.new_empty((x.shape[0], w.shape[-1]), dtype=out_dtype)

@@ -35,9 +35,26 @@ from fxscale.formats import Format
 from fxscale.runtime import Analysis, Ref, Step, evaluate_step, measured_bound, operand_scale, refs
 
 __all__ = [
-    "QUANTISED_OPERANDS", "Analysis", "Ref", "Step", "build_steps", "concrete_shape", "declared_bound",
-    "evaluate_step", "input_bounds_by_name", "is_float_value", "measured_bound", "operand_positions", "operand_scale",
-    "quantise_const", "refs",
+    "GROUPED",
+    "QUANTISED_OPERANDS",
+    "QUANTISED_OPERANDS_BY_NAME",
+    "Analysis",
+    "Ref",
+    "Step",
+    "build_steps",
+    "concrete_shape",
+    "declared_bound",
+    "evaluate_step",
+    "input_bounds_by_name",
+    "is_float_value",
+    "is_grouped",
+    "measured_bound",
+    "operand_names",
+    "operand_positions",
+    "operand_scale",
+    "quantise_const",
+    "quantise_const_grouped",
+    "refs",
 ]
 
 aten = torch.ops.aten
@@ -52,7 +69,29 @@ QUANTISED_OPERANDS: dict[Any, tuple[str, ...]] = {
     aten.baddbmm.default: ("batch1", "batch2"),
     aten.conv2d.default: ("input", "weight"),
     aten.conv1d.default: ("input", "weight"),
+    aten._grouped_mm.default: ("self", "mat2"),
 }
+
+#: Matmul-like ops of other libraries, by schema name (fxscale does not import them):
+#: transformers' MoE experts (``grouped_mm_fallback``: x (S, K) @ w[e] (K, N) per group of rows).
+QUANTISED_OPERANDS_BY_NAME: dict[str, tuple[str, ...]] = {
+    "transformers::grouped_mm_fallback": ("input", "weight"),
+}
+
+#: Grouped (MoE expert) matmuls, by schema name: one weight (E, K, N) per group of rows.
+GROUPED = ("aten::_grouped_mm", "transformers::grouped_mm_fallback")
+
+
+def operand_names(target: Any) -> tuple[str, ...] | None:
+    """Schema names of ``target``'s low-precision operands, if it is matmul-like."""
+    names = QUANTISED_OPERANDS.get(target)
+    if names is None and hasattr(target, "_schema"):
+        names = QUANTISED_OPERANDS_BY_NAME.get(target._schema.name)
+    return names
+
+
+def is_grouped(target: Any) -> bool:
+    return hasattr(target, "_schema") and target._schema.name in GROUPED
 
 
 def concrete_shape(val: Any) -> tuple[int, ...] | None:
@@ -83,7 +122,7 @@ def _to_ref(a: Any) -> Any:
 
 def operand_positions(node: fx.Node) -> tuple[int, ...]:
     """Positions in ``node.args`` of its low-precision matmul operands (empty if none)."""
-    names = QUANTISED_OPERANDS.get(node.target)
+    names = operand_names(node.target)
     if names is None or node.kwargs or node.meta.get("fxscale") is not None and node.meta["fxscale"].precision == "high":
         return ()  # (the precision pass keeps it in high precision)
     schema = node.target._schema
@@ -152,9 +191,9 @@ def _SUM_OVER_DYNAMIC_DIM(*args, **kwargs):  # a marker with no rule: the node's
 
 def _contracts_over_symbolic_dim(n: fx.Node) -> bool:
     """A matmul whose contraction length changes between calls (``x.T @ x`` over the batch)."""
-    if n.target not in QUANTISED_OPERANDS or n.target in (aten.conv2d.default, aten.conv1d.default):
+    names = operand_names(n.target)
+    if names is None or n.target in (aten.conv2d.default, aten.conv1d.default):
         return False
-    names = QUANTISED_OPERANDS[n.target]
     schema = [a.name for a in n.target._schema.arguments]
     first = n.args[schema.index(names[0])] if schema.index(names[0]) < len(n.args) else None
     v = first.meta.get("val") if isinstance(first, fx.Node) else None
@@ -193,6 +232,16 @@ def quantise_const(value: Tensor, fmt: Format, *, spectral: bool, amax: float | 
     # otherwise within float rounding, which the rules' margin covers).
     bound = Bound.of_tensor(data.to(torch.float32), spectral=spectral).scaled(scale)
     return data, scale, bound
+
+
+def quantise_const_grouped(value: Tensor, fmt: Format) -> tuple[Tensor, Tensor, Bound]:
+    """A grouped matmul's weight (E, K, N), one static scale per expert (group):
+    ``(data, scales (E,) float32, exact bound of the dequantised data)``."""
+    parts = [quantise_const(w, fmt, spectral=False) for w in value.detach()]
+    data = torch.stack([p[0] for p in parts])
+    scales = torch.tensor([p[1] for p in parts], dtype=torch.float32, device=value.device)
+    deq = data.to(torch.float32) * scales[:, None, None]
+    return data, scales, Bound.of_tensor(deq, spectral=False)
 
 
 def declared_bound(value: float | tuple[float, float | None], shape: tuple[int, ...]) -> Bound:

@@ -32,6 +32,7 @@ from fxscale.formats import Format
 from fxscale.nodeinfo import info
 from fxscale.runtime import Analysis, ScaleFn, Step, opaque_call, refs
 
+from .bounds import is_grouped
 from .requantise import dependency_graph
 
 aten = torch.ops.aten
@@ -97,15 +98,19 @@ class Lowering:
             data = data.contiguous()
             first = self._first()
             d = self._buffer(f"{node.name}_{self.fmt.name}", data, first)
-            s = self._buffer(f"{node.name}_scale", _scalar(scale, data.device), first)
+            per_group = isinstance(scale, Tensor)  # a grouped (MoE) weight: one scale per expert
+            sv = scale.to(torch.float32) if per_group else _scalar(scale, data.device)
+            s = self._buffer(f"{node.name}_scale", sv, first)
+            how = (f"quantised once, one scale per expert (2^{int(sv.log2().min())}..2^{int(sv.log2().max())})"
+                   if per_group else "quantised once")
             info(d).format = self.fmt.name
-            info(d).scale = scale
+            info(d).scale = None if per_group else scale
             wb = self.an.quantised_consts[node.name][2]
             info(d).bound = wb.transposed() if transpose else wb
-            info(d).note = f"{node.name} quantised once{' (transposed)' if transpose else ''}"
+            info(d).note = f"{node.name} {how}{' (transposed)' if transpose else ''}"
             src = info(node)
-            src.format, src.scale = self.fmt.name, scale
-            src.note = f"quantised once at transform time{' (stored transposed)' if transpose else ''}"
+            src.format, src.scale = self.fmt.name, info(d).scale
+            src.note = f"{how} at transform time{' (stored transposed)' if transpose else ''}"
             self.weights[key] = (d, s)
         return self.weights[key]
 
@@ -180,7 +185,17 @@ class Lowering:
             wt = True
         else:
             wt = None
-        if t in (aten.conv2d.default, aten.conv1d.default):
+        if is_grouped(t):
+            offs = n.args[2] if len(n.args) > 2 else None
+            if not const_b or const_a or offs is None or (len(n.args) > 3 and n.args[3] is not None):
+                info(n).kind = "high"
+                info(n).note = "grouped matmul without a constant weight, offsets, or with a bias: high precision"
+                return
+            xd, xs = self.operand(a)
+            wd, ws = self.weight(b, False)
+            with self.g.inserting_before(n):
+                new = self.g.call_function(fxops.scaled_grouped_mm.default, (xd, xs, wd, ws, offs, dtype))
+        elif t in (aten.conv2d.default, aten.conv1d.default):
             args = list(n.args) + [None] * (7 - len(n.args))
             _, _, cbias, stride, padding, dilation, groups = args
             if isinstance(padding, str) or not const_b:

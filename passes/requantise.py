@@ -35,8 +35,10 @@ from .bounds import (
     declared_bound,
     evaluate_step,
     is_float_value,
+    is_grouped,
     measured_bound,
     quantise_const,
+    quantise_const_grouped,
 )
 
 aten = torch.ops.aten
@@ -193,7 +195,11 @@ def _constants(gm: fx.GraphModule, an: Analysis, steps: dict, operand_of: dict, 
     for name, (n, value) in consts.items():
         an.consts[name] = value
         if name in operand_of:
-            q = an.quantised_consts[name] = quantise_const(value, an.fmt, spectral=name in spectral, amax=amax[name])
+            grouped = value.dim() == 3 and all(is_grouped(steps[u].op) for u in operand_of[name])
+            q = an.quantised_consts[name] = (
+                quantise_const_grouped(value, an.fmt) if grouped and group is None  # one static scale per expert
+                else quantise_const(value, an.fmt, spectral=name in spectral, amax=amax[name])
+            )
             if all(name in _operand_names(steps[u.name]) for u in n.users if u.name in steps):
                 an.bounds[name] = q[2]  # only matmuls read it: the stored weight is the value
         if name not in an.bounds:

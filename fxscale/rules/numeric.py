@@ -392,3 +392,32 @@ def _cumsum(c: RuleCall) -> Bound:
     elif dim == nd - 2:
         am = fmin(am, x.bound.colsum)
     return Bound(am)
+
+
+@register("transformers::grouped_mm_fallback", aten._grouped_mm)
+def _grouped_mm(c: RuleCall) -> Bound | None:
+    """Grouped (MoE expert) matmul: row ``i`` of ``x`` (S, K) times its group's ``W_e`` (K, N)
+    of ``w`` (E, K, N); rows past the last offset are 0. Each row is bounded as by a matmul
+    with any one expert: ``w``'s bound holds the max over experts of each column's norms."""
+    x = c["input"] if "input" in c.args else c["self"]
+    w = c["weight"] if "weight" in c.args else c["mat2"]
+    if len(x.shape) != 2 or len(w.shape) != 3 or c.get("bias") is not None:
+        return None
+    wb = w.bound
+    out = matmul_bound(x.bound, Bound(wb.absmax, INF, wb.colnorm, INF, wb.colsum, wb.spectral), x.shape[-1])
+    return Bound(out.absmax, out.rownorm)
+
+
+@register(aten.index.Tensor)
+def _index(c: RuleCall) -> Bound:
+    """Advanced indexing gathers entries: max |x| stays; where the last dim is not indexed, each
+    output row is an input row, so the row norms stay too. (An index of ``k`` dims may be a
+    boolean mask over ``k`` dims of ``x``: it is counted as consuming ``k``.)"""
+    x, idx = c["self"], list(c["indices"])
+    b = x.bound
+    while idx and idx[-1] is None:
+        idx.pop()
+    consumed = sum(1 if i is None else max(1, len(i.shape)) for i in idx)
+    if consumed < len(x.shape):
+        return Bound(b.absmax, b.rownorm, INF, b.rowsum)
+    return Bound(b.absmax)

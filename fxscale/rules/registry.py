@@ -66,13 +66,20 @@ class Rule:
 
 
 RULES: dict[Any, Rule] = {}
+#: Rules for ops named by schema (``"transformers::grouped_mm_fallback"``): ops of libraries
+#: fxscale does not import, found by name the first time a graph calls them.
+RULES_BY_NAME: dict[str, Rule] = {}
 
 
 def register(*ops, exact: bool = False):
-    """Decorator: register ``fn`` as the rule for each ATen overload (or packet) in ``ops``."""
+    """Decorator: register ``fn`` as the rule for each ATen overload (or packet) in ``ops``,
+    or for an op of another library named by its schema name (a string)."""
 
     def deco(fn):
         for op in ops:
+            if isinstance(op, str):
+                RULES_BY_NAME[op] = Rule(fn, exact)
+                continue
             overloads = [getattr(op, n) for n in op.overloads()] if hasattr(op, "overloads") else [op]
             for o in overloads:
                 RULES[o] = Rule(fn, exact)
@@ -82,7 +89,12 @@ def register(*ops, exact: bool = False):
 
 
 def lookup(op) -> Rule | None:
-    return RULES.get(op)
+    rule = RULES.get(op)
+    if rule is None and RULES_BY_NAME and hasattr(op, "_schema"):
+        rule = RULES_BY_NAME.get(op._schema.name)
+        if rule is not None:
+            RULES[op] = rule
+    return rule
 
 
 #: op -> ((argument name, default), ...): read from the schema once, at compile time, so
@@ -125,7 +137,9 @@ def evaluate(op, args: tuple, kwargs: dict, out_shapes: list[tuple[int, ...]], *
     Raises ``KeyError`` if ``op`` has no rule.
     """
     check_rules(mode)
-    rule = RULES[op]
+    rule = lookup(op)
+    if rule is None:
+        raise KeyError(op)
     named = normalise(op, args, kwargs)
     if mode == "absmax":
         named = {k: _strip(v) for k, v in named.items()}
