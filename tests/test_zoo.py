@@ -39,9 +39,6 @@ TV_REASON = (
 
 #: (model, format or None for both) -> why it fails today: issue 14's items that "models" is fixing.
 XFAIL: dict[tuple[str, str | None], str] = {
-    ("convnext", None): "issue 14 item 2 (models): conv -> conv KeyError 'scaled_conv2d_default_N' in lower.scale_node",
-    ("mixtral", None): "issue 14 item 5 (models): MoE experts via transformers' grouped_mm_fallback stay float32",
-    ("qwen2_moe", None): "issue 14 item 5 (models): MoE experts via transformers' grouped_mm_fallback stay float32",
 }
 
 
