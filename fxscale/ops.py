@@ -225,7 +225,8 @@ def _(x, x_scale, w, w_scale, bias, stride, padding, dilation, groups, out_dtype
 def scaled_grouped_mm(x: Tensor, x_scale: Tensor, w: Tensor, w_scales: Tensor, offs: Tensor,
                       out_dtype: torch.dtype) -> Tensor:
     """Grouped (MoE expert) matmul of scaled data: rows ``offs[e-1]:offs[e]`` of ``x`` (S, K)
-    times expert ``e``'s ``w[e]`` (K, N), scaled by ``x_scale * w_scales[e]``; rows past the
+    times expert ``e``'s ``w[e]`` (K, N), scaled by ``x_scale * w_scales[e]`` (or a 0-d
+    ``w_scales`` shared by all experts); rows past the
     last offset are 0 (as transformers' ``grouped_mm_fallback``). Reference: one host sync
     for the offsets, one matmul per non-empty group, accumulated in float32."""
     out = torch.zeros(x.shape[0], w.shape[-1], dtype=torch.float32, device=x.device)
@@ -233,7 +234,8 @@ def scaled_grouped_mm(x: Tensor, x_scale: Tensor, w: Tensor, w_scales: Tensor, o
     for e, end in enumerate(offs.tolist()):
         if end > start:
             acc = _upcast(x[start:end]) @ _upcast(w[e])
-            out[start:end] = acc.to(torch.float32) * (x_scale * w_scales[e])
+            ws = w_scales if w_scales.dim() == 0 else w_scales[e]  # one scale for all, or one per expert
+            out[start:end] = acc.to(torch.float32) * (x_scale * ws)
         start = end
     return out.to(out_dtype)
 
