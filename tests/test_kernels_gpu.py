@@ -447,23 +447,24 @@ def _compiled_with_code(fn, x, **inductor_config):
     return y, "\n".join(code)
 
 
-@pytest.mark.parametrize("relu_cublas_max_m", [None, 0])
-def test_compiled_transform__freezing__relu_gemm_lowered_at_mid_m(relu_cublas_max_m):
-    """With inductor's freezing on, a transformed FFN at M=256 compiles its ReLU GEMM to
-    ``torch._scaled_mm`` + a ReLU pass (no custom-op call: the static scale arithmetic folds
-    into constants); with the switch at 0 the fused Triton custom op stays. Either way the
-    result is the uncompiled module's (1e-2 relative)."""
+@pytest.mark.parametrize("relu_cublas_max_m", [None, 1024])
+@pytest.mark.parametrize("freezing", [False, True])
+def test_compiled_transform__relu_gemm__no_custom_op_call_frozen_or_not(relu_cublas_max_m, freezing):
+    """A transformed FFN at M=256 compiles with no custom-op call, frozen or not: the ReLU GEMM is
+    the autotuner's choice launched from inductor's code (a triton_op kernel or ``_scaled_mm``),
+    or, with the switch at 1024, ``_scaled_mm`` + a ReLU pass. The result is the uncompiled
+    module's (1e-2 relative)."""
     from fxscale.kernels import lowering
 
     model, x = _bf16_ffn_256()
     t = fxscale.transform(model, (x,), input_bounds=8.0, on_overflow="clamp")
     lowering.set_inductor_lowering(True, relu_cublas_max_m=relu_cublas_max_m)
     try:
-        y, code = _compiled_with_code(torch.compile(t), x, freezing=True)
+        y, code = _compiled_with_code(torch.compile(t), x, freezing=freezing)
     finally:
         lowering.set_inductor_lowering(True)
-    assert ("fxscale_kernels.scaled_linear" in code) == (relu_cublas_max_m == 0)
-    assert "_scaled_mm" in code
+    assert "fxscale_kernels.scaled_linear" not in code
+    assert code.count("_scaled_mm(") >= (2 if relu_cublas_max_m else 1)
     with torch.no_grad():
         assert _rel(y, t(x)) < 1e-2
 

@@ -6,18 +6,22 @@ import sys
 
 _SCRIPT = """
 import torch, fxscale
-from torch._inductor import decomposition as dec
 from fxscale.kernels import cuda, lowering
-op = torch.ops.fxscale.scaled_linear.default
-assert dec.decompositions[op] is lowering._scaled_linear_decomposition
-assert lowering._relu_cublas_max_m() == 0          # freezing off
-with torch._inductor.config.patch(freezing=True):  # what inductor sets while compiling, frozen
-    assert lowering._relu_cublas_max_m() == 1024
+assert lowering.lowering_enabled()                 # on by default, hooked into functionalization
+assert lowering._relu_cublas_max_m() == 0          # the fused Triton GEMM by default, frozen or not
 lowering.set_inductor_lowering(False)
-assert op not in dec.decompositions
-lowering.set_inductor_lowering(True, relu_cublas_max_m=512)
-assert lowering._relu_cublas_max_m() == 512
-assert callable(cuda.scaled_linear_cuda) and str(torch.ops.fxscale_kernels.scaled_linear)
+assert not lowering.lowering_enabled()
+lowering.set_inductor_lowering(True, relu_cublas_max_m=512, triton_ops=False)
+assert lowering._relu_cublas_max_m() == 512 and not lowering._TRITON_OPS
+assert callable(cuda.scaled_linear_cuda) and callable(cuda.linear_choice)
+assert str(torch.ops.fxscale_kernels.scaled_linear)
+try:
+    import triton  # noqa: F401
+except ImportError:
+    pass
+else:  # the triton_op registers wherever triton imports
+    from fxscale.kernels import triton_ops
+    assert str(torch.ops.fxscale_kernels.linear_triton)
 print("ok")
 """
 

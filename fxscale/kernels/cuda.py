@@ -49,7 +49,7 @@ try:
 except Exception:  # noqa: BLE001  (triton missing or too old: cuBLAS and the reference remain)
     _tk = _te = None
 
-__all__ = ["HAS_TRITON", "choices", "clear_cache", "force"]
+__all__ = ["HAS_TRITON", "choices", "clear_cache", "force", "linear_choice"]
 
 HAS_TRITON = _tk is not None
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -404,7 +404,8 @@ def _prologue(x, w, *scalars):
     return x2, w, [_on_device(t, dev) for t in scalars], x.shape[:-1], key, aligned
 
 
-def scaled_linear_cuda(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype, residual=None):
+def _linear_call(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype, residual=None):
+    """The autotune key of a scaled_linear call and its prepared arguments."""
     x2, w, (x_scale, w_scale, bias, out_scale), lead, shape_key, aligned = _prologue(
         x, w, x_scale, w_scale, bias, out_scale)
     fmt = get_format(out_fmt) if out_fmt is not None else None
@@ -412,12 +413,27 @@ def scaled_linear_cuda(x, x_scale, w, w_scale, bias, activation, out_scale, out_
     if residual is not None:  # (M, N), contiguous, on x's device, as the epilogue reads it
         res = residual.to(x2.device).reshape(x2.shape[0], w.shape[0]).contiguous()
     args = (x2, x_scale, w, w_scale, bias, activation, out_scale, fmt, out_dtype, res)
-    if x2.shape[0] == 0:
-        return _IMPLS["reference"](*args).reshape(*lead, w.shape[0])
     key = ("linear", *shape_key, bias is not None, activation, out_fmt, out_dtype, aligned,
            None if res is None else res.dtype)
+    return key, args, lead
+
+
+def scaled_linear_cuda(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype, residual=None):
+    key, args, lead = _linear_call(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype, residual)
+    x2, w, fmt = args[0], args[2], args[7]
+    if x2.shape[0] == 0:
+        return _IMPLS["reference"](*args).reshape(*lead, w.shape[0])
     out = _dispatch(key, lambda: _candidates(x2, w, fmt, out_dtype, activation), args, _impl)
     return out.reshape(*lead, w.shape[0])
+
+
+def linear_choice(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype, residual=None) -> Choice:
+    """The implementation :func:`scaled_linear_cuda` runs for these operands' shapes (tuned now if
+    new: the inductor lowering asks this at compile time, with random operands of the shape)."""
+    key, _, _ = _linear_call(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype, residual)
+    if key not in _CHOICES:
+        scaled_linear_cuda(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype, residual)
+    return _CHOICES.get(key) or Choice("reference", None, None)
 
 
 def _requant_unfused(x2, xs, w, ws, bias, activation, f: Format):
