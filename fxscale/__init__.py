@@ -11,8 +11,9 @@ True
 from . import kernels, ops, scaled_ops  # noqa: F401  (registers torch.ops.fxscale.*, device kernels, eager op table)
 from .api import TransformConfig, dynamic_baseline, transform
 from .audit import audit
-from .baselines import linear_only_baseline
 from .backend import _register as _register_backend
+from .baselines import linear_only_baseline
+from .deploy import load, save
 from .formats import FORMATS, Format, get_format, wasted_bits
 from .metrics import sqnr_db
 from .scaled import ScaledTensor, ScaledTensorData, dequantise, quantise, requantise
@@ -30,8 +31,10 @@ __all__ = [
     "dynamic_baseline",
     "get_format",
     "linear_only_baseline",
+    "load",
     "quantise",
     "requantise",
+    "save",
     "sqnr_db",
     "transform",
     "wasted_bits",
