@@ -116,7 +116,9 @@ def _inductor_options(mode: str | None, inductor: bool) -> dict[str, Any] | None
         return None
     from torch._inductor import list_mode_options
 
-    return {**(list_mode_options(mode) if mode else {}), "freezing": True}
+    # always_keep_tensor_constants: frozen 0-d scales stay tensors, which fxscale's Triton GEMMs
+    # (triton_ops, launched by inductor) need on torch 2.11 (fxscale.kernels.lowering).
+    return {**(list_mode_options(mode) if mode else {}), "freezing": True, "always_keep_tensor_constants": True}
 
 
 #: Fused inference fast paths that hide their matmuls from fxscale (they run in high precision).
@@ -362,6 +364,15 @@ class _Passthrough:
     """Cache entry: this key runs the original graph."""
 
 
+def _skip_inner_guards():
+    stance = getattr(torch.compiler, "set_stance", None)
+    if stance is None:
+        import contextlib
+
+        return contextlib.nullcontext()
+    return stance(skip_guard_eval_unsafe=True)
+
+
 class _InductorRegion:
     """A transformed region compiled by inductor with freezing (parameters and buffers as
     constants). If inductor fails, warns once and runs the transformed module as it is
@@ -372,12 +383,25 @@ class _InductorRegion:
         self.compiled = torch.compile(module, options=options)
         self.strict = strict
         self.failed = False
+        self.warm = False  # compiled once: later calls skip the inner guards
 
     def __call__(self, *inputs: Any) -> Any:
         if self.failed:
             return self.module(*inputs)
         try:
-            return self.compiled(*inputs)
+            # The enclosing _Compiled already keys this region on its shapes and specialised
+            # inputs: skipping the inner Dynamo's guard evaluation saves its host time per call
+            # (it still tells apart the region's own recompiles, e.g. grad mode).
+            if self.warm:
+                try:
+                    with _skip_inner_guards():
+                        return self.compiled(*inputs)
+                except RuntimeError as e:  # a recompile is due (a new grad mode, say): guarded call
+                    if "skip_guard_eval_unsafe" not in str(e):
+                        raise
+            out = self.compiled(*inputs)
+            self.warm = True
+            return out
         except Exception as e:
             if self.strict:
                 raise

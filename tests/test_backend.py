@@ -211,7 +211,7 @@ def test__backend__mode_carries_over_to_inductor(monkeypatch):
     fn = fxscale_backend(fx.symbolic_trace(model), list(args), mode="reduce-overhead")
     with torch.no_grad():
         fn(*args)
-    assert seen["options"] == {"triton.cudagraphs": True, "freezing": True}
+    assert seen["options"] == {"triton.cudagraphs": True, "freezing": True, "always_keep_tensor_constants": True}
     with pytest.warns(UserWarning, match="inductor=False ignores torch.compile mode='reduce-overhead'"):
         fxscale_backend(fx.symbolic_trace(model), list(args), mode="reduce-overhead", options={"inductor": False})
 
