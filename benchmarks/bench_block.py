@@ -15,6 +15,7 @@ import torch
 from benchmarks.common import (
     Block,
     HandBlock,
+    aoti_package,
     baseline_variants,
     compile_fresh,
     device_line,
@@ -36,6 +37,7 @@ def build_variants(model, inputs):
         ("fxscale hand block (compile)", lambda: torch.compile(HandBlock(model))),
         ("fxscale.transform + compile (freezing)",
          lambda: compile_fresh(fxscale_transform(model, inputs[0]), inputs[0], freezing=True)),
+        ("fxscale.transform + AOTI package", lambda: aoti_package(fxscale_transform(model, inputs[0]), inputs[0])),
     ]
     return variants
 
@@ -48,6 +50,7 @@ def main() -> None:
     ap.add_argument("--md", default=None)
     ap.add_argument("--log", default=None)
     ap.add_argument("--skip", nargs="*", default=[])
+    ap.add_argument("--only", nargs="*", default=[], help="run only variants whose name contains one of these (or equals it, spaces as _)")
     ap.add_argument("--breakdown", action="store_true")
     args = ap.parse_args()
     log = open(args.log, "a") if args.log else None  # noqa: SIM115
@@ -69,7 +72,8 @@ def main() -> None:
             ref_out = ref_model(ref_in.float())
         flops = 2.0 * B * T * 12 * d * d + 2.0 * B * T * T * d
         print(f"B={B} T={T} ({', '.join(modes)})", flush=True)
-        variants = [v for v in build_variants(model, inputs) if not any(s in v[0] for s in args.skip)]
+        variants = [v for v in build_variants(model, inputs) if not any(s in v[0] for s in args.skip)
+                    and (not args.only or any(s in v[0] or s == v[0].replace(' ', '_') for s in args.only))]
         rows = run_variants(variants, inputs, ref_in, ref_out, flops, modes=modes, log=log)
         md.append(table(rows, f"{B}x{T} = {B * T} tokens"))
         if args.breakdown and B * T > 64:

@@ -15,15 +15,18 @@ import math
 
 import torch
 
+import fxscale
 from benchmarks.common import (
     FFN,
     HandFFN,
+    aoti_package,
     baseline_variants,
     compile_fresh,
     device_line,
     emit,
     ffn_shape_args,
     fxscale_transform,
+    host_and_device_us,
     init_,
     kernel_breakdown,
     run_variants,
@@ -77,9 +80,20 @@ def build_variants(model, inputs, bound, small):
          lambda: compile_fresh(bounds_model(), inputs[0], freezing=True, relu_cublas_max_m=0)),
         ("fxscale.transform + compile (freezing)",
          lambda: compile_fresh(fxscale_transform(model, inputs[0]), inputs[0], freezing=True)),
+        ("fxscale.transform + compile (Triton GEMMs as custom ops, before)",
+         lambda: compile_fresh(fxscale_transform(model, inputs[0]), inputs[0], triton_ops=False)),
         ("fp8 GEMMs alone, cuBLAS (ceiling)", lambda: gemms_only(HandFFN(model), inputs[0])),
     ]
+    if inputs[0].shape[0] <= 2048:  # one package serves every batch; timed where host time matters
+        variants += [
+            ("fxscale.transform + AOTI package", lambda: aoti_package(fxscale_transform(model, inputs[0]), inputs[0])),
+            ("fxscale.transform, input_bounds=8, clamp + AOTI package", lambda: aoti_package(bounds_model(), inputs[0])),
+        ]
     if small:
+        variants.append(('torch.compile(backend="fxscale", mode="reduce-overhead")',
+                         lambda: torch.compile(model, backend="fxscale", mode="reduce-overhead"), ("plain",)))
+        variants.append(("fxscale.transform + compile (reduce-overhead)",
+                         lambda: torch.compile(fxscale_transform(model, inputs[0]), mode="reduce-overhead"), ("plain",)))
         variants.append(("fxscale.transform, input_bounds=8, clamp (reduce-overhead)",
                          lambda: torch.compile(bounds_model(),
                                                mode="reduce-overhead"), ("plain",)))
@@ -92,19 +106,32 @@ def build_variants(model, inputs, bound, small):
 
 
 def breakdowns(model, x, bound, M):
+    """Per-kernel device time of one plain call, and host time per call against wall time."""
     out = []
+    lines = ["| variant | host us/call | wall us/call |", "|---|---|---|"]
     for name, build in [("bf16 eager", lambda: model),
-                        ("fxscale hand chain, input_bound=8 (compile)",
-                         lambda: torch.compile(HandFFN(model, input_bound=bound))),
-                        ("fxscale hand chain, run-time x amax (compile)",
-                         lambda: torch.compile(HandFFN(model)))]:
+                        ("bf16 compile", lambda: torch.compile(model)),
+                        ("fxscale.transform + compile", lambda: torch.compile(fxscale.transform(model, (x,)))),
+                        ("fxscale.transform, input_bounds=8 + compile", lambda: torch.compile(
+                            fxscale.transform(model, (x,), input_bounds=bound, threshold=8.0, on_overflow="clamp"))),
+                        ("fxscale.transform + AOTI package",
+                         lambda: aoti_package(fxscale.transform(model, (x,)), x))]:
         try:
-            bd = kernel_breakdown(build(), x)
+            fn = build()
+            with torch.no_grad():  # before the profiler, whose callbacks slow the host afterwards
+                for _ in range(3):
+                    fn(x)
+                h, w = host_and_device_us(fn, x)
+            lines.append(f"| {name} | {h:.1f} | {w:.1f} |")
+            bd = kernel_breakdown(fn, x)
         except Exception as e:  # noqa: BLE001
             bd = f"failed: {e}\n"
         out.append(f"\nPer-kernel, {name}, M={M}:\n\n{bd}")
         print(f"per-kernel {name} M={M}\n{bd}", flush=True)
         torch._dynamo.reset()
+    table_ = "\n".join(lines) + "\n"
+    print(f"host vs wall per plain call, M={M}\n{table_}", flush=True)
+    out.append(f"\nHost time per plain call against wall time, M={M}:\n\n{table_}")
     return out
 
 
@@ -113,7 +140,9 @@ def main() -> None:
     ffn_shape_args(ap)
     ap.add_argument("--log", default=None, help="tracebacks of failed variants go here")
     ap.add_argument("--skip", nargs="*", default=[], help="skip variants whose name contains any of these")
+    ap.add_argument("--only", nargs="*", default=[], help="run only variants whose name contains one of these (or equals it, spaces as _)")
     ap.add_argument("--breakdown", action="store_true", help="per-kernel profile of bf16 and fxscale")
+    ap.add_argument("--breakdown-m", type=int, nargs="*", default=[1024], help="the M of the breakdown")
     args = ap.parse_args()
     log = open(args.log, "a") if args.log else None  # noqa: SIM115
     torch.manual_seed(0)
@@ -139,7 +168,8 @@ def main() -> None:
         assert float(ref_in.abs().max()) < bound and all(float(x.abs().max()) < bound for x in inputs)
         assert all(float(x.float().norm(dim=-1).max()) < 1.25 * math.sqrt(args.d) for x in [ref_in, *inputs])
         variants = build_variants(model, inputs, bound, M <= 64)
-        variants = [v for v in variants if not any(s in v[0] for s in args.skip)]
+        variants = [v for v in variants if not any(s in v[0] for s in args.skip)
+                    and (not args.only or any(s in v[0] or s == v[0].replace(' ', '_') for s in args.only))]
         rows = run_variants(variants, inputs, ref_in, ref_out, flops, modes=modes, log=log)
         title = f"M={M} tokens"
         md.append(table(rows, title))
@@ -153,7 +183,7 @@ def main() -> None:
                          f"**{c.label}** ({cand})")
         md.append("\n".join(lines) + "\n")
         print("\n".join(lines), flush=True)
-        if args.breakdown:
+        if args.breakdown and M in args.breakdown_m:
             md += breakdowns(model, inputs[0], bound, M)
         for r in rows:
             if r["ms"] is not None and not math.isfinite(r["sqnr"]):

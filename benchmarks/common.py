@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import datetime
 import math
+import os
 import statistics
 import sys
 import traceback
@@ -294,7 +295,7 @@ def fxscale_transform(model: nn.Module, example, **options):
 
 
 def compile_fresh(mod: nn.Module, example, *, lowering: bool = True, relu_cublas_max_m: int | None = None,
-                  freezing: bool = False, mode: str | None = None):
+                  freezing: bool = False, mode: str | None = None, triton_ops: bool = True):
     """``torch.compile(mod)``, compiled now (on ``example``, under no_grad) with these settings
     and the compile caches off (they do not key on fxscale's lowering switches).
     ``freezing``: inductor treats parameters and buffers as constants, so static scale
@@ -302,7 +303,7 @@ def compile_fresh(mod: nn.Module, example, *, lowering: bool = True, relu_cublas
     of running as small kernels every call."""
     from fxscale.kernels import lowering as lowering_mod
 
-    lowering_mod.set_inductor_lowering(lowering, relu_cublas_max_m=relu_cublas_max_m)
+    lowering_mod.set_inductor_lowering(lowering, relu_cublas_max_m=relu_cublas_max_m, triton_ops=triton_ops)
     try:
         c = torch.compile(mod, mode=mode)
         with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False, freezing=freezing), \
@@ -311,6 +312,32 @@ def compile_fresh(mod: nn.Module, example, *, lowering: bool = True, relu_cublas
     finally:
         lowering_mod.set_inductor_lowering(True)
     return c
+
+
+def aoti_package(sm: nn.Module, example):
+    """``fxscale.load(fxscale.save(sm, (example,), tmp))``: the AOTInductor package's callable
+    (batch dynamic where the example's batch is at least 2)."""
+    import tempfile
+
+    path = os.path.join(tempfile.mkdtemp(prefix="fxscale_aoti_"), "model.pt2")
+    fxscale.save(sm, (example,), path, dynamic_batch=example.shape[0] >= 2)
+    run = fxscale.load(path)
+    return lambda x: run(x)
+
+
+def host_and_device_us(fn, x, n: int = 50) -> tuple[float, float]:
+    """Host time per plain call (enqueueing only: the loop's time before the final sync) and the
+    wall time per call with the device, both in us. Host >= wall/1 means host-bound."""
+    import time
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn(x)
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    return (t1 - t0) / n * 1e6, (t2 - t0) / n * 1e6
 
 
 def baseline_variants(model: nn.Module, example) -> list:

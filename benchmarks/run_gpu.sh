@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, kernel timings, FFN and block benchmarks.
 #   STEPS="env tests kernels ffn block" OUT=/tmp/out bash benchmarks/run_gpu.sh
-# (also: int8norms -- int8 GEMMs, and fp8-out norms: inductor vs hand Triton; diag -- host overhead)
+# (also: ops -- tests/test_triton_ops_gpu.py (triton_op, symbolic M, AOTI); int8norms -- int8 GEMMs, and fp8-out norms: inductor vs hand Triton; diag -- host overhead)
 # Each step has its own time cap, so a slow step never loses the ones after it.
 # Logs land in $OUT (tests.log, kernels.log, ffn.log, block.log, errors.log).
 # *_ARGS and TEST_ARGS are split on spaces (quotes inside them are not honoured): give --skip
@@ -31,6 +31,11 @@ for s in $STEPS; do
       timeout "${T_TESTS:-300}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py ${TEST_ARGS:-} \
         > "$OUT/tests.log" 2>&1
       grep -E "passed|failed|error|FAILED|Error" "$OUT/tests.log" | tail -25
+      ;;
+    ops)  # the triton_op GEMM, its lowering with a symbolic M, the AOTI package round trip
+      timeout "${T_OPS:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_triton_ops_gpu.py ${OPS_ARGS:-} \
+        > "$OUT/ops.log" 2>&1
+      grep -E "passed|failed|error|FAILED|Error" "$OUT/ops.log" | tail -25
       ;;
     kernels)
       timeout "${T_KERNELS:-180}" python3 benchmarks/bench_kernels.py ${KERNEL_ARGS:-} > "$OUT/kernels.log" 2>&1
