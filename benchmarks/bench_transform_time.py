@@ -63,15 +63,14 @@ def report_time(sm) -> float:
 
 
 def profile_analyse(model, args, top: int = 12) -> str:
-    """cProfile of the pipeline's ``analyse`` pass (after capture + calibrate), by own time."""
+    """cProfile of the pipeline's ``analyse`` pass (the passes before it run first), by own time."""
     import passes
     from fxscale.config import TransformConfig
 
-    by_name = {p.name: p for p in passes.PIPELINE}
-    c = passes.run(model, args, TransformConfig(format="float8_e4m3fn"), passes=[by_name["capture"], by_name["calibrate"]])
+    c = passes.run(model, args, TransformConfig(format="float8_e4m3fn"), until="precision")  # the passes before it
     pr = cProfile.Profile()
     pr.enable()
-    by_name["analyse"].fn(c)
+    passes.resume(c, until="analyse")
     pr.disable()
     s = io.StringIO()
     pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(top)

@@ -23,7 +23,7 @@ from torch.utils import _pytree as pytree
 from .config import TransformConfig
 from .formats import Format, get_format
 from .module import ScaledGraphModule
-from .runtime import ScaleFn
+from .nodeinfo import META_KEY
 
 __all__ = ["ScaledGraphModule", "TransformConfig", "transform"]
 
@@ -47,7 +47,7 @@ _HIDING = ("_transformer_encoder_layer_fwd", "_native_multi_head_attention")
 def _warn_if_nothing_quantised(rows: list, name: str) -> None:
     """Warn, with the reasons, where a graph with matmul-like ops (or fused ops that hide them)
     ends up with nothing quantised: no silent float32."""
-    if any(ni.kind == "quantised" for _, ni in rows):
+    if any(ni.computes is not None for _, ni in rows):  # the lowering wrote what a matmul computes on
         return
     why = [f"{n}: {ni.note or 'high precision'}" for n, ni in rows if ni.precision is not None]
     why += [f"{n}: {ni.note}" for n, ni in rows if ni.kind == "fallback" and any(h in ni.op for h in _HIDING)]
@@ -87,7 +87,11 @@ def transform(
     """
     import passes
 
-    from .report import Report
+    if not hasattr(passes, "PIPELINE"):  # another distribution's top-level ``passes`` shadows ours
+        raise ImportError(
+            f"the 'passes' package imported from {getattr(passes, '__file__', '?')} is not fxscale's compiler; "
+            "uninstall the other package named 'passes' or put fxscale's source tree first on sys.path"
+        )
 
     cfg = TransformConfig(
         format=format,
@@ -100,28 +104,21 @@ def transform(
         capture=capture,
         fuse_residual=fuse_residual,
     )
-    c = passes.run(model, example_inputs, cfg, calibration=calibration)
-    gm, placeholders, ib = c.gm, c.placeholders, c.input_bounds
-    _freeze(gm)
-    sm = ScaledGraphModule(gm, gm.graph, class_name="ScaledGraphModule")
-    for k in ("_in_spec", "_out_spec"):
-        if hasattr(gm, k):
-            setattr(sm, k, getattr(gm, k))
-    for name, mod in gm.named_children():  # run-time scale functions: called opaquely, kept for inspection
-        if isinstance(mod, ScaleFn):
-            sm.add_submodule(name, mod)
-    sm.config = cfg
-    sm.report = Report.from_rows(c.rows, cfg.format)
-    sm.pass_times = dict(c.times)
-    _warn_if_nothing_quantised(c.rows, type(model).__name__)
-    host_check = (ib and cfg.on_overflow != "clamp") or cfg.nonfinite == "raise"
-    sm._fxscale_checks = [(p.name, ib.get(p.name)) for p in placeholders] if host_check else None
-    sm._fxscale_clamps = [ib.get(p.name) for p in placeholders] if (ib and cfg.on_overflow == "clamp") else None
-    sm._fxscale_dynamic = None
-    if ib and cfg.on_overflow == "requantise":
-        sm._fxscale_dynamic = passes.run(model, example_inputs, replace(cfg, input_bounds=None),
-                                         calibration=calibration).gm
-    return sm
+    c = passes.run(model, example_inputs, cfg, calibration=calibration, until="calibrate")
+    # on_overflow="requantise": the same graph, analysed without the declared bounds, runs the
+    # calls whose inputs exceed them (captured and calibrated once, for both).
+    fork = None
+    if cfg.input_bounds is not None and cfg.on_overflow == "requantise":
+        fork = passes.fork(c, replace(cfg, input_bounds=None))
+    passes.resume(c)
+    _freeze(c.gm)
+    _warn_if_nothing_quantised([(n.name, n.meta[META_KEY]) for n in c.gm.graph.nodes if META_KEY in n.meta],
+                               type(model).__name__)
+    dynamic = None
+    if c.input_bounds and fork is not None:
+        dynamic = passes.resume(fork).gm
+    return ScaledGraphModule(c.gm, cfg, input_bounds=c.input_bounds, inputs=[p.name for p in c.placeholders],
+                             dynamic=dynamic, pass_times=c.times)
 
 
 def dynamic_baseline(model: nn.Module, example_inputs: Any, *, format: str | torch.dtype | Format = torch.float8_e4m3fn):

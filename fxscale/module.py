@@ -22,22 +22,61 @@ __all__ = ["ScaledGraphModule"]
 
 
 class ScaledGraphModule(fx.GraphModule):
-    """The transformed model: a GraphModule of ``torch.ops.fxscale.*`` calls, plus ``report``.
+    """The transformed model: a GraphModule of ``torch.ops.fxscale.*`` calls, plus ``report``
+    (read from this graph), ``config`` (the options as passed) and ``pass_times``.
 
     Inputs with a declared bound are checked on every call (one reduction each, outside the
     graph): beyond the bound, ``on_overflow`` decides. NaN/Inf inputs propagate or raise.
     """
 
-    report: Any
-    config: TransformConfig
-    pass_times: dict[str, float]  # wall seconds of each compiler pass that built it
+    # Class-level defaults: a copy (``copy.deepcopy`` re-initialises as a plain GraphModule)
+    # still runs, unguarded, instead of failing on a missing attribute.
+    _fxscale_checks: list | None = None   # [(input name, declared bound or None)]: host-side check
+    _fxscale_clamps: list | None = None   # [declared bound or None] per input: clamp in the graph
+    _fxscale_warned: bool = False
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        config: TransformConfig,
+        *,
+        input_bounds: dict[str, tuple[float, float | None]],
+        inputs: list[str],
+        dynamic: Any = None,
+        pass_times: dict[str, float] | None = None,
+    ) -> None:
+        """``gm``: the lowered graph; ``config``: the options as the user passed them;
+        ``input_bounds``: the declared bound of each input by name, as enforced (rounded up to
+        the input's dtype); ``inputs``: the graph's input names in order; ``dynamic``: the
+        module to run where ``on_overflow="requantise"`` applies; ``pass_times``: wall seconds
+        of each compiler pass."""
+        from .report import Report
+        from .runtime import ScaleFn
+
+        super().__init__(gm, gm.graph, class_name="ScaledGraphModule")
+        for k in ("_in_spec", "_out_spec"):
+            if hasattr(gm, k):
+                setattr(self, k, getattr(gm, k))
+        for name, mod in gm.named_children():  # run-time scale functions: called opaquely, kept for inspection
+            if isinstance(mod, ScaleFn):
+                self.add_submodule(name, mod)
+        self.config = config
+        self.input_bounds = dict(input_bounds)
+        ib = self.input_bounds
+        if (ib and config.on_overflow != "clamp") or config.nonfinite == "raise":
+            self._fxscale_checks = [(p, ib.get(p)) for p in inputs]
+        if ib and config.on_overflow == "clamp":
+            self._fxscale_clamps = [ib.get(p) for p in inputs]
+        # The same model with run-time input scales (on_overflow="requantise"), or None; a
+        # submodule (its buffers in the state_dict), so never a class attribute.
+        self._fxscale_dynamic = dynamic
+        self.pass_times = dict(pass_times or {})
+        self.report = Report.from_graph(self, config.format)
 
     def __call__(self, *args, **kwargs):
-        clamps = getattr(self, "_fxscale_clamps", None)
-        if clamps is not None:
-            args, kwargs = _clamp_inputs(clamps, args, kwargs)
-        checked = getattr(self, "_fxscale_checks", None)
-        if checked is not None:
+        if self._fxscale_clamps is not None:
+            args, kwargs = _clamp_inputs(self._fxscale_clamps, args, kwargs)
+        if self._fxscale_checks is not None:
             args, kwargs, use_dynamic = _check_inputs(self, args, kwargs)
             if use_dynamic:
                 return self._fxscale_dynamic(*args, **kwargs)
@@ -124,7 +163,7 @@ def _check_inputs(sm: ScaledGraphModule, args, kwargs):
                 "or pass on_overflow='saturate', 'requantise' or 'clamp'"
             )
         if cfg.on_overflow == "saturate":
-            if not getattr(sm, "_fxscale_warned", False):
+            if not sm._fxscale_warned:
                 warnings.warn(
                     f"input {name!r} has {what}: saturating to the bound (on_overflow='saturate'; warned once)",
                     stacklevel=3,

@@ -1,8 +1,15 @@
-"""``NodeInfo``: everything fxscale learns about one graph node, in ``node.meta["fxscale"]``.
+"""``NodeInfo``: the one typed record of what fxscale learns about a graph node, in
+``node.meta["fxscale"]``.
 
-The passes fill it in (calibrate: ``observed``; precision: ``demand``, ``precision``, ``precision_why``; bounds: ``bound``; requantise: ``requantise``,
-``wasted_bits``; lower: ``format``, ``scale``, ``kind``, ``note``) and :class:`fxscale.report.Report`
-turns it into one table row per node.
+Each field is written by one pass (named beside it) and read by later passes and by
+:class:`fxscale.report.Report`; ``reasons`` is the one list every pass may append to (short
+strings, for people: nothing parses them). The record has slots, so a misspelt or retired
+field name raises instead of being stored silently.
+
+>>> ni = NodeInfo(op="aten.linear")
+>>> ni.reasons.append("K=40 not a multiple of 16")
+>>> ni.note
+'K=40 not a multiple of 16'
 """
 
 from __future__ import annotations
@@ -12,36 +19,51 @@ from typing import Any
 
 META_KEY = "fxscale"
 
-#: How a node runs in the transformed graph.
+#: How a node runs (``NodeInfo.kind``, written by the analyse pass; the report adds "output"
+#: and "plumbing" for the scale / quantise / measurement nodes the lowering inserts).
 KINDS = (
     "input",        # a graph input
     "weight",       # a constant (parameter / buffer), quantised once where a matmul reads it
-    "quantised",    # a matmul-like op on low-precision operands
+    "quantised",    # a matmul-like op planned on low-precision operands
     "high",         # runs in the model's precision (bounds still tracked)
-    "shape",        # moves data without arithmetic
+    "shape",        # moves data without arithmetic, or computes sizes / indices
     "fallback",     # no rule: runs in high precision, bound unknown (consumers measure at run time)
     "output",
+    "plumbing",     # inserted by the lowering: quantise, scale buffers, run-time measurements
 )
 
 
-@dataclass
+@dataclass(slots=True)
 class NodeInfo:
-    """Per-node results of the fxscale passes (all optional until the pass that sets them ran)."""
+    """Per-node results of the fxscale passes (each None / empty until its pass ran)."""
 
-    op: str = ""                      # short op name, e.g. "aten.linear"
-    kind: str = "high"
-    format: str | None = None         # storage format where the value is stored low-precision
-    scale: float | None = None        # static scale; None where it is decided at run time
-    dynamic: bool = False             # scale / bound depends on run-time measurements
-    bound: Any = None                 # fxscale.bound.Bound (floats) proven on the calibration stats
-    observed: Any = None              # fxscale.bound.Bound-like: observed absmax / rownorm (floats)
-    wasted_bits: float | None = None  # projected log2(bound / observed) for the absmax
-    requantise: bool = False          # a run-time amax restarts the bound here
-    demand: float | None = None       # precision: error its consumers tolerate, relative to observed max |x|
-    precision: str | None = None      # precision, matmul-like nodes: "low" (quantised) or "high"
-    precision_why: str = ""           # precision: why a matmul stays in high precision
-    note: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    op: str = ""                                # the node's op when the record was made, e.g. "aten.linear"
+    # calibrate
+    observed: tuple[float, float] | None = None  # (max |x|, max row norm) seen on the calibration inputs
+    observed_list: list | None = None           # per output element, for nodes with several outputs
+    # precision (what may be low precision: DESIGN decision 9)
+    demand: float | None = None                 # error its consumers tolerate, relative to observed max |x|
+    precision: str | None = None                # matmul-like nodes: "low" (quantised) or "high"
+    precision_why: str = ""                     # why a matmul stays in high precision
+    # analyse (bounds dataflow, weight quantisation, requantise placement)
+    kind: str = "high"                          # one of KINDS
+    bound: Any = None                           # fxscale.bound.Bound (floats): the proven bound
+    dynamic: bool = False                       # the bound depends on run-time measurements
+    measured: bool = False                      # planned: its scale comes from a run-time amax
+    wasted_bits: float | None = None            # projected log2(bound / observed): before the requantise, if any
+    requantise: bool = False                    # a run-time amax restarts the bound here
+    # lower
+    computes: str | None = None                 # operand format of a matmul-like op (None: high precision)
+    stores: str | None = None                   # format the value is stored in for its consumers, or None
+    scale: float | None = None                  # static scale of the stored value; None where set at run time
+    scale_from: str | None = None               # "static", "amax" (run-time amax), "rules" (ScaleFn at run time)
+    # every pass
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def note(self) -> str:
+        """The reasons, joined for display."""
+        return "; ".join(self.reasons)
 
     @property
     def bound_absmax(self) -> float | None:
@@ -55,18 +77,17 @@ class NodeInfo:
 def info(node) -> NodeInfo:
     """The node's :class:`NodeInfo`, created empty on first access."""
     if META_KEY not in node.meta:
-        node.meta[META_KEY] = NodeInfo(op=_op_name(node))
+        node.meta[META_KEY] = NodeInfo(op=op_name(node))
     return node.meta[META_KEY]
 
 
-def _op_name(node) -> str:
+def op_name(node) -> str:
+    """Short name of what ``node`` runs: ``"aten.linear"``, ``"fxscale.scaled_linear"``, ``"placeholder"``."""
     if node.op == "call_function":
         t = node.target
-        name = getattr(t, "__name__", str(t))
         if hasattr(t, "_schema"):
-            pk = t._schema.name.replace("::", ".")
-            return pk
-        return name
+            return t._schema.name.replace("::", ".")
+        return getattr(t, "__name__", str(t))
     if node.op == "call_module":
         return f"module:{node.target}"
     return node.op

@@ -1,51 +1,62 @@
-"""``Report``: one row per graph node of what fxscale decided and why.
+"""``Report``: one row per node of the final (transformed) graph: what fxscale decided and why.
 
-Built from each node's :class:`fxscale.nodeinfo.NodeInfo` (``node.meta["fxscale"]``), by
-:meth:`Report.from_graph` (a GraphModule) or :meth:`Report.from_rows` (``(name, NodeInfo)``
-pairs kept before a rewrite). ``str(report)`` is a tabulate table plus a summary line,
-``report._repr_html_()`` the same for notebooks, ``report.rows`` the raw dicts, and
-``report.plot()`` a log2 chart (needs matplotlib: ``pip install fxscale[plot]``).
+:meth:`Report.from_graph` reads each node's :class:`fxscale.nodeinfo.NodeInfo`
+(``node.meta["fxscale"]``) from a GraphModule, so row names are the graph's (``sm.report`` is
+``Report.from_graph(sm)``); :meth:`Report.from_rows` takes ``(name, NodeInfo)`` pairs.
+``str(report)`` is a tabulate table (shape-only and plumbing rows left out:
+``report.table(show_all=True)`` has every row) plus a summary line, ``report._repr_html_()``
+the same for notebooks, ``report.rows`` the raw dicts, and ``report.plot()`` a log2 chart
+(needs matplotlib: ``pip install fxscale[plot]``).
 
 >>> from fxscale.nodeinfo import NodeInfo
 >>> from fxscale.bound import Bound
 >>> r = Report.from_rows([
-...     ("x", NodeInfo(op="placeholder", kind="input", format="float8_e4m3fn", observed=(3.0, 5.0))),
-...     ("mm", NodeInfo(op="aten.mm", kind="quantised", format="float8_e4m3fn", scale=2.0**-5,
-...                     bound=Bound(8.0), observed=(2.0, 3.0), wasted_bits=2.0)),
+...     ("x", NodeInfo(op="placeholder", kind="input", stores="float8_e4m3fn", scale_from="amax",
+...                    observed=(3.0, 5.0))),
+...     ("mm", NodeInfo(op="aten.mm", kind="quantised", computes="float8_e4m3fn", stores="float8_e4m3fn",
+...                     scale=2.0**-5, bound=Bound(8.0), observed=(2.0, 3.0), wasted_bits=2.0)),
 ... ], "e4m3")
->>> r.rows[1]["bound"], r.rows[1]["scale"], r.rows[1]["requantise"]
-(8.0, 0.03125, False)
+>>> r.rows[1]["bound"], r.rows[1]["scale"], r.rows[1]["format"], r.rows[1]["headroom"], r.rows[1]["unit"]
+(8.0, 0.03125, 'float8_e4m3fn', 2.0, 'binades')
 >>> r.summary["runtime_amax"], r.summary["baseline_amax"]
-(1, 2)
+(1, 1)
 """
 
 from __future__ import annotations
 
 import html
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from .formats import Format, get_format
-from .nodeinfo import META_KEY, NodeInfo
+from .nodeinfo import META_KEY, NodeInfo, op_name
 
 __all__ = ["Report", "fmt_value"]
 
 #: Columns of ``str(report)`` (row keys, in order) and their headers.
 COLUMNS = (
     ("node", "node"),
-    ("op", "op"),
-    ("kind", "kind"),
-    ("format", "format"),
+    ("source", "source"),
+    ("computes", "computes"),
+    ("stores", "stores"),
     ("scale", "scale"),
     ("bound", "bound"),
     ("observed", "observed"),
-    ("wasted_bits", "wasted"),
-    ("requantise", "requant"),
-    ("note", "note"),
+    ("headroom", "headroom"),
+    ("requantise", "requantise"),
+    ("note", "why"),
 )
 
-_DEFAULT_KIND = {"placeholder": "input", "get_attr": "weight", "output": "output"}
+#: Run-time sources of a scale (``NodeInfo.scale_from``) as the table names them.
+_SCALE_FROM = {"amax": "run-time amax", "rules": "rules at run time"}
+
+#: Data operands (argument positions) of fxscale's matmul-like ops: what dynamic scaling measures.
+_FX_OPERANDS = {
+    "fxscale.scaled_linear": (0, 2), "fxscale.scaled_linear_requantise": (0, 2),
+    "fxscale.scaled_matmul": (0, 2), "fxscale.scaled_conv2d": (0, 2),
+}
 
 
 def fmt_value(v: float | None, *, pow2: bool = True) -> str:
@@ -91,41 +102,86 @@ def _rownorm(b: Any) -> float | None:
     return None
 
 
-def _runtime_amax(ni: NodeInfo, kind: str) -> bool:
-    """Whether this node's scale comes from a run-time amax reduction.
+def _kind(rec: NodeInfo | None, node_op: str) -> str:
+    """How the node runs in the graph the report reads (see :data:`fxscale.nodeinfo.KINDS`)."""
+    if node_op == "placeholder":
+        return "input"
+    if node_op == "output":
+        return "output"
+    if node_op == "get_attr":
+        return rec.kind if rec is not None and rec.kind in ("weight", "plumbing") else "weight"
+    if rec is None:  # inserted by the lowering: quantise, measurements, run-time scales
+        return "plumbing"
+    if rec.computes is not None:
+        return "quantised"
+    if rec.kind == "quantised":  # planned low precision, but the lowering kept it high (reasons say why)
+        return "high"
+    return rec.kind
 
-    ``extra["runtime_amax"]`` decides where a pass set it. Otherwise: a requantise point, a
-    node whose note says it is measured at run time (inputs without declared bounds, values
-    without a proven bound), or an input / fallback stored low-precision without a static scale.
-    """
-    if "runtime_amax" in ni.extra:
-        return bool(ni.extra["runtime_amax"])
-    if ni.requantise or "run-time amax" in (ni.note or ""):
-        return True
-    return kind in ("input", "fallback") and ni.format is not None and ni.scale is None
+
+def _source(node) -> str:
+    """``module path (Type) file:line`` of the model code that made ``node`` (empty if unknown)."""
+    if node is None:
+        return ""
+    out = ""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path, typ = list(stack.values())[-1]
+        typ = typ.rsplit(".", 1)[-1] if isinstance(typ, str) else getattr(typ, "__name__", "")
+        out = f"{path} ({typ})" if path else f"({typ})"
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
+    user = [f for f in frames if "/torch/" not in f[0] and "site-packages" not in f[0]]
+    if user:
+        f, line = user[-1]
+        out = f"{out} {f.rsplit('/', 1)[-1]}:{line}".strip()
+    return out
 
 
-def _row(name: str, ni: NodeInfo) -> dict[str, Any]:
-    op = ni.op or ""
-    kind = ni.kind
-    if kind == "high" and op in _DEFAULT_KIND:  # NodeInfo's default: say what the node is
-        kind = _DEFAULT_KIND[op]
-    return {
+def _row(name: str, rec: NodeInfo | None, node, unit: str) -> dict[str, Any]:
+    node_op = node.op if node is not None else {"placeholder": "placeholder", "get_attr": "get_attr",
+                                                  "output": "output"}.get(rec.op, "call_function")
+    r = rec if rec is not None else NodeInfo()
+    kind = _kind(rec, node_op)
+    waste = None if r.wasted_bits is None else float(r.wasted_bits)
+    runtime_amax = r.scale_from == "amax"
+    row = {
         "node": name,
-        "op": op,
+        "op": r.op if rec is not None else op_name(node),  # what the model's graph had here
+        "target": op_name(node) if node is not None else r.op,  # what the final graph runs
         "kind": kind,
-        "format": ni.format,
-        "scale": None if ni.scale is None else float(ni.scale),
-        "bound": _absmax(ni.bound),
-        "observed": _absmax(ni.observed),
-        "wasted_bits": None if ni.wasted_bits is None else float(ni.wasted_bits),
-        "requantise": bool(ni.requantise),
-        "note": ni.note or "",
-        "dynamic": bool(ni.dynamic),
-        "runtime_amax": _runtime_amax(ni, kind),
-        "bound_rownorm": _rownorm(ni.bound),
-        "observed_rownorm": _rownorm(ni.observed),
+        "source": _source(node),
+        "format": r.computes,  # DESIGN's contract: the format the node computes on
+        "computes": r.computes,
+        "stores": r.stores,
+        "scale": None if r.scale is None else float(r.scale),
+        "scale_from": r.scale_from,
+        "bound": _absmax(r.bound),
+        "bound_measured": bool(r.measured),
+        "observed": _absmax(r.observed),
+        "wasted_bits": waste,
+        "headroom": waste,
+        "unit": unit,
+        "requantise": bool(r.requantise),
+        "note": r.note,
+        "dynamic": bool(r.dynamic),
+        "runtime_amax": runtime_amax,
+        "bound_rownorm": _rownorm(r.bound),
+        "observed_rownorm": _rownorm(r.observed),
     }
+    hidden = kind in ("shape", "plumbing") and r.stores is None and not r.requantise and not runtime_amax
+    row["shown"] = not hidden
+    return row
+
+
+def _activation_operands(node) -> int:
+    """How many operands of a matmul-like node are activations (not constants): the amaxes
+    per-tensor dynamic scaling would compute for it (weights are static in every scheme)."""
+    if node is None:
+        return 0
+    pos = _FX_OPERANDS.get(op_name(node))
+    ins = [node.args[i] for i in pos if i < len(node.args)] if pos else node.all_input_nodes[:2]
+    return sum(1 for a in ins if getattr(a, "op", "get_attr") != "get_attr")
 
 
 @dataclass
@@ -133,10 +189,13 @@ class Report:
     """Per-node rows, a summary dict, and the format's name (see the module docstring).
 
     ``summary`` keys: ``nodes``, ``quantised`` (matmul-like ops on low-precision operands),
-    ``low_precision`` (values stored in the format), ``fallbacks``, ``requantise``,
-    ``runtime_amax`` (run-time amax reductions: requantise points and inputs / values
-    without a static scale) and ``baseline_amax`` (what per-tensor dynamic scaling needs:
-    one reduction per matmul operand, two per quantised op).
+    ``low_precision`` (values stored in the format), ``fallbacks`` (ops without a rule), of them
+    ``costly_fallbacks`` (whose result needs a run-time amax: it feeds a low-precision operand)
+    and ``harmless_fallbacks`` (the rest: they stay in high precision), ``requantise``,
+    ``runtime_amax`` (run-time amax reductions: requantise points and inputs / values without
+    a static scale), ``baseline_amax`` (what per-tensor dynamic scaling needs: one reduction
+    per *activation* operand of each quantised op; weights are static in every scheme) and
+    ``hidden`` (rows the default table leaves out).
     """
 
     rows: list[dict[str, Any]]
@@ -146,42 +205,50 @@ class Report:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_rows(cls, rows: list[tuple[str, NodeInfo]], fmt: str | Format | Any) -> Report:
-        """From ``(node name, NodeInfo)`` pairs, in graph order."""
+        """From ``(node name, NodeInfo)`` pairs, in graph order. Without the graph, the dynamic
+        baseline counts one activation operand per quantised op (use :meth:`from_graph`)."""
         f = get_format(fmt)
-        out = [_row(name, ni) for name, ni in rows]
-        return cls(out, _summarise(out), f.name)
+        unit = _unit(f)
+        out = [_row(name, ni, None, unit) for name, ni in rows]
+        return cls(out, _summarise(out, sum(r["kind"] == "quantised" for r in out)), f.name)
 
     @classmethod
     def from_graph(cls, gm, fmt: str | Format | Any) -> Report:
-        """From every node of ``gm`` (a GraphModule or Graph); nodes without NodeInfo get an
-        empty one (the graph is not modified)."""
+        """From every node of ``gm`` (a GraphModule or Graph), in graph order; nodes without a
+        record get an empty one for their row (the graph is not modified)."""
+        f = get_format(fmt)
+        unit = _unit(f)
         graph = getattr(gm, "graph", gm)
-        pairs = []
+        out, baseline = [], 0
         for n in graph.nodes:
-            ni = n.meta.get(META_KEY)
-            if ni is None:
-                from .nodeinfo import _op_name
-
-                ni = NodeInfo(op=_op_name(n))
-            pairs.append((n.name, ni))
-        return cls.from_rows(pairs, fmt)
+            if n.op == "call_module" and "guards" in str(n.target):
+                continue  # torch.export's input-shape guard: not a value
+            row = _row(n.name, n.meta.get(META_KEY), n, unit)
+            if row["kind"] == "quantised":
+                baseline += _activation_operands(n)
+            out.append(row)
+        return cls(out, _summarise(out, baseline), f.name)
 
     # ------------------------------------------------------------------ rendering
-    def _table_rows(self) -> list[list[str]]:
+    def _table_rows(self, show_all: bool = False) -> list[list[str]]:
         table = []
         for r in self.rows:
+            if not (show_all or r["shown"]):
+                continue
             cells = []
             for key, _ in COLUMNS:
                 v = r.get(key)
-                if key in ("scale", "bound"):
-                    cells.append(fmt_value(v))
+                if key == "scale":
+                    cells.append(fmt_value(v) if v is not None else _SCALE_FROM.get(r["scale_from"], "-"))
+                elif key == "bound":
+                    cells.append(f"{fmt_value(v)} (run time)" if r["bound_measured"] and v is not None else fmt_value(v))
                 elif key == "observed":
                     cells.append(fmt_value(v, pow2=False))
-                elif key == "wasted_bits":
-                    cells.append("-" if v is None else f"{v:.1f}")
+                elif key == "headroom":
+                    cells.append("-" if v is None else f"{v:.1f} {r['unit']}")
                 elif key == "requantise":
                     cells.append("yes" if v else "")
-                elif key == "format":
+                elif key in ("computes", "stores"):
                     cells.append("-" if v is None else str(v))
                 else:
                     cells.append("" if v is None else str(v))
@@ -193,26 +260,35 @@ class Report:
         s = self.summary
         return (
             f"{self.fmt_name}: {s['quantised']} of {s['nodes']} nodes quantised "
-            f"({s['low_precision']} values stored in {self.fmt_name}), {s['fallbacks']} fallback(s), "
+            f"({s['low_precision']} values stored in {self.fmt_name}), {s['fallbacks']} fallback(s) "
+            f"({s['costly_fallbacks']} needing a run-time amax), "
             f"{s['requantise']} requantise point(s); run-time amax reductions: {s['runtime_amax']} "
             f"(per-tensor dynamic scaling: {s['baseline_amax']})"
         )
 
-    def __str__(self) -> str:
+    def table(self, *, show_all: bool = False, tablefmt: str = "simple") -> str:
+        """The table as text; ``show_all`` also lists shape-only and plumbing rows."""
         from tabulate import tabulate
 
         headers = [h for _, h in COLUMNS]
-        return tabulate(self._table_rows(), headers=headers, disable_numparse=True) + "\n" + self.summary_line()
+        return tabulate(self._table_rows(show_all), headers=headers, tablefmt=tablefmt, disable_numparse=True)
+
+    def _legend(self, show_all: bool) -> str:
+        unit = self.rows[0]["unit"] if self.rows else "bits"
+        hidden = "" if show_all or not self.summary["hidden"] else (
+            f"{self.summary['hidden']} shape-only / plumbing rows not shown (report.table(show_all=True)); ")
+        return (f"{hidden}headroom: {unit} the proven scale leaves unused (wasted) on the calibration data; "
+                "bound (run time): restarted from a run-time measurement, calibration value shown")
+
+    def __str__(self) -> str:
+        return self.table() + "\n" + self._legend(False) + "\n" + self.summary_line()
 
     def __repr__(self) -> str:
         return f"<Report {self.fmt_name}: {len(self.rows)} rows; {self.summary_line()}>"
 
     def _repr_html_(self) -> str:
-        from tabulate import tabulate
-
-        headers = [h for _, h in COLUMNS]
-        table = tabulate(self._table_rows(), headers=headers, tablefmt="html", disable_numparse=True)
-        return f"{table}\n<p>{html.escape(self.summary_line())}</p>"
+        table = self.table(tablefmt="html")
+        return f"{table}\n<p>{html.escape(self.summary_line())}</p>\n<p>{html.escape(self._legend(False))}</p>"
 
     # ------------------------------------------------------------------ plot
     def plot(self, ax=None, *, max_labels: int = 60):
@@ -248,7 +324,7 @@ class Report:
                 ox.append(i)
                 oy.append(math.log2(o))
             s = r["scale"]
-            if r["format"] is not None and s is not None and s > 0:
+            if r["stores"] is not None and s is not None and s > 0:
                 ax.vlines(
                     i, math.log2(s * fmt.smallest_normal), math.log2(s * fmt.max),
                     colors="0.8", linewidth=4, zorder=0, label=range_label,
@@ -269,14 +345,22 @@ class Report:
         return ax
 
 
-def _summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    quantised = sum(r["kind"] == "quantised" for r in rows)
+def _unit(f: Format) -> str:
+    return "binades" if f.is_float else "bits"
+
+
+def _summarise(rows: list[dict[str, Any]], baseline: int) -> dict[str, Any]:
+    fallbacks = [r for r in rows if r["kind"] == "fallback"]
+    costly = sum(r["runtime_amax"] for r in fallbacks)
     return {
         "nodes": len(rows),
-        "quantised": quantised,
-        "low_precision": sum(r["format"] is not None for r in rows),
-        "fallbacks": sum(r["kind"] == "fallback" for r in rows),
+        "quantised": sum(r["kind"] == "quantised" for r in rows),
+        "low_precision": sum(r["stores"] is not None for r in rows),
+        "fallbacks": len(fallbacks),
+        "costly_fallbacks": costly,
+        "harmless_fallbacks": len(fallbacks) - costly,
         "requantise": sum(r["requantise"] for r in rows),
         "runtime_amax": sum(r["runtime_amax"] for r in rows),
-        "baseline_amax": 2 * quantised,
+        "baseline_amax": baseline,
+        "hidden": sum(not r["shown"] for r in rows),
     }

@@ -31,18 +31,19 @@ True
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import fx, nn
 
 from fxscale.config import TransformConfig
-from fxscale.nodeinfo import NodeInfo, info
+from fxscale.nodeinfo import META_KEY
 from fxscale.runtime import Analysis
 
-__all__ = ["PIPELINE", "Compilation", "Pass", "run"]
+__all__ = ["PIPELINE", "Compilation", "Pass", "fork", "resume", "run"]
 
 
 @dataclass
@@ -57,7 +58,6 @@ class Compilation:
     placeholders: list[fx.Node] = field(default_factory=list)      # capture
     input_bounds: dict[str, tuple[float, float | None]] = field(default_factory=dict)  # analyse
     analysis: Analysis | None = None            # analyse
-    rows: list[tuple[str, NodeInfo]] = field(default_factory=list)  # analyse: per-node records
     times: dict[str, float] = field(default_factory=dict)           # pass name -> wall seconds
 
 
@@ -109,8 +109,6 @@ def _analyse(c: Compilation) -> None:
     c.input_bounds = input_bounds_by_name(c.placeholders, cfg.input_bounds)
     c.analysis = analyse(c.gm, fmt=cfg.format, mode=cfg.rules, threshold=cfg.threshold,
                          input_bounds=c.input_bounds, requantise=cfg.requantise)
-    c.rows = [(n.name, info(n)) for n in c.gm.graph.nodes
-              if not (n.op == "call_module" and "guards" in str(n.target))]
 
 
 def _lower(c: Compilation) -> None:
@@ -126,7 +124,7 @@ PIPELINE: list[Pass] = [
     Pass("fold", _fold, "shape ops on parameters / buffers -> new constants (weights quantised once)"),
     Pass("calibrate", _calibrate, "runs the batches; writes info(node).observed"),
     Pass("precision", _precision, "tolerated error per value; writes info(node).demand, .precision, .precision_why"),
-    Pass("analyse", _analyse, "bounds, weight quantisation, requantise placement; writes analysis, rows"),
+    Pass("analyse", _analyse, "bounds, weight quantisation, requantise placement; writes input_bounds, analysis"),
     Pass("lower", _lower, "rewrites gm into torch.ops.fxscale.* calls and fuses epilogues"),
 ]
 
@@ -138,16 +136,47 @@ def run(
     *,
     calibration: Sequence[Any] | None = None,
     passes: Sequence[Pass] | None = None,
+    until: str | None = None,
 ) -> Compilation:
     """Apply ``passes`` (default: :data:`PIPELINE`) to ``model``; returns the :class:`Compilation`
-    with the lowered graph in ``gm`` and each pass's wall time in ``times``."""
+    with the lowered graph in ``gm`` and each pass's wall time in ``times``. ``until``: stop
+    after the pass of that name (:func:`resume` runs the rest)."""
     args = _as_tuple(example_inputs)
     c = Compilation(model, args, config, [args] + [_as_tuple(b) for b in (calibration or [])])
-    for p in PIPELINE if passes is None else passes:
+    return resume(c, passes, until=until)
+
+
+def resume(c: Compilation, passes: Sequence[Pass] | None = None, *, until: str | None = None) -> Compilation:
+    """Apply the passes of ``passes`` (default: :data:`PIPELINE`) that ``c`` has not run yet."""
+    todo = [p for p in (PIPELINE if passes is None else passes) if p.name not in c.times]
+    if until is not None and until not in [p.name for p in todo]:
+        raise ValueError(f"no pass named {until!r} left to run; passes: {[p.name for p in todo]}")
+    for p in todo:
         t0 = time.perf_counter()
         p.fn(c)
         c.times[p.name] = time.perf_counter() - t0
+        if p.name == until:
+            break
     return c
+
+
+def fork(c: Compilation, config: TransformConfig) -> Compilation:
+    """A copy of ``c`` (captured and calibrated, not analysed) to finish under another
+    ``config``: the graph deep-copied with its parameters and buffers shared, each node's
+    record copied, so the two compilations go on independently. ``transform`` uses it for
+    ``on_overflow="requantise"`` (the same model with run-time input scales) instead of
+    capturing and calibrating twice.
+    """
+    if "analyse" in c.times:
+        raise ValueError("fork a compilation before its analyse pass (run(..., until='calibrate'))")
+    shared = {id(t): t for t in [*c.gm.parameters(), *c.gm.buffers()]}
+    gm = copy.deepcopy(c.gm, memo=shared)
+    for n in gm.graph.nodes:  # meta is copied shallowly: give the copy its own records
+        rec = n.meta.get(META_KEY)
+        if rec is not None:
+            n.meta[META_KEY] = replace(rec, reasons=list(rec.reasons))
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return Compilation(c.model, c.example_inputs, config, c.batches, gm, placeholders, times=dict(c.times))
 
 
 def _as_tuple(x: Any) -> tuple:

@@ -3,7 +3,7 @@
 :class:`Calibrator` is a ``torch.fx.Interpreter`` that, for every node whose output is a
 floating-point tensor, records ``(max |x|, max L2 norm of a row along the last dim)`` as
 Python floats, maxed over all batches, in ``fxscale.nodeinfo.info(node).observed``. Nodes
-with several outputs (a tuple / list of tensors) also get ``extra["observed_list"]``: one
+with several outputs (a tuple / list of tensors) also get ``observed_list``: one
 pair per element (``None`` for non-float elements), and ``observed`` is then the
 elementwise max over the float elements. Integer, boolean and SymInt outputs, and the
 output node, record nothing. A 0-d tensor's row norm is its absolute value; an empty
@@ -112,7 +112,7 @@ class Calibrator(Interpreter):
             ni.observed = _maxpair(ni.observed, stats)
         elif isinstance(out, (tuple, list)) and any(_is_float_tensor(o) for o in out):
             ni = info(n)
-            prev = ni.extra.get("observed_list") or [None] * len(out)
+            prev = ni.observed_list or [None] * len(out)
             cur = []
             for i, o in enumerate(out):
                 s = None
@@ -120,7 +120,7 @@ class Calibrator(Interpreter):
                     s = tensor_stats(o)
                     self._check(n, s, index=i)
                 cur.append(_maxpair(prev[i] if i < len(prev) else None, s))
-            ni.extra["observed_list"] = cur
+            ni.observed_list = cur
             total = None
             for s in cur:
                 total = _maxpair(total, s)
@@ -172,7 +172,7 @@ def calibrate(gm: GraphModule, batches: Iterable[tuple], *, reset: bool = True) 
         for n in gm.graph.nodes:
             ni = info(n)
             ni.observed = None
-            ni.extra.pop("observed_list", None)
+            ni.observed_list = None
     interp = Calibrator(gm)
     with torch.no_grad():
         for i, b in enumerate(batches):

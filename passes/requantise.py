@@ -27,6 +27,7 @@ from torch import fx
 from fxscale.bound import Bound
 from fxscale.formats import Format
 from fxscale.nodeinfo import info
+from fxscale.rules import lookup
 
 from .bounds import (
     Analysis,
@@ -107,7 +108,8 @@ def analyse(
     """Bounds for every node, with requantise points placed greedily (see module docstring).
 
     ``input_bounds`` maps placeholder names to a declared max |x| (None: measured at run time).
-    Writes each node's ``NodeInfo`` (bound, dynamic, wasted_bits, requantise, kind, note).
+    Writes each node's ``NodeInfo`` fields of this pass: kind, bound, dynamic, measured,
+    wasted_bits, requantise (and appends reasons).
     """
     threshold = fmt.threshold if threshold is None else float(threshold)
     input_bounds = input_bounds or {}
@@ -128,14 +130,14 @@ def analyse(
         if n.op == "placeholder":
             ni.kind = "input"
             if not is_float_value(n):
-                ni.note = "not floating point: passed through"
+                ni.reasons.append("not floating point: passed through")
                 continue
             declared = input_bounds.get(n.name)
             if declared is not None:
                 an.bounds[n.name] = declared_bound(declared, shape)
                 an.deps[n.name] = frozenset()
                 a, r = declared if isinstance(declared, tuple) else (declared, None)
-                ni.note = f"declared max|x| <= {a:g}" + ("" if r is None else f", row norm <= {r:g}")
+                ni.reasons.append(f"declared max|x| <= {a:g}" + ("" if r is None else f", row norm <= {r:g}"))
             else:
                 _measure(an, n, "input without a declared bound: run-time amax")
         elif n.op == "get_attr":
@@ -151,10 +153,13 @@ def analyse(
             if step.quantised:
                 ni.kind = "quantised"
             elif ni.precision == "high":
-                ni.kind, ni.note = "high", ni.precision_why
+                ni.kind = "high"
+                ni.reasons.append(ni.precision_why)
             elif n.name in an.failures and is_float_value(n) and an.failures[n.name] == "no rule":
                 ni.kind = "fallback"
-                ni.note = f"no rule for {ni.op}: runs in high precision"
+                ni.reasons.append(f"no rule for {ni.op}: runs in high precision")
+            elif _shape_only(n, step):
+                ni.kind = "shape"
             if n.name in operand_of and is_float_value(n):
                 b = an.bounds.get(n.name)
                 if not isinstance(b, Bound) or not b.is_finite():
@@ -209,6 +214,14 @@ def _constants(gm: fx.GraphModule, an: Analysis, steps: dict, operand_of: dict, 
         agree_bounds(group, an)
 
 
+def _shape_only(n: fx.Node, step) -> bool:
+    """Moves or indexes data without arithmetic (a shape rule), or computes no float value."""
+    if step.getitem is not None or not is_float_value(n):
+        return True
+    rule = lookup(step.op)
+    return rule is not None and rule.exact
+
+
 def _operand_names(step) -> set[str]:
     return {step.args[p].name for p in step.quantised}
 
@@ -223,8 +236,8 @@ def _measure(an: Analysis, n: fx.Node, why: str) -> None:
     an.bounds[n.name] = measured_bound(ni.observed, an.shapes[n.name])
     an.deps[n.name] = frozenset([n.name])
     an.measured[n.name] = why
-    ni.note = why
-    ni.extra["runtime_amax"] = True
+    ni.measured = True
+    ni.reasons.append(why)
 
 
 def _attr(gm: fx.GraphModule, target: str):

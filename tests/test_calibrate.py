@@ -60,7 +60,7 @@ def test__calibrate__multi_output_records_per_element_and_max():
     gm = capture(_Split(), (x,))
     calibrate(gm, [(x,)])
     split = next(n for n in gm.graph.nodes if n.op == "call_function" and "split" in str(n.target))
-    ol = info(split).extra["observed_list"]
+    ol = info(split).observed_list
     assert ol[0] == pytest.approx(_stats(x[:, :2]))
     assert ol[1] == pytest.approx(_stats(x[:, 2:]))
     assert info(split).observed == pytest.approx(_maxpair(ol[0], ol[1]))

@@ -131,7 +131,7 @@ def test__transposed_weights__quantised_once_at_transform_time():
     assert _runtime_amax(sm) == ["x"]
     quants = [n for n in sm.graph.nodes if n.target is fxops.quantise.default]
     assert [q.args[0].name for q in quants] == ["x"]  # weights arrive quantised: no cast per call
-    weights = [r for r in sm.report.rows if r["kind"] == "weight" and r["format"] is not None]
+    weights = [r for r in sm.report.rows if r["kind"] == "weight" and r["stores"] is not None]
     assert len(weights) >= 2
     xt = torch.randn(4, 16)
     assert fxscale.sqnr_db(m(xt), sm(xt)) > 20.0

@@ -103,7 +103,7 @@ def test_declared_bounds__make_every_scale_static():
     sm = transform(model, (torch.randn(8, 256),), input_bounds=6.0, threshold=6.0)
     code = sm.code
     assert "stats" not in code and "scale_from_amax" not in code
-    assert all(r["scale"] is not None for r in sm.report.rows if r["format"] is not None)
+    assert all(r["scale"] is not None for r in sm.report.rows if r["stores"] is not None)
     xt = (torch.rand(4, 256) * 12 - 6)
     assert sqnr_db(model(xt), sm(xt)) >= 20.0
 
