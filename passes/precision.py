@@ -17,6 +17,10 @@ value, ``s`` the format's relative rounding step, 2^-4 in e4m3, 2^-8 in int8):
   its factors' relative errors, elementwise: a gated MLP's ``act(gate) * up`` asks of ``up``
   what its output is asked, not that divided by ``max |act(gate)|``).
 
+Normalisation statistics (LayerNorm, RMSNorm, BatchNorm) and softmax are computed inside
+their ops in the model's precision, and fxscale stores only matmul operands in the low-precision
+format: the values feeding them are never rounded, and their demand reaches the matmuls before.
+
 A matmul-like node is then quantised only where it pays and where its output tolerates what
 low-precision operands do to it (about ``s * max|out|``, within a factor :data:`SLACK`):
 an outer product (K = 1) never pays; a rotary embedding's ``inv_freq @ positions`` feeds
