@@ -77,6 +77,7 @@ def transform(
     requantise: bool = True,
     nonfinite: str = "propagate",
     fuse_residual: bool = False,
+    dynamic_shapes: Any = None,
 ) -> ScaledGraphModule:
     """Compile ``model`` to scaled low-precision ops with proven, never-overflow scales.
 
@@ -103,6 +104,7 @@ def transform(
         requantise=requantise,
         capture=capture,
         fuse_residual=fuse_residual,
+        dynamic_shapes=dynamic_shapes,
     )
     c = passes.run(model, example_inputs, cfg, calibration=calibration, until="calibrate")
     # on_overflow="requantise": the same graph, analysed without the declared bounds, runs the

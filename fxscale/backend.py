@@ -18,8 +18,12 @@ as it is (the fxscale ops' kernels one by one: for debugging and study).
 
 Options go through ``torch.compile(..., options={...})``: any option of ``fxscale.transform``
 (the fields of :class:`fxscale.config.TransformConfig`: ``format``, ``threshold``,
-``input_bounds``, ``on_overflow``, ``rules``, ...; and ``calibration``) plus ``strict`` and
-``inductor``. ``calibration`` and
+``input_bounds``, ``on_overflow``, ``rules``, ...; and ``calibration``) plus ``strict``,
+``inductor`` and ``max_size``.
+``max_size``: the declared maximum of every dim besides the batch that Dynamo makes dynamic
+(a sequence length, after the second length seen or with ``dynamic=True``): the region is
+transformed once, bounds proven at that maximum, and runs at every size up to it (beyond it:
+``ValueError``). Without it, each new size is transformed again. ``calibration`` and
 ``input_bounds`` are in terms of the region's tensor inputs in order (for a model called
 as ``model(x)`` with no graph break, the model's inputs). On an internal failure the backend
 warns and runs the original graph (or, where only inductor failed, the transformed graph
@@ -53,7 +57,7 @@ log.addHandler(logging.NullHandler())
 #: config (fxscale.config.TransformConfig), plus the calibration batches.
 TRANSFORM_OPTIONS = (*option_names(), "calibration")
 #: Options of the backend itself.
-BACKEND_OPTIONS = ("strict", "inductor")
+BACKEND_OPTIONS = ("strict", "inductor", "max_size")
 
 
 def _valid_options() -> tuple[str, ...]:
@@ -87,13 +91,17 @@ def fxscale_backend(
     _check_options(opts)
     strict = bool(opts.pop("strict", False))
     inductor = bool(opts.pop("inductor", True))
+    max_size = opts.pop("max_size", None)
+    if max_size is not None and not (isinstance(max_size, int) and max_size >= 1):
+        raise ValueError(f"fxscale backend option max_size must be a positive int, got {max_size!r}")
     inductor_options = _inductor_options(mode, inductor)
     from .fastpath import decompose_fast_paths
 
     decompose_fast_paths(gm)  # nn.TransformerEncoderLayer's fused op, op by op: its matmuls get quantised
     _warn_fused_fast_paths(gm)
     try:
-        return _Compiled(gm, example_inputs, opts, strict=strict, inductor_options=inductor_options)
+        return _Compiled(gm, example_inputs, opts, strict=strict, inductor_options=inductor_options,
+                         max_size=max_size)
     except Exception as e:
         if strict:
             raise
@@ -308,7 +316,7 @@ class _Compiled:
     at compile time."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: list[Any], opts: dict[str, Any], *, strict: bool,
-                 inductor_options: dict[str, Any] | None = None):
+                 inductor_options: dict[str, Any] | None = None, max_size: int | None = None):
         self.gm = gm
         self.strict = strict
         self.inductor_options = inductor_options  # None: run the transformed graph without inductor
@@ -316,14 +324,55 @@ class _Compiled:
         self.opts = opts
         self.cache: dict[Any, Any] = {}
         self.lifted = _Lifted(gm, self.example_inputs, {})
+        self.max_size = max_size
+        # Per tensor input: the dims besides the batch that Dynamo made symbolic, by symbol.
+        # (Dynamo's fake example values hold the symbols; the example inputs may be real.)
+        phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        vals = [phs[i].meta.get("example_value", self.example_inputs[i]) for i in self.lifted.input_positions]
+        self.dynamic_dims = [
+            {d: str(s.node.expr) for d, s in enumerate(v.shape) if d > 0 and isinstance(s, torch.SymInt)}
+            if isinstance(v, torch.Tensor) else {}
+            for v in vals
+        ]
+        self.warned_retransform = False
 
-    @staticmethod
-    def _shape_key(ts) -> tuple:
-        return tuple(tuple(_hint(s) for s in t.shape[1:]) for t in ts)
+    def _shape_key(self, ts) -> tuple:
+        """Sizes that need a transform of their own: all but the batch, and but the dims
+        covered by ``max_size``."""
+        dyn = self.dynamic_dims if self.max_size is not None else [{} for _ in ts]
+        return tuple(
+            tuple(None if d in dd else _hint(s) for d, s in enumerate(t.shape) if d > 0) for t, dd in zip(ts, dyn)
+        )
+
+    def _dynamic_shapes(self) -> tuple | None:
+        """torch.export's ``dynamic_shapes`` for the region's inputs: one Dim per Dynamo symbol."""
+        if self.max_size is None or not any(self.dynamic_dims):
+            return None
+        dims: dict[str, Any] = {}
+        spec = []
+        for dd in self.dynamic_dims:
+            entry = {}
+            for d, sym in dd.items():
+                if sym not in dims:
+                    dims[sym] = torch.export.Dim(f"fxscale_d{len(dims)}", max=self.max_size)
+                entry[d] = dims[sym]
+            spec.append(entry or None)
+        return tuple(spec)
 
     def _transform(self, lifted: _Lifted, examples: list[Any]):
         from .api import transform
 
+        ds = self._dynamic_shapes()
+        if ds is not None:
+            return transform(lifted.module, tuple(examples), dynamic_shapes=ds, **self.opts)
+        if any(self.dynamic_dims) and self.cache and not self.warned_retransform:
+            warnings.warn(
+                "fxscale backend: transforming again for a new input size (fxscale proves bounds per "
+                'size); declare the largest size with options={"max_size": N} to transform once for all '
+                "sizes up to N",
+                stacklevel=3,
+            )
+            self.warned_retransform = True
         return transform(lifted.module, tuple(examples), **self.opts)
 
     def __call__(self, *args: Any) -> Any:

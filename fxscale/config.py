@@ -58,6 +58,11 @@ class TransformConfig:
     (``scaled_linear(..., residual=x)``). Off by default: on the H200 GPT-block benchmark it
     ran 1-4% slower and 0.05-0.1 dB less accurate than leaving the add to inductor, which
     fuses it into the following LayerNorm (benchmarks/RESULTS.md).
+    ``dynamic_shapes``: dims besides the batch that may change between calls, each with a declared
+    maximum, as torch.export takes them: ``({1: torch.export.Dim("seq", max=2048)},)`` for a
+    sequence length. Bounds are proven at the maximum, which holds for every smaller size (a sum
+    or a matmul over the sequence grows with it; softmax and attention outputs do not); the
+    report says which bounds grow with the maximum; any length up to it runs without a new transform.
     """
 
     format: Format | str | torch.dtype
@@ -69,6 +74,7 @@ class TransformConfig:
     requantise: bool = True
     capture: str = "export"
     fuse_residual: bool = False
+    dynamic_shapes: Any = None
 
     def __post_init__(self):
         object.__setattr__(self, "format", get_format(self.format))  # a dtype or a name: the Format

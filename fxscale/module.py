@@ -93,9 +93,10 @@ class ScaledGraphModule(fx.GraphModule):
                 ) from e
             raise ValueError(
                 f"{e}: fxscale proved its bounds for the example inputs' shapes, with only the batch "
-                "dimension (dim 0) left dynamic, since bounds can depend on the other sizes (a longer "
-                "sequence sums more terms). Transform again with an example of this shape, or use "
-                "torch.compile(model, backend='fxscale'), which transforms once per shape."
+                "dimension (dim 0) and the dims declared in dynamic_shapes (up to their maximum) left "
+                "dynamic, since bounds can depend on the other sizes (a longer sequence sums more terms): "
+                "declare the dim with its maximum, e.g. dynamic_shapes=({1: torch.export.Dim('seq', "
+                "max=2048)},), or transform again with an example of this shape."
             ) from e
 
 

@@ -52,6 +52,8 @@ class NodeInfo:
     measured: bool = False                      # planned: its scale comes from a run-time amax
     wasted_bits: float | None = None            # projected log2(bound / observed): before the requantise, if any
     requantise: bool = False                    # a run-time amax restarts the bound here
+    bound_at_example: float | None = None       # max |x| bound at the example's sizes, where the bound
+                                                # grows with a declared maximum size (dynamic_shapes)
     # lower
     computes: str | None = None                 # operand format of a matmul-like op (None: high precision)
     stores: str | None = None                   # format the value is stored in for its consumers, or None

@@ -168,6 +168,8 @@ def _row(name: str, rec: NodeInfo | None, node, unit: str) -> dict[str, Any]:
         "runtime_amax": runtime_amax,
         "bound_rownorm": _rownorm(r.bound),
         "observed_rownorm": _rownorm(r.observed),
+        "grows_with_max": r.bound_at_example is not None,
+        "bound_at_example": r.bound_at_example,
     }
     hidden = kind in ("shape", "plumbing") and r.stores is None and not r.requantise and not runtime_amax
     row["shown"] = not hidden
@@ -195,7 +197,9 @@ class Report:
     ``runtime_amax`` (run-time amax reductions: requantise points and inputs / values without
     a static scale), ``baseline_amax`` (what per-tensor dynamic scaling needs: one reduction
     per *activation* operand of each quantised op; weights are static in every scheme) and
-    ``hidden`` (rows the default table leaves out).
+    ``hidden`` (rows the default table leaves out). Rows whose bound grows with a declared
+    maximum size (``dynamic_shapes=``) have ``grows_with_max`` set (and ``bound_at_example``);
+    the summary line counts them.
     """
 
     rows: list[dict[str, Any]]
@@ -258,12 +262,14 @@ class Report:
     def summary_line(self) -> str:
         """One line: what was quantised, fallbacks, requantises, run-time amax vs baseline."""
         s = self.summary
+        grows = sum(bool(r.get("grows_with_max")) for r in self.rows)
         return (
             f"{self.fmt_name}: {s['quantised']} of {s['nodes']} nodes quantised "
             f"({s['low_precision']} values stored in {self.fmt_name}), {s['fallbacks']} fallback(s) "
             f"({s['costly_fallbacks']} needing a run-time amax), "
             f"{s['requantise']} requantise point(s); run-time amax reductions: {s['runtime_amax']} "
             f"(per-tensor dynamic scaling: {s['baseline_amax']})"
+            + (f"; {grows} bound(s) grow with the declared maximum size" if grows else "")
         )
 
     def table(self, *, show_all: bool = False, tablefmt: str = "simple") -> str:

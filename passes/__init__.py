@@ -73,8 +73,12 @@ class Pass:
 def _capture(c: Compilation) -> None:
     from .capture import capture
 
-    c.gm = capture(c.model, c.example_inputs, method=c.config.capture)
+    c.gm = capture(c.model, c.example_inputs, method=c.config.capture, dynamic_shapes=c.config.dynamic_shapes)
     c.placeholders = [n for n in c.gm.graph.nodes if n.op == "placeholder"]
+    if c.config.dynamic_shapes is not None:
+        from .bounds import check_maxima
+
+        check_maxima(c.placeholders)
 
 
 def _functionalise(c: Compilation) -> None:
@@ -102,13 +106,14 @@ def _precision(c: Compilation) -> None:
 
 
 def _analyse(c: Compilation) -> None:
-    from .bounds import input_bounds_by_name
+    from .bounds import input_bounds_by_name, mark_growing
     from .requantise import analyse
 
     cfg = c.config
     c.input_bounds = input_bounds_by_name(c.placeholders, cfg.input_bounds)
     c.analysis = analyse(c.gm, fmt=cfg.format, mode=cfg.rules, threshold=cfg.threshold,
                          input_bounds=c.input_bounds, requantise=cfg.requantise)
+    mark_growing(c.gm, c.analysis)
 
 
 def _lower(c: Compilation) -> None:

@@ -26,9 +26,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, fx
+from torch.utils import _pytree as pytree
 
 from fxscale.bound import INF, Bound
 from fxscale.formats import Format
+from fxscale.rules import lookup
 
 # The step evaluation runs at transform time (here) and at run time (inside ScaleFn), so it
 # lives in the runtime; these names are re-exported for the passes.
@@ -41,13 +43,16 @@ __all__ = [
     "Analysis",
     "Ref",
     "Step",
+    "bounds_at_example",
     "build_steps",
+    "check_maxima",
     "concrete_shape",
     "declared_bound",
     "evaluate_step",
     "input_bounds_by_name",
     "is_float_value",
     "is_grouped",
+    "mark_growing",
     "measured_bound",
     "operand_names",
     "operand_positions",
@@ -55,6 +60,8 @@ __all__ = [
     "quantise_const",
     "quantise_const_grouped",
     "refs",
+    "size_upper",
+    "symbolic_upper",
 ]
 
 aten = torch.ops.aten
@@ -94,10 +101,45 @@ def is_grouped(target: Any) -> bool:
     return hasattr(target, "_schema") and target._schema.name in GROUPED
 
 
-def concrete_shape(val: Any) -> tuple[int, ...] | None:
+def size_upper(d: Any) -> int:
+    """The size bounds are proven for: ``d`` itself, the declared maximum of a symbolic size
+    (``torch.export.Dim(max=...)``: every rule grows with the sizes it reads, so a bound proven
+    at the maximum holds at every smaller size), or the example's size where no maximum is
+    declared (the dynamic batch, which the rules do not sum over)."""
+    if isinstance(d, int):
+        return int(d)
+    up = symbolic_upper(d)
+    return int(d.node.hint) if up is None else up
+
+
+def symbolic_upper(d: Any) -> int | None:
+    """The declared maximum of a symbolic size (None: a plain int, or no finite maximum)."""
+    if not isinstance(d, torch.SymInt):
+        return None
+    try:
+        up = d.node.shape_env.bound_sympy(d.node.expr).upper
+    except Exception:  # noqa: BLE001  (no shape env: an unbacked or foreign SymInt)
+        return None
+    import sympy
+
+    return int(up) if isinstance(up, (int, sympy.Integer)) else None  # int_oo: no maximum
+
+
+def concrete_shape(val: Any, sizes: str = "max") -> tuple[int, ...] | None:
+    """``val``'s shape with each symbolic size at its declared maximum (``sizes="max"``, what
+    bounds are proven for) or at the example's size (``sizes="example"``)."""
     if not isinstance(val, Tensor):
         return None
-    return tuple(int(d) if isinstance(d, int) else int(d.node.hint) for d in val.shape)
+    if sizes == "example":
+        return tuple(int(d) if isinstance(d, int) else int(d.node.hint) for d in val.shape)
+    return tuple(size_upper(d) for d in val.shape)
+
+
+def has_declared_max(val: Any) -> bool:
+    """Whether ``val`` (a tensor or SymInt) has a size bounded by a declared maximum."""
+    if isinstance(val, Tensor):
+        return any(symbolic_upper(d) is not None for d in val.shape)
+    return symbolic_upper(val) is not None
 
 
 def is_float_value(node: fx.Node) -> bool:
@@ -105,19 +147,40 @@ def is_float_value(node: fx.Node) -> bool:
     return isinstance(v, Tensor) and v.dtype.is_floating_point
 
 
-def _to_ref(a: Any) -> Any:
+def _to_ref(a: Any, sizes: str = "max") -> Any:
+    """Node arguments as a :class:`Step` holds them: nodes by name, sizes as numbers (at their
+    declared maximum, or the example's size; see :func:`concrete_shape`)."""
     if isinstance(a, fx.Node):
         val = a.meta.get("val")
-        if isinstance(val, torch.SymInt):  # a size computed in the graph: its example value
-            return int(val.node.hint)
+        if isinstance(val, torch.SymInt):  # a size computed in the graph
+            return int(val.node.hint) if sizes == "example" else size_upper(val)
         if isinstance(val, (int, float, bool)):
             return val
         return Ref(a.name)
     if isinstance(a, (list, tuple)):
-        return type(a)(_to_ref(x) for x in a)
+        return type(a)(_to_ref(x, sizes) for x in a)
     if isinstance(a, torch.SymInt):
-        return int(a.node.hint)
+        return int(a.node.hint) if sizes == "example" else size_upper(a)
     return a
+
+
+#: Ops whose bound grows with the magnitude of a (non-negative) size passed as a number, so
+#: that the bound at the size's maximum holds for every smaller size (``arange(seq_len)``).
+#: Any other op reading a symbolic size as a number (``x / seq_len``) gets no bound.
+_GROWS_WITH_SIZE_ARG = {
+    aten.arange.default, aten.arange.start, aten.arange.start_step, aten.full.default,
+    aten.new_full.default, aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar,
+    aten.mul.Tensor, aten.mul.Scalar, aten.rsub.Scalar, aten.scalar_tensor.default,
+}
+
+
+def _reads_size_as_number(n: fx.Node) -> bool:
+    """``n`` takes a symbolic size with a declared maximum as a numeric argument (not a shape)."""
+    rule = lookup(n.target)
+    if n.target in _GROWS_WITH_SIZE_ARG or (rule is not None and rule.exact):
+        return False  # shape ops read sizes as shapes only; the others grow with them
+    vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in pytree.tree_leaves((n.args, n.kwargs))]
+    return any(isinstance(v, torch.SymInt) and symbolic_upper(v) is not None for v in vals)
 
 
 def operand_positions(node: fx.Node) -> tuple[int, ...]:
@@ -134,13 +197,17 @@ def operand_positions(node: fx.Node) -> tuple[int, ...]:
     return pos
 
 
-def build_steps(gm: fx.GraphModule) -> list[Step]:
+def build_steps(gm: fx.GraphModule, sizes: str = "max") -> list[Step]:
+    """One :class:`Step` per call node; symbolic sizes at their declared maximum (``"max"``,
+    what the proof uses) or at the example's size (``"example"``, to tell which bounds grow
+    with the maximum)."""
     steps = []
     for n in gm.graph.nodes:
         if n.op != "call_function":
             continue
         val = n.meta.get("val")
-        shapes = [concrete_shape(v) for v in val] if isinstance(val, (list, tuple)) else [concrete_shape(val)]
+        vals = val if isinstance(val, (list, tuple)) else [val]
+        shapes = [concrete_shape(v, sizes) for v in vals]
         if n.target is operator.getitem:
             steps.append(Step(n.name, n.target, (Ref(n.args[0].name),), {}, shapes, getitem=int(n.args[1])))
             continue
@@ -149,9 +216,10 @@ def build_steps(gm: fx.GraphModule) -> list[Step]:
             steps.append(idiom)
             continue
         op = n.target
-        if _sums_over_symbolic_dim(n) or _contracts_over_symbolic_dim(n):
+        if _sums_over_symbolic_dim(n) or _contracts_over_symbolic_dim(n) or _reads_size_as_number(n):
             op = _SUM_OVER_DYNAMIC_DIM  # its bound would hold for the example's size only
-        steps.append(Step(n.name, op, _to_ref(tuple(n.args)), _to_ref(dict(n.kwargs)), shapes, operand_positions(n)))
+        args, kwargs = _to_ref(tuple(n.args), sizes), _to_ref(dict(n.kwargs), sizes)
+        steps.append(Step(n.name, op, args, kwargs, shapes, operand_positions(n)))
     return steps
 
 
@@ -190,18 +258,24 @@ def _SUM_OVER_DYNAMIC_DIM(*args, **kwargs):  # a marker with no rule: the node's
 
 
 def _contracts_over_symbolic_dim(n: fx.Node) -> bool:
-    """A matmul whose contraction length changes between calls (``x.T @ x`` over the batch)."""
+    """A matmul whose contraction length changes between calls without a declared maximum
+    (``x.T @ x`` over the batch); with a maximum, the bound at the maximum holds."""
     names = operand_names(n.target)
     if names is None or n.target in (aten.conv2d.default, aten.conv1d.default):
         return False
     schema = [a.name for a in n.target._schema.arguments]
     first = n.args[schema.index(names[0])] if schema.index(names[0]) < len(n.args) else None
     v = first.meta.get("val") if isinstance(first, fx.Node) else None
-    return isinstance(v, Tensor) and v.dim() >= 1 and not isinstance(v.shape[-1], int)
+    return isinstance(v, Tensor) and v.dim() >= 1 and _unbounded(v.shape[-1])
+
+
+def _unbounded(d: Any) -> bool:
+    """A symbolic size without a declared maximum (a plain int is bounded by itself)."""
+    return not isinstance(d, int) and symbolic_upper(d) is None
 
 
 def _sums_over_symbolic_dim(n: fx.Node) -> bool:
-    """A sum over a dimension whose size changes between calls (the dynamic batch)."""
+    """A sum over a dimension whose size changes between calls without a declared maximum."""
     if n.target not in (aten.sum.dim_IntList, aten.sum.default) or not n.args:
         return False
     x = n.args[0].meta.get("val") if isinstance(n.args[0], fx.Node) else None
@@ -209,7 +283,7 @@ def _sums_over_symbolic_dim(n: fx.Node) -> bool:
         return False
     dims = n.args[1] if len(n.args) > 1 and n.args[1] is not None else n.kwargs.get("dim")
     dims = range(x.dim()) if not dims else [d % x.dim() for d in ([dims] if isinstance(dims, int) else dims)]
-    return any(not isinstance(x.shape[d], int) for d in dims)
+    return any(_unbounded(x.shape[d]) for d in dims)
 
 
 def quantise_const(value: Tensor, fmt: Format, *, spectral: bool, amax: float | None = None) -> tuple[Tensor, float, Bound]:
@@ -292,3 +366,60 @@ def _representable(b: float, p: fx.Node) -> float:
         _, e = math.frexp(r)  # r = m * 2**e, 0.5 <= m < 1: one ulp of r is eps * 2**(e - 1)
         r = float(torch.tensor(r + math.ldexp(torch.finfo(v.dtype).eps, e - 1), dtype=torch.float64).to(v.dtype))
     return r
+
+
+def bounds_at_example(gm: fx.GraphModule, an: Analysis) -> dict[str, float]:
+    """Each node's absmax bound re-proven at the example's sizes, for the nodes where it is
+    smaller than at the declared maximum: the bounds that grow with the maximum (a sum or a
+    matmul over the sequence; a softmax or an attention output, a convex mix, does not).
+
+    Inputs, constants and measured values keep their bounds; every rule runs again.
+    """
+    if not any(has_declared_max(n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder"):
+        return {}
+    ex = Analysis(an.fmt, an.mode, consts=an.consts, quantised_consts=an.quantised_consts)
+    for n in gm.graph.nodes:
+        shape = concrete_shape(n.meta.get("val"), "example")
+        if shape is not None:
+            ex.shapes[n.name] = shape
+    for name, b in an.bounds.items():
+        if name not in an.steps or name in an.measured:
+            ex.bounds[name] = b
+            ex.deps[name] = an.deps.get(name, frozenset())
+    for step in build_steps(gm, "example"):
+        if step.name in an.measured:
+            continue
+        evaluate_step(step, ex)
+    out = {}
+    for name, b in an.bounds.items():
+        e = ex.bounds.get(name)
+        finite = isinstance(b, Bound) and isinstance(e, Bound) and b.is_finite() and e.is_finite()
+        if finite and float(e.absmax) < float(b.absmax) * (1 - 1e-9):
+            out[name] = float(e.absmax)
+    return out
+
+
+def check_maxima(placeholders: list[fx.Node]) -> None:
+    """Every dynamic dim but the batch (dim 0) needs a declared maximum: bounds are proven at it."""
+    for p in placeholders:
+        v = p.meta.get("val")
+        if not isinstance(v, Tensor):
+            continue
+        for d, size in enumerate(v.shape):
+            if d > 0 and isinstance(size, torch.SymInt) and symbolic_upper(size) is None:
+                raise ValueError(
+                    f"input {p.name!r}: dim {d} is dynamic without a maximum; fxscale proves bounds at "
+                    "the maximum size, so declare one: torch.export.Dim('seq', max=...) in dynamic_shapes"
+                )
+
+
+def mark_growing(gm: fx.GraphModule, an: Analysis) -> None:
+    """Note on each node whose bound grows with a declared maximum its bound at the example's size
+    (``NodeInfo.bound_at_example``, and a reason saying so)."""
+    from fxscale.nodeinfo import info
+
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, at_example in bounds_at_example(gm, an).items():
+        ni = info(nodes[name])
+        ni.bound_at_example = at_example
+        ni.reasons.append(f"bound grows with the declared maximum size ({at_example:.3g} at the example's)")

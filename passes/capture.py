@@ -58,12 +58,16 @@ def capture(
     *,
     method: str = "export",
     dynamic_batch: bool = True,
+    dynamic_shapes: Any = None,
 ) -> torch.fx.GraphModule:
     """Capture ``model`` called on ``example_inputs`` as an fx graph (see the module docstring).
 
     ``example_inputs``: a tuple of positional arguments (a single tensor is accepted).
     ``dynamic_batch``: export with dim 0 of each tensor input symbolic, so the result runs
     on other batch sizes; where the model fixes its batch size, a warning says so.
+    ``dynamic_shapes``: further dynamic dims, as torch.export takes them (one entry per
+    positional input: a dict ``{dim: torch.export.Dim(name, max=...)}`` or None), merged with
+    the dynamic batch; e.g. ``({1: Dim("seq", max=2048)},)`` for a sequence length.
     The model is run in eval mode; its training flag is restored afterwards.
     Raises :class:`CaptureError` saying why and what to try instead.
     """
@@ -81,8 +85,12 @@ def capture(
         if method == "export" and has_dtensor(model):
             gm = _export_tensor_parallel(model, args, dynamic_batch)
         elif method == "export":
-            gm = _export(model, args, dynamic_batch)
+            gm = _export(model, args, dynamic_batch, dynamic_shapes)
         else:
+            if dynamic_shapes is not None:
+                raise ValueError(
+                    f"dynamic_shapes needs capture='export'; {method!r} captures static shapes"
+                )
             gm = _symbolic_trace(model, args)
     finally:
         model.train(was_training)
@@ -132,9 +140,34 @@ def _batch_dims(model: nn.Module, args: tuple) -> tuple:
     return specs
 
 
-def _export(model: nn.Module, args: tuple, dynamic_batch: bool) -> torch.fx.GraphModule:
+def _merge_dims(model: nn.Module, args: tuple, dynamic_batch: bool, dynamic_shapes: Any) -> tuple:
+    """The batch dims (where ``dynamic_batch``) overlaid with the user's ``dynamic_shapes``
+    (one entry per parameter of ``forward``, as torch.export takes them)."""
+    base = _batch_dims(model, args) if dynamic_batch else tuple(None for _ in args)
+    user = tuple(dynamic_shapes.values()) if isinstance(dynamic_shapes, dict) else tuple(dynamic_shapes)
+    if len(user) != len(base):
+        raise ValueError(
+            f"dynamic_shapes has {len(user)} entries but the model takes {len(base)} inputs; give one "
+            "per parameter of forward (a dict {dim: torch.export.Dim(...)}, a tuple of them for "
+            "*args or a tuple input, or None)"
+        )
+    out = []
+    for b, u in zip(base, user):
+        if isinstance(b, dict) and isinstance(u, dict):
+            out.append({**b, **u})
+        else:
+            out.append(u if u is not None else b)
+    return tuple(out)
+
+
+def _export(model: nn.Module, args: tuple, dynamic_batch: bool, dynamic_shapes: Any = None) -> torch.fx.GraphModule:
     ep = None
-    if dynamic_batch and _has_batched_tensor(args):
+    if dynamic_shapes is not None:
+        try:
+            ep = torch.export.export(model, args, strict=False, dynamic_shapes=_merge_dims(model, args, dynamic_batch, dynamic_shapes))
+        except Exception as e:
+            raise _capture_error(model, e, "torch.export") from e
+    elif dynamic_batch and _has_batched_tensor(args):
         try:
             ep = torch.export.export(model, args, strict=False, dynamic_shapes=_batch_dims(model, args))
         except Exception as e:  # noqa: BLE001  (any failure: retry with static shapes below)

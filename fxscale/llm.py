@@ -1,0 +1,347 @@
+"""Language models: a transformers ``...ForCausalLM`` with a float8 KV cache, and ``generate()``.
+
+:func:`wrap` transforms the model once, with the sequence length dynamic up to ``max_len``,
+into one *step* graph: ``step(input_ids (B, S), positions (S,), *caches) -> (logits, new K/V)``.
+It serves prefill (any ``S <= max_len``) and decode (``S = 1``) alike. K and V live in a static
+cache in float8 (e4m3) with **static scales proven from the K/V projections' bounds** (no
+calibration, no per-step amax): K of layer ``i`` is ``rope(norm(h) @ W_k)``, bounded by the
+rules whatever the input, so ``K / scale`` is within the format's range by construction.
+Attention reads the cache through ``fxscale::kv_read`` (dequantise into SDPA), whose rule is
+``|value| <= 448 * scale`` whatever the cache holds. Writing the new K/V into the cache
+(``index_copy_`` at the positions) happens outside the transformed graph, in the step
+function, so no graph pass can drop it; the step has no host syncs (CUDA-graph capturable).
+
+>>> import torch, fxscale.llm
+>>> from transformers import LlamaConfig, LlamaForCausalLM
+>>> cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+...                   num_key_value_heads=2, vocab_size=100)
+>>> lm = LlamaForCausalLM(cfg).eval()
+>>> flm = fxscale.llm.wrap(lm, max_len=64)
+>>> out = flm.generate(torch.randint(0, 100, (1, 5)), max_new_tokens=4, do_sample=False)
+>>> out.shape
+torch.Size([1, 9])
+>>> print(flm.report_kv())  # doctest: +ELLIPSIS
+KV cache: float8_e4m3fn, ... bytes for batch 1 x 64 positions (bfloat16: ...; 0.50x) ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .bound import Bound, fmax
+from .formats import get_format
+from .rules import register
+
+__all__ = ["FxscaleCausalLM", "wrap"]
+
+KV_FORMAT = get_format("float8_e4m3fn")
+_IMPL = "fxscale_kv"
+
+
+# ---------------------------------------------------------------------------- the cache read op
+@torch.library.custom_op("fxscale::kv_read", mutates_args=())
+def kv_read(data: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    """A float8 cache stored as uint8 bytes -> ``data * scale`` in ``dtype``."""
+    return (data.view(KV_FORMAT.dtype).to(torch.float32) * scale).to(dtype)
+
+
+@kv_read.register_fake
+def _(data: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    return torch.empty(data.shape, dtype=dtype, device=data.device)
+
+
+@register(torch.ops.fxscale.kv_read.default, exact=True)
+def _kv_read_rule(c) -> Bound:
+    """Every float8 value is at most the format's max: sound whatever the cache holds."""
+    return Bound(KV_FORMAT.max * float(c["scale"]))
+
+
+@register(torch.ops.aten.index_copy.default, exact=True)
+def _index_copy_rule(c) -> Bound | None:
+    """Each element (and, for a copy along another dim than the last, each row) comes from
+    ``self`` or ``source``."""
+    a, s = c["self"].bound, c["source"].bound
+    nd = len(c.out_shape)
+    if int(c["dim"]) % max(nd, 1) == nd - 1:
+        return Bound(fmax(a.absmax, s.absmax))
+    return Bound(fmax(a.absmax, s.absmax), fmax(a.rownorm, s.rownorm))
+
+
+# ---------------------------------------------------------------------------- attention
+class _Context:
+    """What the attention function reads while the step module runs (set per call)."""
+
+    def __init__(self, positions: Tensor, caches: tuple, scales: list[tuple[float, float]]):
+        self.positions, self.caches, self.scales = positions, caches, scales
+        self.new_kv: dict[int, tuple[Tensor, Tensor]] = {}
+
+
+_ACTIVE: list[_Context] = []
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """HF attention function: attend to the float8 cache with this call's K/V written into it."""
+    ctx = _ACTIVE[-1]
+    i = module.layer_idx
+    ks, vs = ctx.scales[i]
+    pos = ctx.positions
+    kc = torch.ops.fxscale.kv_read(ctx.caches[2 * i], ks, query.dtype)  # (B, Hkv, L, D)
+    vc = torch.ops.fxscale.kv_read(ctx.caches[2 * i + 1], vs, query.dtype)
+    k_all = kc.index_copy(2, pos, key.to(query.dtype))
+    v_all = vc.index_copy(2, pos, value.to(query.dtype))
+    ctx.new_kv[i] = (key, value)
+    rep = query.shape[1] // key.shape[1]
+    if rep > 1:  # grouped-query attention: each KV head serves rep query heads
+        b, h, n, d = k_all.shape
+        k_all = k_all[:, :, None].expand(b, h, rep, n, d).reshape(b, h * rep, n, d)
+        v_all = v_all[:, :, None].expand(b, h, rep, n, d).reshape(b, h * rep, n, d)
+    slots = torch.arange(k_all.shape[2], device=pos.device)
+    mask = slots[None, :] <= pos[:, None]  # (S, L): causal over the cache
+    out = nn.functional.scaled_dot_product_attention(query, k_all, v_all, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2), None
+
+
+def _no_mask(*args, **kwargs):
+    return None  # the attention function builds its own mask from the positions
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_IMPL, _attention)
+    try:
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionMaskInterface.register(_IMPL, _no_mask)
+    except ImportError:  # older transformers: no mask interface to register with
+        pass
+
+
+@contextlib.contextmanager
+def _attn_implementation(lm: nn.Module, name: str):
+    configs = [m.config for m in lm.modules() if hasattr(m, "config")]
+    old = [c._attn_implementation for c in configs]
+    for c in configs:
+        c._attn_implementation = name
+    try:
+        yield
+    finally:
+        for c, o in zip(configs, old):
+            c._attn_implementation = o
+
+
+class _Step(nn.Module):
+    """``forward(input_ids, positions, caches) -> (logits, k_0, v_0, k_1, ...)`` (what is exported)."""
+
+    def __init__(self, lm: nn.Module, scales: list[tuple[float, float]]):
+        super().__init__()
+        self.lm, self.scales = lm, scales
+
+    def forward(self, input_ids: Tensor, positions: Tensor, caches: tuple[Tensor, ...]):
+        ctx = _Context(positions, caches, self.scales)
+        _ACTIVE.append(ctx)
+        try:
+            with _attn_implementation(self.lm, _IMPL):
+                pos = positions[None, :].expand(input_ids.shape[0], -1)
+                out = self.lm(input_ids=input_ids, position_ids=pos, use_cache=False)
+        finally:
+            _ACTIVE.pop()
+        kv = [t for i in sorted(ctx.new_kv) for t in ctx.new_kv[i]]
+        return (out.logits, *kv)
+
+
+# ---------------------------------------------------------------------------- wrap
+def _dims(cfg) -> tuple[int, int, int]:
+    layers = cfg.num_hidden_layers
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return layers, kv_heads, head_dim
+
+
+def _kv_bounds(sm) -> list[float]:
+    """Proven max |x| of each graph output after the logits (the new K and V of each layer)."""
+    out = next(n for n in sm.graph.nodes if n.op == "output")
+    leaves = torch.utils._pytree.tree_leaves(out.args[0])
+    bounds = []
+    for n in leaves[1:]:
+        ni = n.meta.get("fxscale") if isinstance(n, torch.fx.Node) else None
+        b = None if ni is None or ni.bound is None or ni.dynamic else float(ni.bound.absmax)
+        if b is None or not math.isfinite(b):
+            raise ValueError(
+                f"fxscale.llm: no static bound for the K/V value {getattr(n, 'name', n)!r} "
+                "(it depends on run-time measurements, or an op without a rule): a float8 cache "
+                "needs a proven scale. Is the attention input normalised (a pre-norm model)?"
+            )
+        bounds.append(b)
+    return bounds
+
+
+def wrap(lm: nn.Module, *, max_len: int, batch: int = 2, **transform_options: Any) -> FxscaleCausalLM:
+    """Transform a transformers ``...ForCausalLM`` for inference with a float8 KV cache.
+
+    ``max_len``: the most positions (prompt + generated tokens) a sequence may have; every
+    bound that depends on the length is proven at it. ``batch``: the example batch (any batch
+    runs). Other keyword arguments go to :func:`fxscale.transform`. Returns a
+    :class:`FxscaleCausalLM`, whose ``generate()`` is transformers' (greedy and sampling).
+    """
+    from torch.export import Dim
+
+    from .api import transform
+
+    _register_attention()
+    lm = lm.eval()
+    layers, kv_heads, head_dim = _dims(lm.config)
+    dtype = next(lm.parameters()).dtype
+    device = next(lm.parameters()).device
+    seq = min(8, max_len)
+    ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
+    pos = torch.arange(seq, device=device)
+    caches = tuple(torch.zeros(batch, kv_heads, max_len, head_dim, dtype=torch.uint8, device=device)
+                   for _ in range(2 * layers))
+    # The cache length is dynamic too (any length up to max_len): no bound depends on it.
+    s, b, n = Dim("fxscale_seq", max=max_len), Dim("fxscale_batch"), Dim("fxscale_cache", max=max_len)
+    shapes = ({0: b, 1: s}, {0: s}, tuple({0: b, 2: n} for _ in caches))
+    # Pass 1 proves the K/V bounds (they follow from normalised inputs, not from the cache
+    # scales); pass 2 builds the graph that reads the cache with the scales they give.
+    scales = [(1.0, 1.0)] * layers
+    for _ in range(3):
+        sm = transform(_Step(lm, scales), (ids, pos, caches), dynamic_shapes=shapes, **transform_options)
+        bounds = _kv_bounds(sm)
+        new = [(KV_FORMAT.scale_for(bounds[2 * i]), KV_FORMAT.scale_for(bounds[2 * i + 1])) for i in range(layers)]
+        if new == scales:
+            break
+        scales = new
+    else:
+        raise RuntimeError("fxscale.llm: the K/V scales did not settle in 3 transforms")
+    return FxscaleCausalLM(lm, sm, scales, bounds, max_len=max_len, dtype=dtype)
+
+
+def _base_classes() -> tuple[type, ...]:
+    """transformers' PreTrainedModel and GenerationMixin: what ``generate()`` expects of a model."""
+    from transformers import GenerationMixin, PreTrainedModel
+
+    return (PreTrainedModel, GenerationMixin)
+
+
+class FxscaleCausalLM(*_base_classes()):
+    """A transformed causal LM with its own float8 KV cache; transformers' ``generate()`` works.
+
+    ``flm(input_ids)`` prefills a fresh sequence (any length up to ``max_len``) and returns
+    ``logits``; inside ``generate()`` each call feeds only the tokens the cache has not seen.
+    ``step(input_ids, positions)`` is one step (writes the cache); replace it with
+    ``torch.compile(flm.step, mode="reduce-overhead")`` for CUDA-graph decode. Batched prompts
+    must have equal lengths (no padding mask).
+    """
+
+    main_input_name = "input_ids"
+    _supports_cache_class = False
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    def __init__(self, lm: nn.Module, sm: nn.Module, scales, bounds, *, max_len: int, dtype: torch.dtype):
+        import copy
+
+        super().__init__(copy.deepcopy(lm.config))  # a copy: PreTrainedModel adjusts it
+        self.generation_config = copy.deepcopy(lm.generation_config)
+        self.sm = sm
+        self.scales, self.kv_bounds, self.max_len, self.model_dtype = scales, bounds, max_len, dtype
+        self.layers, self.kv_heads, self.head_dim = _dims(lm.config)
+        self._device = next(lm.parameters()).device
+        self.cache_len = 0
+        for j in range(2 * self.layers):  # buffers: static addresses, so CUDA graphs may write them
+            self.register_buffer(f"cache_{j}", None, persistent=False)
+        self.register_buffer("positions", torch.arange(max_len, device=self._device), persistent=False)
+        self._len = 0
+        self._in_generate = False
+        self.step = self._step
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model_dtype
+
+    @property
+    def report(self):
+        """The step graph's per-node :class:`~fxscale.report.Report`."""
+        return self.sm.report
+
+    def can_generate(self) -> bool:
+        return True
+
+    @property
+    def caches(self) -> list[Tensor]:
+        """The float8 K and V caches (as uint8 bytes), ``[K_0, V_0, K_1, ...]``, each (B, Hkv, L, D)."""
+        return [getattr(self, f"cache_{j}") for j in range(2 * self.layers)] if self.cache_len else []
+
+    def allocate(self, batch: int, length: int | None = None) -> None:
+        """(Re)allocate the float8 caches for ``batch`` sequences of up to ``length`` positions
+        (default ``max_len``; attention reads all of them, so a shorter cache decodes faster)."""
+        length = self.max_len if length is None else int(length)
+        if not 1 <= length <= self.max_len:
+            raise ValueError(f"cache length must be in [1, max_len={self.max_len}], got {length}")
+        shape = (batch, self.kv_heads, length, self.head_dim)
+        if self.cache_len and tuple(self.cache_0.shape) == shape:
+            return
+        for j in range(2 * self.layers):
+            setattr(self, f"cache_{j}", torch.zeros(shape, dtype=torch.uint8, device=self._device))
+        self.cache_len = length
+
+    def _step(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        """Run ``input_ids`` (B, S) at ``positions`` (S,) and write their K/V into the cache."""
+        logits, *kv = self.sm(input_ids, positions, tuple(self.caches))
+        for j, (t, cache) in enumerate(zip(kv, self.caches)):
+            scale = self.scales[j // 2][j % 2]
+            # |t| <= bound <= max * scale (proven): the cast cannot overflow.
+            cache.index_copy_(2, positions, (t.float() * (1.0 / scale)).to(KV_FORMAT.dtype).view(torch.uint8))
+        return logits
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any):
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        b, t = input_ids.shape
+        if t > self.max_len:
+            raise ValueError(f"input of {t} positions is beyond max_len={self.max_len} declared to fxscale.llm.wrap")
+        fresh = not self._in_generate or t <= self._len or not self.cache_len or self.cache_0.shape[0] != b
+        if fresh:
+            self._len = 0
+            self.allocate(b, self.cache_len if self.cache_len and self.cache_0.shape[0] == b else None)
+        if t > self.cache_len:
+            raise ValueError(f"input of {t} positions is beyond the cache's {self.cache_len}: allocate(batch, length)")
+        if fresh and attention_mask is not None and not bool(attention_mask.all()):  # one check per prompt
+            raise ValueError("fxscale.llm supports no padding: give prompts of equal length (attention_mask all ones)")
+        logits = self.step(input_ids[:, self._len:], self.positions[self._len:t])
+        self._len = t
+        return CausalLMOutputWithPast(logits=logits)
+
+    def generate(self, *args: Any, **kwargs: Any):
+        """transformers' ``generate()`` (greedy, sampling, ...), on the float8 cache."""
+        kwargs.setdefault("use_cache", False)  # the cache is ours; transformers passes all tokens
+        self._in_generate, self._len = True, 0
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self._in_generate = False
+
+    def prepare_inputs_for_generation(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any):
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def report_kv(self, batch: int = 1) -> str:
+        """What the float8 cache stores and saves (bytes against the model's dtype)."""
+        per = 2 * self.layers * self.kv_heads * self.max_len * self.head_dim * batch
+        hi = per * torch.finfo(self.model_dtype).bits // 8
+        ref = "bfloat16" if self.model_dtype == torch.float32 else str(self.model_dtype).replace("torch.", "")
+        hi = per * 2 if self.model_dtype == torch.float32 else hi
+        scales = ", ".join(f"{i}: K 2^{int(math.log2(k))} V 2^{int(math.log2(v))}" for i, (k, v) in enumerate(self.scales))
+        return (
+            f"KV cache: {KV_FORMAT.name}, {per} bytes for batch {batch} x {self.max_len} positions "
+            f"({ref}: {hi}; {per / hi:.2f}x); static scales proven from the K/V bounds (layer: scale) {scales}"
+        )

@@ -1,0 +1,119 @@
+"""Dynamic sequence length with a declared maximum: bounds proven for every size up to it."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.export import Dim
+
+import fxscale
+from fxscale.metrics import sqnr_db
+
+from . import models
+
+
+class PoolAndAttend(nn.Module):
+    """A sum over the sequence (grows with its length) and an attention (a convex mix: does not)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(d, 32), nn.Linear(32, 8)
+        self.q, self.k = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):  # (B, S, d)
+        pooled = self.b(self.a(x).sum(1))  # (B, 8)
+        att = nn.functional.scaled_dot_product_attention(self.q(x), self.k(x), x)  # (B, S, d)
+        return pooled, att
+
+
+def _pool_sm(max_len=128):
+    model = PoolAndAttend().eval()
+    sm = fxscale.transform(
+        model, (torch.randn(2, 8, 16),), dynamic_shapes=({1: Dim("seq", max=max_len)},),
+        input_bounds=4.0, on_overflow="clamp", threshold=100,  # no requantise: the static proof only
+    )
+    return model, sm
+
+
+@torch.no_grad()
+def test_dynamic_seq__report_says_which_bounds_grow_with_the_maximum():
+    _, sm = _pool_sm(128)
+    rows = {r["node"]: r for r in sm.report.rows}
+    grows = {r["op"] for r in sm.report.rows if r["grows_with_max"]}
+    assert "aten.sum" in grows  # the sum over the sequence
+    assert rows["scaled_dot_product_attention"]["grows_with_max"] is False  # a convex mix
+    s = next(r for r in sm.report.rows if r["op"] == "aten.sum")
+    # Proven at 128 rows, 16x the example's 8: the sum's absmax bound scales with the length.
+    assert s["bound"] == pytest.approx(16 * s["bound_at_example"], rel=0.02)
+    assert "grows with the declared maximum" in s["note"]
+    assert "grow with the declared maximum size" in sm.report.summary_line()
+
+
+@torch.no_grad()
+def test_dynamic_seq__every_length_up_to_the_maximum_runs_and_matches_float32():
+    model, sm = _pool_sm(128)
+    for s in (1, 2, 7, 8, 33, 128):
+        x = (2 * torch.randn(3, s, 16)).clamp(-4, 4)
+        ref, out = model(x), sm(x)
+        assert out[0].shape == ref[0].shape and out[1].shape == ref[1].shape
+        assert sqnr_db(ref[0], out[0]) > 18, s
+        assert sqnr_db(ref[1], out[1]) > 18, s
+
+
+@torch.no_grad()
+def test_dynamic_seq__adversarial_input_at_the_maximum_does_not_overflow():
+    """All inputs at +-bound, signs aligned with the weights, at the maximum length: the sum
+    is as large as it gets, and stays within the proven bound (no fp8 saturation)."""
+    model, sm = _pool_sm(128)
+    sign = torch.sign(model.a.weight.sum(0))  # drives every hidden unit the same way
+    for s in (8, 128):
+        x = (4.0 * sign).expand(2, s, 16).contiguous()
+        ref, out = model(x), sm(x)
+        assert torch.isfinite(out[0]).all()
+        assert sqnr_db(ref[0], out[0]) > 18  # saturation would cap the output: far lower SQNR
+        pooled = model.a(x).sum(1)
+        s_row = next(r for r in sm.report.rows if r["op"] == "aten.sum")
+        assert float(pooled.abs().max()) <= s_row["bound"]
+
+
+def test_dynamic_seq__beyond_the_maximum_raises_naming_it():
+    _, sm = _pool_sm(16)
+    with pytest.raises(ValueError, match="16"):
+        sm(torch.randn(2, 17, 16))
+
+
+def test_dynamic_seq__a_dim_without_maximum_is_refused():
+    with pytest.raises(ValueError, match="without a maximum"):
+        fxscale.transform(PoolAndAttend().eval(), (torch.randn(2, 8, 16),), dynamic_shapes=({1: Dim("seq")},))
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_dynamic_seq__llama_prefill_at_any_length_without_retransforming():
+    model, (ids,) = models.llama(batch=2, seq=16)
+    sm = fxscale.transform(model, (ids,), dynamic_shapes=({1: Dim("seq", max=64)},))
+    for s in (1, 5, 16, 64):
+        x = torch.randint(0, 100, (3, s))
+        ref = model(x).last_hidden_state
+        assert sqnr_db(ref, sm(x).last_hidden_state) > 20, s
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_backend__max_size_transforms_once_for_all_lengths():
+    from fxscale import backend
+
+    model, _ = models.llama(batch=2, seq=16)
+    n0 = len(backend.reports())
+    fast = torch.compile(model, backend="fxscale", options={"max_size": 64, "inductor": False, "strict": True})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for s in (16, 17, 20, 3, 64):
+            x = torch.randint(0, 100, (2, s))
+            assert sqnr_db(model(x).last_hidden_state, fast(x).last_hidden_state) > 20
+    # The first length is static (Dynamo's first compile), the second makes the dim dynamic.
+    assert len(backend.reports()) - n0 == 2
