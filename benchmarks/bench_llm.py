@@ -39,8 +39,18 @@ class Timeout(Exception):
     pass
 
 
+DEADLINE = [float("inf")]  # time.time() by which everything must have finished (--deadline)
+
+
 @contextlib.contextmanager
 def cap(seconds: int, what: str):
+    left = int(DEADLINE[0] - time.time()) - 5
+    seconds = max(1, min(seconds, left))
+    if left <= 1:
+        print(f"!! {what}: skipped, no time left", flush=True)
+        yield
+        return
+
     def handler(*_):
         raise Timeout(f"{what}: over {seconds} s")
 
@@ -108,17 +118,17 @@ def prefill(lm, args):
         ref32 = {s: body32(ids[s]).last_hidden_state for s in shapes}
         ref16 = {s: body(ids[s]).last_hidden_state for s in shapes}
     del body32
-    variants = [("bf16 eager", lambda: body), ("bf16 compile", lambda: torch.compile(body))]
-    variants += [("torchao fp8 rowwise (compile)", lambda: torch.compile(torchao_fp8(body, rowwise=True))),
-                 ("torchao fp8 tensorwise (compile)", lambda: torch.compile(torchao_fp8(body, rowwise=False)))]
+    variants = [("bf16 eager", lambda: body), ("bf16 compile", lambda: torch.compile(body)),
+                ("torchao fp8 rowwise (compile)", lambda: torch.compile(torchao_fp8(body, rowwise=True)))]
 
     def fx():
         t0 = time.time()
-        sm = fxscale.transform(body, (ids[(4, 2048)],), dynamic_shapes=({1: Dim("seq", max=SHAPES[-1][1])},))
+        sm = fxscale.transform(body, (ids[SHAPES[-1]],), dynamic_shapes=({1: Dim("seq", max=SHAPES[-1][1])},))
         print(f"   fxscale.transform: {time.time() - t0:.1f} s; {sm.report.summary_line()}", flush=True)
         return torch.compile(sm)
 
     variants.append(("fxscale (transform seq<=2048 + compile)", fx))
+    variants.append(("torchao fp8 tensorwise (compile)", lambda: torch.compile(torchao_fp8(body, rowwise=False))))
     best_bf16 = {}
     res = {}
     for name, make in variants:
@@ -192,20 +202,24 @@ def decode_fx(flm, batch, ctx, cstep):
         return time_ms(call, [ids], batches=5, target_ms=30)
 
 
-def decode(lm, args):
+def wrap(lm, args):
     import fxscale.llm
 
-    combos = [(b, c) for c in CTX for b in (1, 16, 64)]
-    combos = [x for x in combos if f"{x[0]}x{x[1]}" not in args.skip_decode]
     flm = None
     with cap(args.cap, "fxscale.llm.wrap"):
         t0 = time.time()
         flm = fxscale.llm.wrap(lm, max_len=CTX[-1] + 64)
         print(f"   wrap: {time.time() - t0:.1f} s; {flm.report_kv(batch=1)}", flush=True)
         print(f"   {flm.report.summary_line()}", flush=True)
+    return flm
+
+
+def decode(lm, flm, args):
+    combos = [(b, c) for c in CTX for b in (1, 16, 64)]  # in order of priority
+    combos = [x for x in combos if f"{x[0]}x{x[1]}" not in args.skip_decode]
     best = {}
-    for name, make in [("bf16 static cache (compile, cudagraph)", lambda: lm),
-                       ("torchao fp8 rowwise static cache (compile, cudagraph)", lambda: torchao_fp8(lm, rowwise=True))]:
+
+    def hf(name, make):
         with cap(args.cap, f"decode {name}"):
             m = make()
             for b, c in combos:
@@ -217,6 +231,8 @@ def decode(lm, args):
                         f"{best.get((b, c), ms) / ms:.2f}x vs bf16")
             del m
             torch.cuda.empty_cache()
+
+    hf("bf16 static cache (compile, cudagraph)", lambda: lm)
     if flm is not None:
         with cap(args.cap, "decode fxscale"):
             cstep = torch.compile(flm.step, mode="reduce-overhead")
@@ -225,7 +241,15 @@ def decode(lm, args):
                     ms = decode_fx(flm, b, c, cstep)
                     row("decode", "fxscale.llm (fp8 W + KV, compile, cudagraph)", f"b{b} ctx{c}", ms, b / ms * 1e3,
                         None, f"{best.get((b, c), ms) / ms:.2f}x vs bf16")
-    return flm
+        if args.breakdown:
+            with cap(60, "decode fxscale kernel breakdown"):
+                from benchmarks.common import kernel_breakdown
+
+                flm.allocate(1, CTX[0] + 64)
+                tok = torch.zeros(1, 1, dtype=torch.long, device=DEV)
+                pos = flm.positions[CTX[0]:CTX[0] + 1]
+                print(kernel_breakdown(lambda x: (torch.compiler.cudagraph_mark_step_begin(), cstep(x, pos)), tok), flush=True)
+    hf("torchao fp8 rowwise static cache (compile, cudagraph)", lambda: torchao_fp8(lm, rowwise=True))
 
 
 def accuracy(lm, flm, args):
@@ -236,12 +260,12 @@ def accuracy(lm, flm, args):
         ref = lm32(ids).logits
         del lm32
         row("accuracy", "bf16", "1x512 logits", sqnr=sqnr_db(lm(ids).logits, ref))
-        ao = torchao_fp8(lm, rowwise=True)
-        row("accuracy", "torchao fp8 rowwise", "1x512 logits", sqnr=sqnr_db(ao(ids).logits, ref))
-        del ao
         if flm is not None:
             flm.allocate(1, flm.max_len)
             row("accuracy", "fxscale.llm", "1x512 logits", sqnr=sqnr_db(flm(ids).logits, ref))
+        ao = torchao_fp8(lm, rowwise=True)
+        row("accuracy", "torchao fp8 rowwise", "1x512 logits", sqnr=sqnr_db(ao(ids).logits, ref))
+        del ao
     if flm is not None:
         with cap(args.cap, "greedy agreement"):
             prompt = ids[:, :32]
@@ -263,8 +287,12 @@ def main():
     ap.add_argument("--skip-decode", default="", help="e.g. 64x4096,16x4096")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--md", default=None)
+    ap.add_argument("--breakdown", action="store_true", help="per-kernel time of one fxscale decode step")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run: a tiny model, short shapes")
+    ap.add_argument("--deadline", type=float, default=None, help="seconds for the whole run")
     args = ap.parse_args()
+    if args.deadline:
+        DEADLINE[0] = time.time() + args.deadline
     global DEV, time_ms, SHAPES, CTX
     describe = device_line
     if args.tiny:
@@ -278,13 +306,11 @@ def main():
     parts = args.parts.split(",")
     if "prefill" in parts:
         prefill(lm, args)
-    flm = decode(lm, args) if "decode" in parts else None
+    flm = wrap(lm, args) if ("decode" in parts or "accuracy" in parts) else None
     if "accuracy" in parts:
-        if flm is None:
-            import fxscale.llm
-
-            flm = fxscale.llm.wrap(lm, max_len=CTX[-1] + 64)
         accuracy(lm, flm, args)
+    if "decode" in parts:
+        decode(lm, flm, args)
     if args.md:
         with open(args.md, "w") as f:
             f.write(f"{describe()}, torchao {torchao_version()}; {args.layers} layers\n\n")
