@@ -160,13 +160,42 @@ def _merge_dims(model: nn.Module, args: tuple, dynamic_batch: bool, dynamic_shap
     return tuple(out)
 
 
+def _as_auto(spec: Any) -> Any:
+    """``spec`` with each named ``Dim`` replaced by ``Dim.AUTO`` over the same range."""
+    from torch.export.dynamic_shapes import _Dim
+
+    def one(d):
+        if isinstance(d, _Dim) or type(d).__name__ in ("Dim", "_Dim"):
+            lo, hi = getattr(d, "min", None), getattr(d, "max", None)
+            kw = {k: v for k, v in (("min", lo), ("max", hi)) if isinstance(v, int) and abs(v) < 2**62}
+            return torch.export.Dim.AUTO(**kw)
+        return d
+
+    if isinstance(spec, dict):
+        return {k: _as_auto(v) if isinstance(v, (dict, list, tuple)) else one(v) for k, v in spec.items()}
+    if isinstance(spec, (list, tuple)):
+        return type(spec)(_as_auto(v) for v in spec)
+    return one(spec)
+
+
 def _export(model: nn.Module, args: tuple, dynamic_batch: bool, dynamic_shapes: Any = None) -> torch.fx.GraphModule:
     ep = None
     if dynamic_shapes is not None:
+        spec = _merge_dims(model, args, dynamic_batch, dynamic_shapes)
         try:
-            ep = torch.export.export(model, args, strict=False, dynamic_shapes=_merge_dims(model, args, dynamic_batch, dynamic_shapes))
+            ep = torch.export.export(model, args, strict=False, dynamic_shapes=spec)
         except Exception as e:
-            raise _capture_error(model, e, "torch.export") from e
+            # Named Dims need every guard the model adds to hold over the whole range, which
+            # older solvers cannot always show (torch 2.11 + transformers 5.17's Llama:
+            # "min(128*s, 512*s) == 128*s" for s <= 2048). Dim.AUTO with the same range lets
+            # export keep such guards; the maximum stays declared (checked after capture).
+            if "Constraints violated" not in str(e):
+                raise _capture_error(model, e, "torch.export") from e
+            log.debug("export with named dims failed, retrying with Dim.AUTO ranges: %s", e)
+            try:
+                ep = torch.export.export(model, args, strict=False, dynamic_shapes=_as_auto(spec))
+            except Exception as e2:
+                raise _capture_error(model, e2, "torch.export") from e2
     elif dynamic_batch and _has_batched_tensor(args):
         try:
             ep = torch.export.export(model, args, strict=False, dynamic_shapes=_batch_dims(model, args))
