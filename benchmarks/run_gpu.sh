@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, kernel timings, FFN and block benchmarks.
 #   STEPS="env tests kernels ffn block" OUT=/tmp/out bash benchmarks/run_gpu.sh
-# (also: ops -- tests/test_triton_ops_gpu.py (triton_op, symbolic M, AOTI); int8norms -- int8 GEMMs, and fp8-out norms: inductor vs hand Triton; diag -- host overhead)
+# (also: llm -- bench_llm.py; zoo -- tests/test_zoo.py on this machine's transformers; ops -- tests/test_triton_ops_gpu.py (triton_op, symbolic M, AOTI); int8norms -- int8 GEMMs, and fp8-out norms: inductor vs hand Triton; diag -- host overhead)
 # Each step has its own time cap, so a slow step never loses the ones after it.
 # Logs land in $OUT (tests.log, kernels.log, ffn.log, block.log, errors.log).
 # *_ARGS and TEST_ARGS are split on spaces (quotes inside them are not honoured): give --skip
@@ -36,6 +36,15 @@ for s in $STEPS; do
       timeout "${T_OPS:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_triton_ops_gpu.py ${OPS_ARGS:-} \
         > "$OUT/ops.log" 2>&1
       grep -E "passed|failed|error|FAILED|Error" "$OUT/ops.log" | tail -25
+      ;;
+    llm)  # the Llama-3-8B-shaped model: prefill / decode / accuracy (benchmarks/bench_llm.py)
+      timeout "${T_LLM:-420}" python3 benchmarks/bench_llm.py --md "$OUT/llm.md" ${LLM_ARGS:-} > "$OUT/llm.log" 2>&1
+      grep -E "^(\\| |ISSUE14|!!|   fxscale)" "$OUT/llm.log" | head -60; tail -3 "$OUT/llm.log"
+      ;;
+    zoo)  # the external model zoo on the GPU machine's transformers (other code paths than the CPU's)
+      FXSCALE_ZOO_DEVICE=${ZOO_DEVICE:-cpu} timeout "${T_ZOO:-240}" python3 -m pytest -q -p no:cacheprovider -m zoo \
+        tests/test_zoo.py ${ZOO_ARGS:-} > "$OUT/zoo.log" 2>&1
+      grep -E "passed|failed|FAILED|Error" "$OUT/zoo.log" | tail -30
       ;;
     kernels)
       timeout "${T_KERNELS:-180}" python3 benchmarks/bench_kernels.py ${KERNEL_ARGS:-} > "$OUT/kernels.log" 2>&1
