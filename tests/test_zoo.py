@@ -38,11 +38,9 @@ TV_REASON = (
 )
 
 #: (model, format or None for both) -> why it fails today: issue 14's items that "models" is fixing.
-_PRECISION = ("issue 14 item 1 (models): the precision-demand pass keeps some Linears in float32 "
-              "(o_proj / gate / up of the first layer: 'tolerates an error of ...'), < 80% of weight FLOPs quantised")
-XFAIL: dict[tuple[str, str | None], str] = {
-    **{(n, None): _PRECISION for n in ("llama", "mistral", "phi3", "gemma", "t5_encoder")},
-}
+#: (None found today: ConvNext (item 2), Mixtral / Qwen2-MoE (item 5) and the gated-MLP Linears kept in
+#: float32 by the precision pass (item 1: Llama, Mistral, Phi3, Gemma, T5) were marked, and are fixed.)
+XFAIL: dict[tuple[str, str | None], str] = {}
 
 
 def _xfail(name: str, fmt: str) -> str | None:
