@@ -115,8 +115,13 @@ class Bound:
         if x.dim() == 0:
             v = float(x.abs())
             return Bound(v, v, v, v, v, v)
+        absmax = float(x.abs().max())
+        if x.dtype == torch.float32 and 0 < absmax < math.inf and not 0.5 <= absmax < 1:
+            # Norms of x / 2^e (exact) scaled back: float32 squares of tiny (< 1e-19) or huge
+            # entries would under/overflow, and an underflowed norm of 0 is unsound.
+            p2 = math.ldexp(1.0, math.frexp(absmax)[1])
+            return Bound.of_tensor(x / p2, spectral=spectral, columns=columns).scaled(p2)
         a = x.abs()
-        absmax = float(a.max())
         rownorm = float(torch.linalg.vector_norm(x, dim=-1).max())
         rowsum = float(a.sum(-1).max())
         if x.dim() == 1:
@@ -168,11 +173,13 @@ class Bound:
         r = shape[-2] if nd >= 2 else 1
         am, rn, cn, rs, cs, sp = self.absmax, self.rownorm, self.colnorm, self.rowsum, self.colsum, self.spectral
         am = fmin(am, rn, cn, rs, cs)
-        rn = fmin(rn, fprod(math.sqrt(d), am), rs, fsqrt(fprod(rs, am)) if not _inf(rs) else INF)
-        rs = fmin(rs, fprod(d, am), fprod(math.sqrt(d), rn))
-        cn = fmin(cn, fprod(math.sqrt(r), am), cs, fsqrt(fprod(cs, am)) if not _inf(cs) else INF)
-        cs = fmin(cs, fprod(r, am), fprod(math.sqrt(r), cn))
-        sp = fmin(sp, fprod(math.sqrt(r), rn), fprod(math.sqrt(d), cn), fsqrt(fprod(rs, cs)) if not (_inf(rs) or _inf(cs)) else INF)
+        # Derived fields round up (``_UP``): sqrt(3) * sqrt(3) is 2.9999999999999996 in float64.
+        sd, sr = math.sqrt(d) * _UP, math.sqrt(r) * _UP
+        rn = fmin(rn, fprod(sd, am), rs, fprod(fsqrt(fprod(rs, am)), _UP) if not _inf(rs) else INF)
+        rs = fmin(rs, fprod(d, am), fprod(sd, rn))
+        cn = fmin(cn, fprod(sr, am), cs, fprod(fsqrt(fprod(cs, am)), _UP) if not _inf(cs) else INF)
+        cs = fmin(cs, fprod(r, am), fprod(sr, cn))
+        sp = fmin(sp, fprod(sr, rn), fprod(sd, cn), fprod(fsqrt(fprod(rs, cs)), _UP) if not (_inf(rs) or _inf(cs)) else INF)
         if nd <= 1:
             cn, cs = am, am
             sp = fmin(sp, rn)
@@ -183,6 +190,9 @@ class Bound:
 
     def is_finite(self) -> bool:
         return math.isfinite(as_float(self.absmax))
+
+
+_UP = 1 + 2.0**-48  # a few float64 ulps: products and square roots of bounds round up
 
 
 def _inf(x: Number) -> bool:

@@ -73,14 +73,19 @@ class Format:
         # Never below float32's smallest normal: a smaller scale is not a float32 (tiny
         # values in a wide format such as bfloat16 would otherwise divide by zero).
         pow2 = self.pow2 if pow2 is None else pow2
-        return max(pow2_scale(amax / self.max) if pow2 else amax / self.max, MIN_SCALE)
+        scale = pow2_scale(amax / self.max) if pow2 else _f32_up(amax / self.max)
+        # Never above 2^127: every finite float32 fits a format of max >= 2 with it (a larger
+        # scale is not a float32).
+        return min(max(scale, MIN_SCALE), MAX_SCALE)
 
     def scale_tensor(self, amax: torch.Tensor, *, pow2: bool | None = None) -> torch.Tensor:
         """:meth:`scale_for` on a 0-d tensor, without a host sync (for run-time scales).
 
         Zero gives 1; NaN/Inf give NaN/Inf, so that a non-finite input stays non-finite.
         """
-        amax = amax.to(torch.float32)
+        # float64 arithmetic: a bound computed at run time can pass float32's range (issue 11
+        # case 17) though the values it bounds are float32; the scale is clamped into range.
+        amax = amax.to(torch.float64)
         raw = amax / self.max
         if self.pow2 if pow2 is None else pow2:
             scale = torch.exp2(torch.ceil(torch.log2(raw)))
@@ -88,8 +93,11 @@ class Format:
             scale = torch.where(scale * self.max < amax, scale * 2, scale)
         else:
             scale = raw
-        scale = scale.clamp_min(MIN_SCALE)  # NaN stays NaN
-        return torch.where(amax == 0, torch.ones_like(scale), scale)
+        scale = scale.clamp(MIN_SCALE, MAX_SCALE)  # NaN stays NaN
+        s32 = scale.to(torch.float32)
+        # float32 rounding of an exact (non power of two) scale must not round it down.
+        s32 = torch.where(s32.to(torch.float64) < scale, torch.nextafter(s32, torch.full_like(s32, math.inf)), s32)
+        return torch.where(amax == 0, torch.ones_like(s32), s32)
 
     def cast(self, x: torch.Tensor) -> torch.Tensor:
         """Round ``x`` (already divided by its scale) into this format.
@@ -127,6 +135,16 @@ def _concrete() -> bool:
 
 #: Smallest scale ever chosen: float32's smallest normal, 2**-126.
 MIN_SCALE = 2.0**-126
+#: Largest scale ever chosen: 2**127 (any finite float32 / 2**127 is below 2).
+MAX_SCALE = 2.0**127
+
+
+def _f32_up(v: float) -> float:
+    """The smallest float32 >= ``v`` (a scale stored as a float32 must not round down)."""
+    t = torch.tensor(v, dtype=torch.float32)
+    if float(t) < v:
+        t = torch.nextafter(t, torch.tensor(math.inf))
+    return float(t)
 
 
 def pow2_scale(ratio: float) -> float:

@@ -194,6 +194,8 @@ def operand_positions(node: fx.Node) -> tuple[int, ...]:
         return ()
     if not all(isinstance(node.args[i], fx.Node) and is_float_value(node.args[i]) for i in pos):
         return ()
+    if node.target is aten.linear.default and node.args[pos[1]].meta["val"].dim() != 2:
+        return ()  # F.linear with a 1-D weight: a matrix-vector product, left in high precision
     return pos
 
 
@@ -234,8 +236,8 @@ def _rms_norm_idiom(n: fx.Node, shapes) -> Step | None:
         if r.target is not aten.rsqrt.default or not isinstance(r.args[0], fx.Node):
             continue
         add = r.args[0]
-        if add.target not in (aten.add.Tensor, aten.add.Scalar) or len(add.args) != 2:
-            continue
+        if add.target not in (aten.add.Tensor, aten.add.Scalar) or len(add.args) != 2 or float(add.kwargs.get("alpha", 1)) != 1:
+            continue  # add(mean, eps, alpha=-1) is mean - eps: not an RMSNorm
         mean, eps = (add.args if isinstance(add.args[0], fx.Node) else add.args[::-1])
         if not isinstance(mean, fx.Node) or isinstance(eps, fx.Node) or not (float(eps) >= 0):
             continue
@@ -346,6 +348,7 @@ def input_bounds_by_name(placeholders: list[fx.Node], input_bounds) -> dict[str,
 
 def _declared(b, p: fx.Node) -> tuple[float, float | None]:
     a, r = (b if isinstance(b, (tuple, list)) else (b, None))
+    a, r = (float(v) if isinstance(v, Tensor) and v.numel() == 1 else v for v in (a, r))
     for v in (a, r):
         if v is not None and not (isinstance(v, (int, float)) and float(v) >= 0 and math.isfinite(float(v))):
             raise ValueError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -60,12 +62,17 @@ def test_spectral_norms__only_where_they_can_change_a_low_precision_bound():
     assert an.bounds["relu_1"].absmax >= 0
 
 
-def test_layer_norm__resets_bounds_after_an_unbounded_input():
-    """LayerNorm's output bound never depends on its input: no run-time amax after it."""
+def test_layer_norm__resets_bounds_after_a_declared_input():
+    """LayerNorm's output bound is sqrt(D-1) plus the kernel's rounding term, which depends on
+    max |x| (issue 11 case 3): with a declared input bound the scale is static, and without
+    one it follows the input's run-time measurement (the row norm no longer matters)."""
     model = nn.Sequential(nn.LayerNorm(32), nn.Linear(32, 32))
-    sm = transform(model, (torch.randn(4, 32) * 100,))
+    sm = transform(model, (torch.randn(4, 32) * 100,), input_bounds=1000.0)
     assert "stats" not in sm.code
     assert _row(sm, "layer_norm")["scale"] is not None
+    assert _row(sm, "layer_norm")["bound"] <= math.sqrt(31) * 1.03
+    dyn = transform(model, (torch.randn(4, 32) * 100,))
+    assert _row(dyn, "layer_norm")["bound"] <= math.sqrt(31) * 1.03
 
 
 class _SumOverBatch(nn.Module):

@@ -33,13 +33,22 @@ def const_float(fn: Callable[..., Tensor], *tensors: Tensor, key: Any = None) ->
 
         _CONST_CACHE = WeakIdKeyDictionary()
     ident = fn if key is None else key  # ``key`` names what ``fn`` computes (fn may be a lambda)
+    # Version counters too: an in-place update (``load_state_dict`` copies into the same
+    # tensors) must not reuse values computed from the old data (issue 11 case 9).
+    versions = tuple(_version(t) for t in tensors)
     entries = _CONST_CACHE.setdefault(tensors[0], [])
-    for k, others, v in entries:
-        if k == ident and len(others) == len(tensors) - 1 and all(a is b for a, b in zip(others, tensors[1:])):
+    for k, others, ver, v in entries:
+        if (k == ident and ver == versions and len(others) == len(tensors) - 1
+                and all(a is b for a, b in zip(others, tensors[1:]))):
             return v
     v = float(fn(*tensors))
-    entries.append((ident, tensors[1:], v))
+    entries[:] = [e for e in entries if e[0] != ident or e[2] == versions]  # drop stale values
+    entries.append((ident, tensors[1:], versions, v))
     return v
+
+
+def _version(t: Any) -> int:
+    return t._version if isinstance(t, Tensor) else 0
 
 
 def bcast(a: Any, out_shape: tuple[int, ...]) -> Bound:

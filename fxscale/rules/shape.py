@@ -173,3 +173,17 @@ def _pad(c: RuleCall) -> Bound:
     if mode == "constant" and value == 0.0:
         return b
     return Bound(fmax(b.absmax, value) if mode == "constant" else b.absmax)
+
+@register(aten.slice_scatter, aten.select_scatter, aten.index_put, exact=True)
+def _scatter(c: RuleCall) -> Bound | None:
+    """``self`` with some elements replaced by ``src`` / ``values``: within either's max |x|."""
+    if c.get("accumulate", False):
+        return None  # index_put(..., accumulate=True) adds into self
+    src = c.get("src", c.get("values"))
+    return Bound(fmax(c["self"].bound.absmax, src.bound.absmax if isinstance(src, Arg) else INF))
+
+
+@register(aten.fill, exact=True)
+def _fill(c: RuleCall) -> Bound:
+    v = c["value"]
+    return Bound(v.bound.absmax if isinstance(v, Arg) else abs(float(v)))
