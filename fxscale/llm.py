@@ -207,11 +207,16 @@ def wrap(lm: nn.Module, *, max_len: int, batch: int = 2, **transform_options: An
     # The cache length is dynamic too (any length up to max_len): no bound depends on it.
     s, b, n = Dim("fxscale_seq", max=max_len), Dim("fxscale_batch"), Dim("fxscale_cache", max=max_len)
     shapes = ({0: b, 1: s}, {0: s}, tuple({0: b, 2: n} for _ in caches))
-    # Pass 1 proves the K/V bounds (they follow from normalised inputs, not from the cache
-    # scales); pass 2 builds the graph that reads the cache with the scales they give.
+    # The K/V bounds are proven without requantise points (all static: they follow from the
+    # token embedding and the weights, not from run-time measurements, which would make them
+    # depend on each call; a LayerNorm's bound depends on its input's max |x| through the
+    # kernel's rounding). They hold in the deployed graph too: a requantise only gives an
+    # operand a finer scale (its measured amax is within its static bound), so less rounding.
+    # Each pass reads the cache with the scales the previous one proved, until they settle.
+    bound_options = {**transform_options, "requantise": False}
     scales = [(1.0, 1.0)] * layers
     for _ in range(3):
-        sm = transform(_Step(lm, scales), (ids, pos, caches), dynamic_shapes=shapes, **transform_options)
+        sm = transform(_Step(lm, scales), (ids, pos, caches), dynamic_shapes=shapes, **bound_options)
         bounds = _kv_bounds(sm)
         new = [(KV_FORMAT.scale_for(bounds[2 * i]), KV_FORMAT.scale_for(bounds[2 * i + 1])) for i in range(layers)]
         if new == scales:
@@ -219,6 +224,8 @@ def wrap(lm: nn.Module, *, max_len: int, batch: int = 2, **transform_options: An
         scales = new
     else:
         raise RuntimeError("fxscale.llm: the K/V scales did not settle in 3 transforms")
+    if transform_options.get("requantise", True):  # the deployed graph, with its requantise points
+        sm = transform(_Step(lm, scales), (ids, pos, caches), dynamic_shapes=shapes, **transform_options)
     return FxscaleCausalLM(lm, sm, scales, bounds, max_len=max_len, dtype=dtype)
 
 
