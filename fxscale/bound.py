@@ -14,8 +14,8 @@ measured at run time (an input without a declared bound, a requantise point): th
 rules evaluate either way.
 
 >>> b = Bound(absmax=1.0).tighten((4, 16))
->>> b.rownorm, b.rowsum, b.colnorm
-(4.0, 16.0, 2.0)
+>>> [round(v, 9) for v in (b.rownorm, b.rowsum, b.colnorm)]  # rounded up, never down
+[4.0, 16.0, 2.0]
 """
 
 from __future__ import annotations

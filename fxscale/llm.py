@@ -21,7 +21,7 @@ function, so no graph pass can drop it; the step has no host syncs (CUDA-graph c
 >>> out.shape
 torch.Size([1, 9])
 >>> print(flm.report_kv())  # doctest: +ELLIPSIS
-KV cache: float8_e4m3fn, ... bytes for batch 1 x 64 positions (bfloat16: ...; 0.50x) ...
+KV cache: float8_e4m3fn, ... bytes for batch 1 x 64 positions (bfloat16: ...; 0.50x)...
 """
 
 from __future__ import annotations
