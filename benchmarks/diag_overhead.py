@@ -11,24 +11,12 @@ CUDA-graph device time, the kernels launched per call and the host operators tha
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import fxscale
-from benchmarks.common import FFN, HandFFN, compile_fresh, init_, time_ms
-
-
-def host_us(fn, x, n=50):
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn(x)
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    return (t1 - t0) / n * 1e6, (t2 - t0) / n * 1e6
+from benchmarks.common import FFN, HandFFN, compile_fresh, host_and_device_us, init_, time_ms
 
 
 def host_ops(fn, x, iters=20, top=10) -> str:
@@ -79,7 +67,7 @@ def main() -> None:
     with torch.no_grad():
         for name, fn in ({} if args.skip_ops else cases).items():
             fn(None)
-            h, t = host_us(fn, None, 200)
+            h, t = host_and_device_us(fn, None, 200)
             print(f"{name:45s} host {h:7.1f} us/call  (wall {t:7.1f})", flush=True)
         builders = [
             ("hand static (compile)", lambda: compile_(HandFFN(model, input_bound=8.0))),
@@ -107,7 +95,7 @@ def main() -> None:
                 sync = str(e).splitlines()[0][:200]
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-            h, t = host_us(mod, x)
+            h, t = host_and_device_us(mod, x)
             plain = time_ms(mod, xs) * 1e3  # three inputs rotated, as the benchmarks do
             dev = time_ms(mod, [x], graph=args.mode is None) * 1e3
             print(f"{name:45s} host {h:7.1f} us/call, wall {t:7.1f}, plain {plain:7.1f}, "

@@ -26,6 +26,8 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from .models import first_output
+
 V, H, L, HEADS, KV, FF = 128, 64, 2, 4, 2, 128  # vocab, hidden, layers, heads, KV heads, FFN
 B, T = 2, 16
 
@@ -279,14 +281,6 @@ def device() -> torch.device:
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(want)
-
-
-def first_output(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "to_tuple"):
-        return out.to_tuple()[0]
-    return out[0]
 
 
 _DATA_ARGS = {  # matmul-like ATen ops -> positions of their two operands
