@@ -243,3 +243,33 @@ def scaled_grouped_mm(x: Tensor, x_scale: Tensor, w: Tensor, w_scales: Tensor, o
 @scaled_grouped_mm.register_fake
 def _(x, x_scale, w, w_scales, offs, out_dtype):
     return x.new_empty((x.shape[0], w.shape[-1]), dtype=out_dtype)
+
+
+@torch.library.custom_op("fxscale::layer_norm", mutates_args=())
+def layer_norm(x: Tensor, normalized_shape: list[int], weight: Tensor | None, bias: Tensor | None,
+               eps: float) -> Tensor:
+    """LayerNorm in two passes, ``d = x - mean(x)``, ``xhat = d * rsqrt(sum(d * d) / D + eps)``,
+    in float32 (float64 for float64 inputs), cast back to ``x``'s dtype.
+
+    The same ``d`` feeds the sum of squares and the product, so ``|xhat_i| <= sqrt(D)`` holds up
+    to a relative ``(D + 16) u`` whatever the mean's rounding and the summation order (a sum of
+    non-negative terms): the bound that fxscale's rule proves (``fxscale.rules.numeric``),
+    which PyTorch's Welford kernel does not satisfy on near-constant rows.
+    """
+    dims = tuple(range(x.dim() - len(normalized_shape), x.dim()))
+    xf = x if x.dtype == torch.float64 else x.float()
+    d = xf - xf.mean(dims, keepdim=True)
+    n = 1
+    for s in normalized_shape:
+        n *= int(s)
+    y = d * torch.rsqrt((d * d).sum(dims, keepdim=True) / n + eps)
+    if weight is not None:
+        y = y * weight.to(y.dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(x.dtype)
+
+
+@layer_norm.register_fake
+def _(x, normalized_shape, weight, bias, eps):
+    return torch.empty_like(x)

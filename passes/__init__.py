@@ -87,6 +87,12 @@ def _functionalise(c: Compilation) -> None:
     functionalise(c.gm)
 
 
+def _layer_norm(c: Compilation) -> None:
+    from .layer_norm import two_pass_layer_norm
+
+    two_pass_layer_norm(c.gm)
+
+
 def _fold(c: Compilation) -> None:
     from .fold import fold
 
@@ -126,6 +132,7 @@ def _lower(c: Compilation) -> None:
 PIPELINE: list[Pass] = [
     Pass("capture", _capture, "model -> ATen GraphModule; writes gm, placeholders"),
     Pass("functionalise", _functionalise, "in-place ops -> out-of-place where nothing else sees the storage"),
+    Pass("layer_norm", _layer_norm, "aten.layer_norm -> fxscale.layer_norm (two passes: its bound is proven)"),
     Pass("fold", _fold, "shape ops on parameters / buffers -> new constants (weights quantised once)"),
     Pass("calibrate", _calibrate, "runs the batches; writes info(node).observed"),
     Pass("precision", _precision, "tolerated error per value; writes info(node).demand, .precision, .precision_why"),

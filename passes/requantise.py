@@ -71,7 +71,7 @@ def dependency_graph(gm: fx.GraphModule) -> nx.DiGraph:
 
 #: Ops whose output bound does not depend on their input's bound: paths through them carry
 #: no bound information, so a weight's spectral norm upstream of them cannot matter.
-RESETS = ("aten.layer_norm", "aten.rms_norm", "aten.softmax", "aten._softmax", "aten.sigmoid", "aten.embedding")
+RESETS = ("aten.layer_norm", "fxscale.layer_norm", "aten.rms_norm", "aten.softmax", "aten._softmax", "aten.sigmoid", "aten.embedding")
 
 
 def weights_needing_spectral(gm: fx.GraphModule, steps: dict, operand_of: dict[str, list[str]]) -> set[str]:

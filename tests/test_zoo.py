@@ -38,14 +38,10 @@ TV_REASON = (
 )
 
 #: (model, format or None for both) -> why it fails today: issue 14's items that "models" is fixing.
-#: (None found today: ConvNext (item 2), Mixtral / Qwen2-MoE (item 5) and the gated-MLP Linears kept in
+#: (None today. minilm-int8 (issue 11 case 3's LayerNorm rounding term at eps=1e-12) is fixed by the
+#: two-pass fxscale.layer_norm; ConvNext (item 2), Mixtral / Qwen2-MoE (item 5) and the gated-MLP Linears kept in
 #: float32 by the precision pass (item 1: Llama, Mistral, Phi3, Gemma, T5) were marked, and are fixed.)
 XFAIL: dict[tuple[str, str | None], str] = {
-    ("minilm", "int8"): (
-        "issue 11 case 3: LayerNorm's bound now covers the float32 kernel's rounding on near-constant rows "
-        "(sqrt(D-1) + 4 u max|x| / sqrt(eps)); with MiniLM's eps=1e-12 that term costs int8 ~1.2 dB "
-        "(4.3 dB against linear-only 5.5): a tighter sound LayerNorm bound is open work"
-    ),
 }
 
 

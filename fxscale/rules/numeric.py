@@ -11,6 +11,7 @@ import math
 import torch
 from torch import Tensor
 
+from .. import ops as _ops  # noqa: F401  (registers torch.ops.fxscale.layer_norm)
 from ..bound import INF, Bound, fmax, fmin, fprod, fsqrt
 from .helpers import add_bias, as_matrix_lhs, as_matrix_rhs, bcast, const_float, matmul_bound
 from .registry import Arg, RuleCall, register
@@ -284,6 +285,26 @@ def _layer_norm(c: RuleCall) -> Bound:
     am = math.sqrt(max(d - 1, 1)) + rounding
     rn = math.sqrt(d) + fprod(rounding, math.sqrt(d)) if len(c["normalized_shape"]) == 1 else INF
     return _affine(am, rn, c.get("weight"), c.get("bias"))
+
+
+@register(torch.ops.fxscale.layer_norm)
+def _two_pass_layer_norm(c: RuleCall) -> Bound:
+    """``torch.ops.fxscale.layer_norm``: ``xhat = d * rsqrt(sum_j fl(d_j^2) / D + eps)``, one ``d``.
+
+    Proof (float32, ``u = 2^-24``; rsqrt within 4 ulps as on CUDA): every term of the sum is
+    non-negative, so in any order ``S >= (1 - u)^D d_i^2``; the division, ``+ eps`` and rsqrt add
+    ``(1 - u)^2`` and ``1 + 4u``, the product ``1 + u``: ``|xhat_i| <= sqrt(D) (1 + (D + 16) u)``,
+    whatever the mean's error (and ``||xhat||_2`` likewise). Where ``d_i^2`` underflows,
+    ``|xhat_i| <= 2^-62 / sqrt(eps)``. The affine step and a cast to bf16 add ``(1 + 2^-7)``.
+    """
+    d = math.prod(c["normalized_shape"])
+    eps = float(c.get("eps", 1e-5))
+    if not eps > 0:
+        return None
+    tiny = 2.0**-61 / math.sqrt(eps)
+    am = math.sqrt(d) * (1.0 + (d + 16) * _KERNEL_U) + tiny
+    rn = am + fprod(tiny, math.sqrt(d)) if len(c["normalized_shape"]) == 1 else INF
+    return _affine(am, rn, c.get("weight"), c.get("bias")).scaled(1.0 + 2.0**-7)
 
 
 @register(aten.rms_norm)
