@@ -19,14 +19,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ..formats import MIN_SCALE, Format
+from ..formats import MAX_SCALE, MIN_SCALE, Format
 from .triton_fp8 import _FP8_MAX, _NEG_NAN_LO, _OUT_KIND, _to_out
 
 
 @triton.jit
-def _choose_scale(amax, FMT_MAX: tl.constexpr, POW2: tl.constexpr, MIN_S: tl.constexpr):
-    """``Format.scale_tensor(amax)``: zero -> 1, NaN/Inf stay, never below ``MIN_S``."""
+def _choose_scale(amax, FMT_MAX: tl.constexpr, POW2: tl.constexpr, MIN_S: tl.constexpr,
+                  MAX_S: tl.constexpr):
+    """``Format.scale_tensor(amax)``: zero -> 1, NaN stays, clamped into ``[MIN_S, MAX_S]``
+    (Inf -> ``MAX_S``), an exact (non power of two) scale rounded *up* to float32."""
     raw = tl.math.div_rn(amax, FMT_MAX)
+    # The exact quotient is above the rounded one iff raw * FMT_MAX < amax, a product of two
+    # float32 values, exact in float64: then step one ulp up, as scale_tensor does.
+    below = raw.to(tl.float64) * FMT_MAX < amax.to(tl.float64)
+    up = (raw.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True)
+    raw = tl.where(below & (raw < float("inf")), up, raw)
     s = raw
     if POW2:  # smallest power of two >= raw, from the bits: clear the mantissa, bump if it was set
         bits = raw.to(tl.int32, bitcast=True)
@@ -34,6 +41,7 @@ def _choose_scale(amax, FMT_MAX: tl.constexpr, POW2: tl.constexpr, MIN_S: tl.con
         s = (expo << 23).to(tl.float32, bitcast=True)
         s = tl.where(s * FMT_MAX < amax, s * 2.0, s)  # raw rounded down onto a power of two
     s = tl.where(s < MIN_S, MIN_S, s)
+    s = tl.where(s > MAX_S, MAX_S, s)  # Inf too: x / 2**127 keeps Inf non-finite, the rest finite
     s = tl.where(amax.to(tl.int32, bitcast=True) == 0, 1.0, s)  # bits: a subnormal amax is not 0
     return tl.where(amax != amax, amax, s)  # noqa: PLR0124 (NaN stays NaN)
 
@@ -41,10 +49,10 @@ def _choose_scale(amax, FMT_MAX: tl.constexpr, POW2: tl.constexpr, MIN_S: tl.con
 @triton.jit
 def _requant_cast_kernel(y_ptr, stats_ptr, out_ptr, scale_ptr, st_ptr, n, M,
                          FMT_MAX: tl.constexpr, POW2: tl.constexpr, MIN_S: tl.constexpr,
-                         OUT_KIND: tl.constexpr, OUT_MAX: tl.constexpr, BLOCK: tl.constexpr,
+                         MAX_S: tl.constexpr, OUT_KIND: tl.constexpr, OUT_MAX: tl.constexpr, BLOCK: tl.constexpr,
                          RBLOCK: tl.constexpr):
     amax = tl.load(stats_ptr)  # int32 bits of a non-negative float: the float itself
-    s = _choose_scale(amax, FMT_MAX, POW2, MIN_S)
+    s = _choose_scale(amax, FMT_MAX, POW2, MIN_S, MAX_S)
     pid = tl.program_id(0)
     if pid == 0:
         rmax = tl.zeros([RBLOCK], dtype=tl.float32)
@@ -76,7 +84,7 @@ def requant_cast(y: torch.Tensor, stats: torch.Tensor, fmt: Format):
     n, M = y.numel(), stats.numel() - 1
     block = 4096
     _requant_cast_kernel[(max(1, triton.cdiv(n, block)),)](
-        y, stats, out, scale, st, n, M, FMT_MAX=fmt.max, POW2=fmt.pow2, MIN_S=MIN_SCALE,
+        y, stats, out, scale, st, n, M, FMT_MAX=fmt.max, POW2=fmt.pow2, MIN_S=MIN_SCALE, MAX_S=MAX_SCALE,
         OUT_KIND=_OUT_KIND[fmt.dtype], OUT_MAX=_FP8_MAX[fmt.dtype], BLOCK=block, RBLOCK=1024,
         num_warps=8,
     )
