@@ -157,14 +157,15 @@ def _tma_tile(tile_id, a_desc, b_desc, c_desc, bias_ptr, res_ptr, amax_ptr, rss_
 
 
 @triton.jit
-def _linear_tma_kernel(a_desc, b_desc, c_desc, xs_ptr, ws_ptr, bias_ptr, res_ptr, os_ptr, amax_ptr, rss_ptr,
-                       M, N, K,
-                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                       NUM_SMS: tl.constexpr, ACC_INT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       ACT: tl.constexpr, HAS_RES: tl.constexpr, OUT_KIND: tl.constexpr, OUT_MAX: tl.constexpr,
-                       OUT_DT: tl.constexpr, STATS: tl.constexpr, FLATTEN: tl.constexpr,
-                       SUBTILE: tl.constexpr):
-    """Persistent: NUM_SMS programs walk the output tiles (grouped along M for L2 reuse)."""
+def _persistent_tiles(a_desc, b_desc, c_desc, xs_ptr, ws_ptr, os_ptr, bias_ptr, res_ptr, amax_ptr, rss_ptr,
+                      M, N, K,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                      NUM_SMS: tl.constexpr, ACC_INT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      ACT: tl.constexpr, HAS_RES: tl.constexpr, OUT_KIND: tl.constexpr, OUT_MAX: tl.constexpr,
+                      OUT_DT: tl.constexpr, STATS: tl.constexpr, FLATTEN: tl.constexpr,
+                      SUBTILE: tl.constexpr):
+    """Persistent: NUM_SMS programs walk the output tiles (grouped along M for L2 reuse). The body
+    of both TMA kernels (host descriptors here, device descriptors in ``triton_ops``)."""
     start_pid = tl.program_id(axis=0)
     num_pid_m = tl.cdiv(M, BM)
     num_pid_n = tl.cdiv(N, BN)
@@ -184,6 +185,20 @@ def _linear_tma_kernel(a_desc, b_desc, c_desc, xs_ptr, ws_ptr, bias_ptr, res_ptr
             _tma_tile(tile_id, a_desc, b_desc, c_desc, bias_ptr, res_ptr, amax_ptr, rss_ptr, scale, os,
                       M, N, k_tiles, num_pid_m, num_pid_n, BM, BN, BK, GROUP_M, ACC_INT, HAS_BIAS,
                       ACT, HAS_RES, OUT_KIND, OUT_MAX, OUT_DT, STATS, SUBTILE)
+
+
+@triton.jit
+def _linear_tma_kernel(a_desc, b_desc, c_desc, xs_ptr, ws_ptr, bias_ptr, res_ptr, os_ptr, amax_ptr, rss_ptr,
+                       M, N, K,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                       NUM_SMS: tl.constexpr, ACC_INT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       ACT: tl.constexpr, HAS_RES: tl.constexpr, OUT_KIND: tl.constexpr, OUT_MAX: tl.constexpr,
+                       OUT_DT: tl.constexpr, STATS: tl.constexpr, FLATTEN: tl.constexpr,
+                       SUBTILE: tl.constexpr):
+    """:func:`_persistent_tiles` on host-made tensor descriptors."""
+    _persistent_tiles(a_desc, b_desc, c_desc, xs_ptr, ws_ptr, os_ptr, bias_ptr, res_ptr, amax_ptr, rss_ptr,
+                      M, N, K, BM, BN, BK, GROUP_M, NUM_SMS, ACC_INT, HAS_BIAS, ACT, HAS_RES, OUT_KIND,
+                      OUT_MAX, OUT_DT, STATS, FLATTEN, SUBTILE)
 
 
 @triton.jit

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import triton_fp8 as _tk
-from .triton_fp8 import _FP8_MAX, _OUT_DT, _OUT_KIND, ACT_CODES, Config, _tma_tile
+from .triton_fp8 import _FP8_MAX, _OUT_DT, _OUT_KIND, ACT_CODES, Config, _persistent_tiles
 
 __all__ = ["config_from_args", "linear_triton", "tiling_args"]
 
@@ -55,30 +55,14 @@ def _linear_tma_dev_kernel(a_ptr, b_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr, res_pt
                            ACT: tl.constexpr, HAS_RES: tl.constexpr, OUT_KIND: tl.constexpr, OUT_MAX: tl.constexpr,
                            OUT_DT: tl.constexpr, STATS: tl.constexpr, FLATTEN: tl.constexpr,
                            SUBTILE: tl.constexpr):
-    """``_linear_tma_kernel`` with its descriptors made on the device (rows contiguous)."""
+    """``triton_fp8._linear_tma_kernel`` with its descriptors made on the device (rows contiguous)."""
     CBN: tl.constexpr = BN // 2 if SUBTILE else BN
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
     b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[K, 1], block_shape=[BN, BK])
     c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[N, 1], block_shape=[BM, CBN])
-    start_pid = tl.program_id(axis=0)
-    num_pid_m = tl.cdiv(M, BM)
-    num_pid_n = tl.cdiv(N, BN)
-    k_tiles = tl.cdiv(K, BK)
-    num_tiles = num_pid_m * num_pid_n
-    scale = tl.load(xs_ptr) * tl.load(ws_ptr)
-    os = 1.0
-    if OUT_KIND != 0:
-        os = tl.load(os_ptr)
-    if FLATTEN:
-        for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=True):
-            _tma_tile(tile_id, a_desc, b_desc, c_desc, bias_ptr, res_ptr, amax_ptr, rss_ptr, scale, os,
-                      M, N, k_tiles, num_pid_m, num_pid_n, BM, BN, BK, GROUP_M, ACC_INT, HAS_BIAS,
-                      ACT, HAS_RES, OUT_KIND, OUT_MAX, OUT_DT, STATS, SUBTILE)
-    else:
-        for tile_id in tl.range(start_pid, num_tiles, NUM_SMS):
-            _tma_tile(tile_id, a_desc, b_desc, c_desc, bias_ptr, res_ptr, amax_ptr, rss_ptr, scale, os,
-                      M, N, k_tiles, num_pid_m, num_pid_n, BM, BN, BK, GROUP_M, ACC_INT, HAS_BIAS,
-                      ACT, HAS_RES, OUT_KIND, OUT_MAX, OUT_DT, STATS, SUBTILE)
+    _persistent_tiles(a_desc, b_desc, c_desc, xs_ptr, ws_ptr, os_ptr, bias_ptr, res_ptr, amax_ptr, rss_ptr,
+                      M, N, K, BM, BN, BK, GROUP_M, NUM_SMS, ACC_INT, HAS_BIAS, ACT, HAS_RES, OUT_KIND,
+                      OUT_MAX, OUT_DT, STATS, FLATTEN, SUBTILE)
 
 
 _ALLOCATOR_SET = False
