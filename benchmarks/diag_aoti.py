@@ -7,7 +7,10 @@ cuBLAS (``torch._scaled_mm`` in the package, no user Triton kernel); the Triton 
 the persistent TMA tilings (no device-side descriptors, so no global scratch); static batch
 against dynamic batch; the C++ wrapper at -O0 (as the test) and at inductor's default.
 
-    python benchmarks/diag_aoti.py [--md OUT.md]
+    python benchmarks/diag_aoti.py [--torch-only] [--md OUT.md]
+
+``--torch-only``: the same question for torch's AOTI without fxscale (on the H200 machine of
+2026-12-02 a plain bf16 Sequential segfaulted in ``aoti_load_package`` too).
 """
 
 from __future__ import annotations
@@ -61,6 +64,49 @@ _BODY = textwrap.dedent('''
     say("done")
 ''')
 
+# torch alone (no fxscale import): which way of packaging / loading a bf16 Linear-ReLU-Linear works
+_TORCH = textwrap.dedent('''
+    import os, subprocess, sys, tempfile, torch
+    V = {variant!r}
+    def say(s): print("STAGE", s, flush=True)
+    torch.manual_seed(0)
+    dev = V.get("device", "cuda")
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 256)).to(dev).bfloat16().eval()
+    x = torch.randn(256, 256, device=dev, dtype=torch.bfloat16)
+    d = tempfile.mkdtemp()
+    say("save")
+    ep = torch.export.export(model, (x,))
+    if V.get("legacy"):
+        so = torch._export.aot_compile(model, (x,), options={{"aot_inductor.output_path": d + "/m.so"}})
+        say("load")
+        run = torch._export.aot_load(so, dev)
+    else:
+        path = torch._inductor.aoti_compile_and_package(ep, package_path=d + "/m.pt2", inductor_configs=V.get("cfg", {{}}))
+        if V.get("fresh"):
+            say("load (fresh process)")
+            code = ("import torch; r = torch._inductor.aoti_load_package(%r); x = torch.randn(256, 256, device=%r, "
+                    "dtype=torch.bfloat16); print('fresh ok', float(r(x).float().abs().sum()))" % (path, dev))
+            p = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], check=False, capture_output=True, text=True)
+            print("fresh rc", p.returncode, p.stdout[-300:], p.stderr[-1500:], flush=True)
+            sys.exit(p.returncode)
+        say("load")
+        run = torch._inductor.aoti_load_package(path, run_single_threaded=V.get("single", False))
+    say("run")
+    with torch.no_grad():
+        y = run(x)
+        print("M=256 rel=%.2e" % float((y.float() - model(x).float()).norm() / model(x).float().norm()), flush=True)
+    say("done")
+''')
+
+TORCH_VARIANTS = {
+    "torch: package, load in the compiling process": {},
+    "torch: package, load in a fresh process": {"fresh": True},
+    "torch: package, run_single_threaded": {"single": True},
+    "torch: package, constants not in the .so": {"cfg": {"aot_inductor.package_constants_in_so": False}},
+    "torch: legacy aot_compile + aot_load (.so)": {"legacy": True},
+    "torch: package on the CPU": {"device": "cpu"},
+}
+
 VARIANTS = {
     "bf16 model alone (torch AOTI)": {"plain": True},
     "fxscale, GEMMs pinned to cuBLAS": {"pin": "cublas"},
@@ -76,17 +122,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--md", help="write the table here too")
     ap.add_argument("--timeout", type=int, default=150, help="seconds per variant")
+    ap.add_argument("--torch-only", action="store_true", help="torch's AOTI alone, no fxscale (its variants)")
     args = ap.parse_args()
     rows = ["| variant | last stage | rc | notes |", "|---|---|---|---|"]
-    for name, v in VARIANTS.items():
+    body, variants = (_TORCH, TORCH_VARIANTS) if args.torch_only else (_BODY, VARIANTS)
+    for name, v in variants.items():
         try:
-            p = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _BODY.format(variant=v)],
+            p = subprocess.run([sys.executable, "-X", "faulthandler", "-c", body.format(variant=v)],
                                check=False, capture_output=True, text=True, timeout=args.timeout)
             out, rc = p.stdout + p.stderr, p.returncode
         except subprocess.TimeoutExpired as e:
             out, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
         stages = [ln.split(" ", 1)[1] for ln in out.splitlines() if ln.startswith("STAGE ")]
-        notes = [ln for ln in out.splitlines() if ln.startswith(("M=", "custom ops"))]
+        notes = [ln for ln in out.splitlines() if ln.startswith(("M=", "custom ops", "fresh"))]
         err = [ln for ln in out.splitlines() if "Error" in ln or "Fatal" in ln or "File " in ln][-4:]
         rows.append(f"| {name} | {stages[-1] if stages else '-'} | {rc} | {'; '.join(notes + err)[:400]} |")
         sys.stdout.write(f"--- {name}: rc={rc}\n{out[-3000:]}\n")

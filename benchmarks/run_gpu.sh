@@ -56,8 +56,8 @@ for s in $STEPS; do
       grep -E "^\| " "$OUT/int8_norms.log" | sort -u | head -40; tail -3 "$OUT/int8_norms.log"
       ;;
     aoti)  # where the AOTI round trip crashes (benchmarks/diag_aoti.py: one process per variant)
-      timeout "${T_AOTI:-400}" python3 benchmarks/diag_aoti.py --md "$OUT/aoti.md" > "$OUT/aoti.log" 2>&1
-      grep -E "^\\| " "$OUT/aoti.log"; tail -3 "$OUT/aoti.log"
+      timeout "${T_AOTI:-400}" python3 benchmarks/diag_aoti.py --md "$OUT/aoti.md" ${AOTI_ARGS:-} > "$OUT/aoti.log" 2>&1
+      grep -E "^[|] " "$OUT/aoti.log"; tail -3 "$OUT/aoti.log"
       ;;
     diag)
       timeout "${T_DIAG:-150}" python3 benchmarks/diag_overhead.py > "$OUT/diag.log" 2>&1
