@@ -7,7 +7,8 @@ graph, and what earlier passes left on it) and nothing else:
 pass          file                 job
 ============= ==================== ============================================================
 capture       capture.py           model -> ATen ``GraphModule`` (``torch.export``), shapes in
-                                   ``node.meta["val"]``
+                                   ``node.meta["val"]``; no-grad / autocast-off regions inlined
+                                   (inline_regions.py)
 functionalise functionalise.py     in-place ops (``relu_``, ``add_``, ...) -> out-of-place, where safe
 fold          fold.py              shape ops on constants (``weight.T``) -> constants
 calibrate     calibrate.py         observed ``(max |x|, max row norm)`` of every float node

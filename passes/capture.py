@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .distributed import capture_local, has_dtensor
+from .inline_regions import inline_regions
 
 __all__ = ["METHODS", "CaptureError", "capture"]
 
@@ -218,6 +219,7 @@ def _export(model: nn.Module, args: tuple, dynamic_batch: bool, dynamic_shapes: 
         except Exception as e:
             raise _capture_error(model, e, "torch.export") from e
     gm = ep.module()
+    inline_regions(gm)
     if dynamic_batch:
         _warn_if_static_batch(model, gm)
     return gm
@@ -226,7 +228,9 @@ def _export(model: nn.Module, args: tuple, dynamic_batch: bool, dynamic_shapes: 
 def _export_tensor_parallel(model: nn.Module, args: tuple, dynamic_batch: bool) -> torch.fx.GraphModule:
     """A DTensor-parallel model: this rank's local graph, collectives included (passes.distributed)."""
     try:
-        return capture_local(model, args, dynamic_batch)
+        gm = capture_local(model, args, dynamic_batch)
+        inline_regions(gm)
+        return gm
     except Exception as e:
         raise _capture_error(model, e, "tracing the tensor-parallel model (make_fx through DTensor, then torch.export)") from e
 
