@@ -67,9 +67,10 @@ def test_llm_wrap__llama_with_a_no_grad_rotary__as_transformers_5_17_writes_it(m
     """transformers 5.17's LlamaRotaryEmbedding.forward is ``@torch.no_grad()`` with an
     ``autocast(enabled=False)`` block; newer releases dropped the decorator. Put it back and the
     wrap must still prove every K/V scale, and generate the float32 model's greedy tokens."""
-    import fxscale.llm
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama import modeling_llama
+
+    import fxscale.llm
 
     orig = modeling_llama.LlamaRotaryEmbedding.forward
 
