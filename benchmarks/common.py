@@ -185,6 +185,19 @@ def dyn_fp8(model: nn.Module) -> nn.Module:
     return m
 
 
+def torchao_fp8_static(model: nn.Module, calibrate) -> nn.Module:
+    """torchao's calibrated static fp8 (per-tensor activation scales from observers):
+    ``calibrate(m)`` runs the representative data through the prepared copy."""
+    from torchao.quantization import Float8StaticActivationFloat8WeightConfig, quantize_
+
+    m = copy.deepcopy(model)
+    quantize_(m, Float8StaticActivationFloat8WeightConfig(step="prepare"))
+    with torch.no_grad():
+        calibrate(m)
+    quantize_(m, Float8StaticActivationFloat8WeightConfig(step="convert"))
+    return m
+
+
 def torchao_fp8(model: nn.Module, rowwise: bool) -> nn.Module:
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
 
