@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
@@ -30,7 +31,7 @@ __all__ = ["ScaledGraphModule", "TransformConfig", "transform"]
 def _freeze(gm: fx.GraphModule) -> None:
     """Inference only: the parameters left in high precision become buffers (no autograd).
 
-    They share storage with the model's parameters (``detach`` copies nothing), so
+    They are the transformed module's own copies (capture made them), so
     ``torch.compile`` of the result needs no backward formulas for the fxscale ops.
     """
     for name, p in list(gm.named_parameters()):
@@ -120,7 +121,14 @@ def transform(
     if c.input_bounds and fork is not None:
         dynamic = passes.resume(fork).gm
     return ScaledGraphModule(c.gm, cfg, input_bounds=c.input_bounds, inputs=[p.name for p in c.placeholders],
-                             dynamic=dynamic, pass_times=c.times)
+                             dynamic=dynamic, pass_times=c.times, signature=_signature(model))
+
+
+def _signature(model: nn.Module) -> inspect.Signature | None:
+    try:
+        return inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
 
 
 def dynamic_baseline(model: nn.Module, example_inputs: Any, *, format: str | torch.dtype | Format = torch.float8_e4m3fn):

@@ -58,8 +58,10 @@ def tensor_stats(t: torch.Tensor) -> tuple[float, float]:
     if math.isnan(absmax):
         return absmax, absmax
     rownorm = float(torch.linalg.vector_norm(x, dim=-1).amax())
-    if math.isinf(rownorm) and math.isfinite(absmax):
-        rownorm = float(torch.linalg.vector_norm(x.double(), dim=-1).amax())
+    if (math.isinf(rownorm) or rownorm < absmax) and math.isfinite(absmax):
+        # float32 squares over- or underflowed (|x| > 1e19 or < 1e-19): float64, scaled
+        s = absmax if absmax > 0 else 1.0
+        rownorm = s * float(torch.linalg.vector_norm(x.double() / s, dim=-1).amax())
     return absmax, rownorm
 
 
@@ -173,6 +175,28 @@ def calibrate(gm: GraphModule, batches: Iterable[tuple], *, reset: bool = True) 
             ni = info(n)
             ni.observed = None
             ni.observed_list = None
+    # A forward that updates buffers (a step counter, running stats) must leave them as they
+    # were: calibration observes the model, it does not run it for real (issue 11 case 18).
+    saved = {k: v.detach().clone() for k, v in gm.named_buffers()}
+    try:
+        _run_batches(gm, batches)
+    finally:
+        _restore_buffers(gm, saved)
+
+
+def _restore_buffers(gm: GraphModule, saved: dict[str, torch.Tensor]) -> None:
+    for name, v in saved.items():
+        mod_name, _, attr = name.rpartition(".")
+        mod = gm.get_submodule(mod_name) if mod_name else gm
+        cur = mod._buffers.get(attr)
+        if cur is not None and cur.shape == v.shape and cur.dtype == v.dtype:
+            with torch.no_grad():
+                cur.copy_(v)
+        else:
+            mod._buffers[attr] = v
+
+
+def _run_batches(gm: GraphModule, batches: list) -> None:
     interp = Calibrator(gm)
     with torch.no_grad():
         for i, b in enumerate(batches):

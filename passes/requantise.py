@@ -129,10 +129,16 @@ def analyse(
             an.shapes[n.name] = shape
         if n.op == "placeholder":
             ni.kind = "input"
-            if not is_float_value(n):
-                ni.reasons.append("not floating point: passed through")
-                continue
             declared = input_bounds.get(n.name)
+            if not is_float_value(n):
+                if declared is not None and shape is not None:  # an integer input used as a number
+                    an.bounds[n.name] = declared_bound(declared, shape)
+                    an.deps[n.name] = frozenset()
+                    a = declared[0] if isinstance(declared, tuple) else declared
+                    ni.reasons.append(f"not floating point: declared max|x| <= {a:g}")
+                else:
+                    ni.reasons.append("not floating point: passed through")
+                continue
             if declared is not None:
                 an.bounds[n.name] = declared_bound(declared, shape)
                 an.deps[n.name] = frozenset()
