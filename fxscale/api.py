@@ -121,7 +121,16 @@ def transform(
     if c.input_bounds and fork is not None:
         dynamic = passes.resume(fork).gm
     return ScaledGraphModule(c.gm, cfg, input_bounds=c.input_bounds, inputs=[p.name for p in c.placeholders],
-                             dynamic=dynamic, pass_times=c.times, signature=_signature(model))
+                             dynamic=dynamic, pass_times=c.times, signature=_signature(model),
+                             input_specs=[_input_spec(p) for p in c.placeholders])
+
+
+def _input_spec(p: fx.Node) -> tuple[str, int | None, tuple | None, torch.dtype | None]:
+    """``(name, rank, shape, dtype)`` of a graph input's example (None for a non-tensor input)."""
+    v = p.meta.get("val")
+    if not isinstance(v, Tensor):
+        return (p.name, None, None, None)
+    return (p.name, v.dim(), tuple(int(d) if isinstance(d, int) else str(d) for d in v.shape), v.dtype)
 
 
 def _signature(model: nn.Module) -> inspect.Signature | None:

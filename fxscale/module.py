@@ -36,6 +36,7 @@ class ScaledGraphModule(fx.GraphModule):
     _fxscale_clamps: list | None = None   # [declared bound or None] per input: clamp in the graph
     _fxscale_warned: bool = False
     _fxscale_signature: inspect.Signature | None = None  # the model's forward: binds keyword inputs
+    _fxscale_inputs: list | None = None   # [(name, rank, shape, dtype)] of each input's example
 
     def __init__(
         self,
@@ -47,13 +48,15 @@ class ScaledGraphModule(fx.GraphModule):
         dynamic: Any = None,
         pass_times: dict[str, float] | None = None,
         signature: inspect.Signature | None = None,
+        input_specs: list | None = None,
     ) -> None:
         """``gm``: the lowered graph; ``config``: the options as the user passed them;
         ``input_bounds``: the declared bound of each input by name, as enforced (rounded up to
         the input's dtype); ``inputs``: the graph's input names in order; ``dynamic``: the
         module to run where ``on_overflow="requantise"`` applies; ``pass_times``: wall seconds
         of each compiler pass; ``signature``: the model's ``forward`` signature, to bind keyword
-        inputs to their positions."""
+        inputs to their positions; ``input_specs``: ``(name, rank, shape, dtype)`` of each input's
+        example, checked on every call (another rank or dtype raises)."""
         from .report import Report
         from .runtime import ScaleFn
 
@@ -76,6 +79,7 @@ class ScaledGraphModule(fx.GraphModule):
         self._fxscale_dynamic = dynamic
         self.pass_times = dict(pass_times or {})
         self._fxscale_signature = signature
+        self._fxscale_inputs = list(input_specs) if input_specs is not None else None
         self.report = Report.from_graph(self, config.format)
 
     def __call__(self, *args, **kwargs):
@@ -85,6 +89,8 @@ class ScaledGraphModule(fx.GraphModule):
             # input meets its own declared bound (the checks go by position: issue 11 case 7).
             ba = sig.bind(*args, **kwargs)
             args, kwargs = ba.args, ba.kwargs
+        if self._fxscale_inputs is not None:
+            _check_input_specs(self._fxscale_inputs, args, kwargs)
         if self._fxscale_clamps is not None:
             args, kwargs = _clamp_inputs(self._fxscale_clamps, args, kwargs)
         if self._fxscale_checks is not None:
@@ -96,6 +102,12 @@ class ScaledGraphModule(fx.GraphModule):
         except AssertionError as e:
             if "Guard failed" not in str(e):
                 raise
+            if "size()" not in str(e) and "stride()" not in str(e) and "shape" not in str(e):
+                raise ValueError(
+                    f"{e}: a non-tensor input (a Python number or flag) differs from its value at transform "
+                    "time; torch.export bakes such values into the graph. Transform again with this value, "
+                    "or pass it as a tensor."
+                ) from e
             if "size()[0]" in str(e):
                 raise ValueError(
                     f"{e}: the batch dimension (dim 0) of this input was fixed to the example's size when "
@@ -137,6 +149,40 @@ class ScaledGraphModule(fx.GraphModule):
             "(torch.export.load(path).module() runs it, fxscale imported for its ops), or save "
             "sm.state_dict() and load it into fxscale.transform(model, example_inputs) of the same model."
         )
+
+
+def _check_input_specs(specs: list, args, kwargs) -> None:
+    """A tensor input of another rank or floating-point dtype than its example: a clear error
+    (export's guard raises an IndexError for another rank, and lets another dtype through, where
+    the bounds were proven for the example's dtype: its rounding, its representable bounds)."""
+    leaves = pytree.tree_leaves((args, kwargs))
+    for (name, dim, shape, dtype), x in zip(specs, leaves):
+        if dim is None or not isinstance(x, Tensor):
+            continue
+        if x.dim() != dim:
+            raise ValueError(
+                f"input {name!r} has {x.dim()} dimension(s) (shape {tuple(x.shape)}), but the model was "
+                f"transformed for {dim} (example shape {shape}, dim 0 free); reshape it (e.g. x.unsqueeze(0) "
+                "for a single sample) or transform again with an example of this rank."
+            )
+        if x.dtype != dtype and (x.dtype.is_floating_point or dtype.is_floating_point or x.dtype == torch.bool):
+            raise TypeError(
+                f"input {name!r} has dtype {x.dtype}, but the model was transformed for {dtype} (its bounds "
+                f"and scales were proven for that dtype); pass {name}.to({dtype}) or transform again with "
+                f"an example of dtype {x.dtype}."
+            )
+
+
+def _host_stats(x: Tensor) -> tuple[float, float]:
+    """``(max |x|, max row norm)`` over the finite elements, in float64 for float64 inputs (a
+    float64 value beyond float32's range must still fail its bound: issue 11 case 19)."""
+    if x.dtype != torch.float64:
+        amax, rn = (float(v) for v in torch.ops.fxscale.stats(x))
+        return amax, rn
+    a = torch.where(torch.isfinite(x), x, 0.0)
+    if a.dim() == 0:
+        a = a.reshape(1)
+    return float(a.abs().max()), float(torch.linalg.vector_norm(a, dim=-1).max())
 
 
 def _same_tensor(a: Tensor, b: Tensor) -> bool:
@@ -190,8 +236,10 @@ def _check_inputs(sm: ScaledGraphModule, args, kwargs):
             x = x.detach().double()  # an integer / bool input with a declared bound: checked too
         if cfg.nonfinite == "raise" and not bool(torch.isfinite(x).all()):
             raise ValueError(f"input {name!r} holds NaN or Inf; pass nonfinite='propagate' to let it flow")
+        if x.device.type == "meta":
+            continue  # no data to check (tracing with meta tensors)
         # One fused reduction (max |x| and max row norm, finite elements) per input per call.
-        amax_f, rn_f = (float(v) for v in torch.ops.fxscale.stats(x.detach()))
+        amax_f, rn_f = _host_stats(x.detach())
         if not math.isfinite(amax_f):
             continue
         if bound is None or cfg.on_overflow == "clamp":

@@ -7,8 +7,9 @@ with several outputs (a tuple / list of tensors) also get ``observed_list``: one
 pair per element (``None`` for non-float elements), and ``observed`` is then the
 elementwise max over the float elements. Integer, boolean and SymInt outputs, and the
 output node, record nothing. A 0-d tensor's row norm is its absolute value; an empty
-tensor records ``(0.0, 0.0)``. ±Inf is recorded as ``inf``; NaN raises ``ValueError``
-naming the first node that produced it (or the input that carried it).
+tensor records ``(0.0, 0.0)``. ±Inf produced by a node is recorded as ``inf``; NaN raises
+``ValueError`` naming the first node that produced it (or the input that carried it), and so
+does ±Inf in an input.
 
 >>> import torch
 >>> from passes.capture import capture
@@ -130,6 +131,12 @@ class Calibrator(Interpreter):
 
     @staticmethod
     def _check(n: Node, stats: tuple[float, float], index: int | None = None) -> None:
+        if n.op == "placeholder" and math.isinf(stats[0]):
+            raise ValueError(
+                f"calibration input {n.name!r} holds Inf: the example and calibration inputs must be "
+                "finite (they project wasted bits and feed the self-check); drop or clean that batch. "
+                "At run time, Inf inputs propagate (or raise with nonfinite='raise')."
+            )
         if math.isnan(stats[0]) or math.isnan(stats[1]):
             what = "input" if n.op == "placeholder" else "node"
             elem = "" if index is None else f" (output element {index})"

@@ -41,6 +41,7 @@ from .bounds import (
     quantise_const,
     quantise_const_grouped,
 )
+from .self_check import SelfCheckError, beyond_declared, self_check  # noqa: F401  (SelfCheckError re-exported)
 
 aten = torch.ops.aten
 
@@ -52,6 +53,8 @@ def projected_waste(bound: Bound | None, observed) -> float | None:
     if bound is None or observed is None:
         return None
     b, o = float(bound.absmax), float(observed[0])
+    if not (math.isfinite(o) and math.isfinite(b)):
+        return None  # an Inf example value: nothing to project
     if b == 0:
         return 0.0
     if o == 0:
@@ -121,6 +124,7 @@ def analyse(
             operand_of.setdefault(s.args[pos].name, []).append(s.name)
     spectral = weights_needing_spectral(gm, steps, operand_of) if mode == "rownorm" else set()
     _constants(gm, an, steps, operand_of, spectral)
+    unchecked = beyond_declared(gm, input_bounds)
 
     for n in gm.graph.nodes:
         ni = info(n)
@@ -156,6 +160,7 @@ def analyse(
         elif n.op == "call_function":
             step = steps[n.name]
             evaluate_step(step, an)
+            self_check(n, step, an, unchecked)
             if step.quantised:
                 ni.kind = "quantised"
             elif ni.precision == "high":
@@ -206,6 +211,11 @@ def _constants(gm: fx.GraphModule, an: Analysis, steps: dict, operand_of: dict, 
     for name, (n, value) in consts.items():
         an.consts[name] = value
         if name in operand_of:
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(
+                    f"weight {n.target!r} (node {n.format_node()}) holds NaN or Inf: it cannot be "
+                    "quantised with a finite scale. Check the checkpoint (torch.isfinite(w).all())."
+                )
             grouped = value.dim() == 3 and all(is_grouped(steps[u].op) for u in operand_of[name])
             q = an.quantised_consts[name] = (
                 quantise_const_grouped(value, an.fmt) if grouped and group is None  # one static scale per expert
