@@ -186,7 +186,7 @@ def calibrate(gm: GraphModule, batches: Iterable[tuple], *, reset: bool = True) 
     # were: calibration observes the model, it does not run it for real (issue 11 case 18).
     saved = {k: v.detach().clone() for k, v in gm.named_buffers()}
     try:
-        _run_batches(gm, batches)
+        _run_batches(gm, batches, lambda: _restore_buffers(gm, saved))
     finally:
         _restore_buffers(gm, saved)
 
@@ -203,7 +203,7 @@ def _restore_buffers(gm: GraphModule, saved: dict[str, torch.Tensor]) -> None:
             mod._buffers[attr] = v
 
 
-def _run_batches(gm: GraphModule, batches: list) -> None:
+def _run_batches(gm: GraphModule, batches: list, reset_state) -> None:
     interp = Calibrator(gm)
     with torch.no_grad():
         for i, b in enumerate(batches):
@@ -216,6 +216,7 @@ def _run_batches(gm: GraphModule, batches: list) -> None:
                     f"calibration batch {i} must be a tuple of the model's positional inputs, "
                     f"got {type(b).__name__}"
                 )
+            reset_state()  # every batch starts from the state the model had
             interp.run(*b)
     # A tensor-parallel graph: the same statistics on every rank (a no-op without collectives).
     from .distributed import agree_observed

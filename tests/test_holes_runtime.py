@@ -254,3 +254,22 @@ def test_transform__does_not_run_the_models_state_updates():
     assert float(model.calls) == 1.0
     sm(torch.rand(2, 8))
     assert float(model.calls) == 1.0  # sm holds its own counter
+
+
+class _CounterGain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 4)
+        self.register_buffer("calls", torch.ones(()))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return self.fc2(self.fc(x) * self.calls)  # grows with every call
+
+
+def test_buffer_updated_by_the_forward__is_not_bounded_as_a_constant():
+    torch.manual_seed(0)
+    sm = _transform(_CounterGain().eval(), (torch.rand(4, 8),), format="e4m3", input_bounds=1.0)
+    for _ in range(20):
+        sm(torch.rand(4, 8))
+    assert _max_ratio(sm, torch.ones(4, 8)) <= 1.0
