@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
@@ -30,7 +31,7 @@ __all__ = ["ScaledGraphModule", "TransformConfig", "transform"]
 def _freeze(gm: fx.GraphModule) -> None:
     """Inference only: the parameters left in high precision become buffers (no autograd).
 
-    They share storage with the model's parameters (``detach`` copies nothing), so
+    They are the transformed module's own copies (capture made them), so
     ``torch.compile`` of the result needs no backward formulas for the fxscale ops.
     """
     for name, p in list(gm.named_parameters()):
@@ -120,7 +121,23 @@ def transform(
     if c.input_bounds and fork is not None:
         dynamic = passes.resume(fork).gm
     return ScaledGraphModule(c.gm, cfg, input_bounds=c.input_bounds, inputs=[p.name for p in c.placeholders],
-                             dynamic=dynamic, pass_times=c.times)
+                             dynamic=dynamic, pass_times=c.times, signature=_signature(model),
+                             input_specs=[_input_spec(p) for p in c.placeholders])
+
+
+def _input_spec(p: fx.Node) -> tuple[str, int | None, tuple | None, torch.dtype | None]:
+    """``(name, rank, shape, dtype)`` of a graph input's example (None for a non-tensor input)."""
+    v = p.meta.get("val")
+    if not isinstance(v, Tensor):
+        return (p.name, None, None, None)
+    return (p.name, v.dim(), tuple(int(d) if isinstance(d, int) else str(d) for d in v.shape), v.dtype)
+
+
+def _signature(model: nn.Module) -> inspect.Signature | None:
+    try:
+        return inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
 
 
 def dynamic_baseline(model: nn.Module, example_inputs: Any, *, format: str | torch.dtype | Format = torch.float8_e4m3fn):

@@ -78,6 +78,8 @@ class TransformConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "format", get_format(self.format))  # a dtype or a name: the Format
+        if _is_number_tensor(self.input_bounds):  # input_bounds=torch.tensor(2.0): a number
+            object.__setattr__(self, "input_bounds", float(self.input_bounds))
         if self.input_bounds is not None and not isinstance(self.input_bounds, (int, float)):
             if isinstance(self.input_bounds, (str, bytes)) or not hasattr(self.input_bounds, "__iter__"):
                 raise ValueError(
@@ -101,3 +103,7 @@ class TransformConfig:
 def option_names() -> tuple[str, ...]:
     """Every option of :class:`TransformConfig`, by field name (what ``transform`` takes)."""
     return tuple(f.name for f in fields(TransformConfig))
+
+
+def _is_number_tensor(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.numel() == 1 and x.device.type != "meta"

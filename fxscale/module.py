@@ -7,6 +7,7 @@ compiler (``passes``).
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,8 @@ class ScaledGraphModule(fx.GraphModule):
     _fxscale_checks: list | None = None   # [(input name, declared bound or None)]: host-side check
     _fxscale_clamps: list | None = None   # [declared bound or None] per input: clamp in the graph
     _fxscale_warned: bool = False
+    _fxscale_signature: inspect.Signature | None = None  # the model's forward: binds keyword inputs
+    _fxscale_inputs: list | None = None   # [(name, rank, shape, dtype)] of each input's example
 
     def __init__(
         self,
@@ -44,12 +47,16 @@ class ScaledGraphModule(fx.GraphModule):
         inputs: list[str],
         dynamic: Any = None,
         pass_times: dict[str, float] | None = None,
+        signature: inspect.Signature | None = None,
+        input_specs: list | None = None,
     ) -> None:
         """``gm``: the lowered graph; ``config``: the options as the user passed them;
         ``input_bounds``: the declared bound of each input by name, as enforced (rounded up to
         the input's dtype); ``inputs``: the graph's input names in order; ``dynamic``: the
         module to run where ``on_overflow="requantise"`` applies; ``pass_times``: wall seconds
-        of each compiler pass."""
+        of each compiler pass; ``signature``: the model's ``forward`` signature, to bind keyword
+        inputs to their positions; ``input_specs``: ``(name, rank, shape, dtype)`` of each input's
+        example, checked on every call (another rank or dtype raises)."""
         from .report import Report
         from .runtime import ScaleFn
 
@@ -71,9 +78,19 @@ class ScaledGraphModule(fx.GraphModule):
         # submodule (its buffers in the state_dict), so never a class attribute.
         self._fxscale_dynamic = dynamic
         self.pass_times = dict(pass_times or {})
+        self._fxscale_signature = signature
+        self._fxscale_inputs = list(input_specs) if input_specs is not None else None
         self.report = Report.from_graph(self, config.format)
 
     def __call__(self, *args, **kwargs):
+        sig = self._fxscale_signature
+        if kwargs and sig is not None:
+            # Keyword arguments in any order: bound to the model's parameters, so that each
+            # input meets its own declared bound (the checks go by position: issue 11 case 7).
+            ba = sig.bind(*args, **kwargs)
+            args, kwargs = ba.args, ba.kwargs
+        if self._fxscale_inputs is not None:
+            _check_input_specs(self._fxscale_inputs, args, kwargs)
         if self._fxscale_clamps is not None:
             args, kwargs = _clamp_inputs(self._fxscale_clamps, args, kwargs)
         if self._fxscale_checks is not None:
@@ -85,6 +102,12 @@ class ScaledGraphModule(fx.GraphModule):
         except AssertionError as e:
             if "Guard failed" not in str(e):
                 raise
+            if "size()" not in str(e) and "stride()" not in str(e) and "shape" not in str(e):
+                raise ValueError(
+                    f"{e}: a non-tensor input (a Python number or flag) differs from its value at transform "
+                    "time; torch.export bakes such values into the graph. Transform again with this value, "
+                    "or pass it as a tensor."
+                ) from e
             if "size()[0]" in str(e):
                 raise ValueError(
                     f"{e}: the batch dimension (dim 0) of this input was fixed to the example's size when "
@@ -99,6 +122,24 @@ class ScaledGraphModule(fx.GraphModule):
                 "max=2048)},), or transform again with an example of this shape."
             ) from e
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load a state dict of *this* transformed model (``sm.state_dict()`` saved earlier).
+
+        The scales and run-time scale functions were proven from the weights at transform time,
+        so a state dict holding other values raises: load the new weights into the original
+        model and transform it again (issue 11 case 11).
+        """
+        own = self.state_dict()
+        changed = [k for k, v in state_dict.items()
+                   if k in own and isinstance(v, Tensor) and not _same_tensor(own[k], v)]
+        if changed:
+            raise ValueError(
+                f"load_state_dict: {len(changed)} tensor(s) differ from those the scales were proven "
+                f"from ({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''}); a transformed "
+                "model cannot take other weights. Load them into the original model and transform it "
+                "again: model.load_state_dict(sd); sm = fxscale.transform(model, example_inputs)."
+            )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def __reduce__(self):
         raise TypeError(
@@ -110,10 +151,57 @@ class ScaledGraphModule(fx.GraphModule):
         )
 
 
+def _check_input_specs(specs: list, args, kwargs) -> None:
+    """A tensor input of another rank or floating-point dtype than its example: a clear error
+    (export's guard raises an IndexError for another rank, and lets another dtype through, where
+    the bounds were proven for the example's dtype: its rounding, its representable bounds)."""
+    leaves = pytree.tree_leaves((args, kwargs))
+    for (name, dim, shape, dtype), x in zip(specs, leaves):
+        if dim is None or not isinstance(x, Tensor):
+            continue
+        if x.dim() != dim:
+            raise ValueError(
+                f"input {name!r} has {x.dim()} dimension(s) (shape {tuple(x.shape)}), but the model was "
+                f"transformed for {dim} (example shape {shape}, dim 0 free); reshape it (e.g. x.unsqueeze(0) "
+                "for a single sample) or transform again with an example of this rank."
+            )
+        if x.dtype != dtype and (x.dtype.is_floating_point or dtype.is_floating_point or x.dtype == torch.bool):
+            raise TypeError(
+                f"input {name!r} has dtype {x.dtype}, but the model was transformed for {dtype} (its bounds "
+                f"and scales were proven for that dtype); pass {name}.to({dtype}) or transform again with "
+                f"an example of dtype {x.dtype}."
+            )
+
+
+def _host_stats(x: Tensor) -> tuple[float, float]:
+    """``(max |x|, max row norm)`` over the finite elements, in float64 for float64 inputs (a
+    float64 value beyond float32's range must still fail its bound: issue 11 case 19)."""
+    if x.dtype != torch.float64:
+        amax, rn = (float(v) for v in torch.ops.fxscale.stats(x))
+        return amax, rn
+    a = torch.where(torch.isfinite(x), x, 0.0)
+    if a.dim() == 0:
+        a = a.reshape(1)
+    return float(a.abs().max()), float(torch.linalg.vector_norm(a, dim=-1).max())
+
+
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.dtype.is_floating_point and a.element_size() == 1:  # float8: compare the bits
+        a, b = a.view(torch.uint8), b.view(torch.uint8)
+    return bool(torch.equal(a.cpu(), b.cpu()))
+
+
 def _into_bound(x: Tensor, bound: tuple[float, float | None]) -> Tensor:
-    """``x`` clamped to ``max|x| <= a`` and its rows scaled down to ``||x_i|| <= r`` (no host sync)."""
+    """``x`` clamped to ``max|x| <= a`` and its rows scaled down to ``||x_i|| <= r`` (no host sync).
+
+    NaN and ±Inf stay non-finite (a clamp would make Inf the bound: issue 11 case 15)."""
     a, r = bound
-    x = x.clamp(-a, a)
+    if not x.dtype.is_floating_point:
+        lim = math.floor(a)
+        return x.clamp(-lim, lim)
+    x = torch.where(torch.isinf(x), x, x.clamp(-a, a))
     if r is not None and x.dim() >= 1 and x.numel():
         norms = torch.linalg.vector_norm(x.float(), dim=-1, keepdim=True)
         x = x * (r / norms.clamp_min(torch.finfo(torch.float32).tiny)).clamp(max=1.0).to(x.dtype)
@@ -125,7 +213,7 @@ def _clamp_inputs(clamps: list, args, kwargs):
     leaves, spec = pytree.tree_flatten((args, kwargs))
     for i, bound in enumerate(clamps):
         x = leaves[i] if i < len(leaves) else None
-        if bound is not None and isinstance(x, Tensor) and x.dtype.is_floating_point:
+        if bound is not None and isinstance(x, Tensor) and x.dtype != torch.bool:
             leaves[i] = _into_bound(x, bound)
     return pytree.tree_unflatten(leaves, spec)
 
@@ -140,13 +228,19 @@ def _check_inputs(sm: ScaledGraphModule, args, kwargs):
         if i >= len(leaves):
             break
         x = leaves[i]
-        if not isinstance(x, Tensor) or not x.dtype.is_floating_point or x.numel() == 0:
+        if not isinstance(x, Tensor) or x.numel() == 0:
             continue
-        # One fused reduction (max |x| and max row norm) per input per call, outside the graph.
-        amax_f, rn_f = (float(v) for v in torch.ops.fxscale.stats(x.detach()))
+        if not x.dtype.is_floating_point:
+            if bound is None:
+                continue
+            x = x.detach().double()  # an integer / bool input with a declared bound: checked too
+        if cfg.nonfinite == "raise" and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"input {name!r} holds NaN or Inf; pass nonfinite='propagate' to let it flow")
+        if x.device.type == "meta":
+            continue  # no data to check (tracing with meta tensors)
+        # One fused reduction (max |x| and max row norm, finite elements) per input per call.
+        amax_f, rn_f = _host_stats(x.detach())
         if not math.isfinite(amax_f):
-            if cfg.nonfinite == "raise":
-                raise ValueError(f"input {name!r} holds NaN or Inf; pass nonfinite='propagate' to let it flow")
             continue
         if bound is None or cfg.on_overflow == "clamp":
             continue

@@ -53,19 +53,29 @@ def _upcast(data: Tensor) -> Tensor:
 
 
 def row_stats(y: Tensor) -> Tensor:
-    """``[max |y|, max L2 norm along the last dim]`` as a float32 tensor of 2 (NaN propagates)."""
+    """``[max |y|, max L2 norm along the last dim]`` over the *finite* elements of ``y``, as a
+    float32 tensor of 2.
+
+    NaN / Inf elements are left out: a scale measured from them would turn every row NaN, where
+    float32 keeps the other rows (issue 11 case 16); the non-finite elements themselves stay
+    non-finite through the quantise (NaN in e4m3fn, Inf in e5m2; integer formats raise). Each
+    row is scaled by a power of two near its own max before squaring, so row norms neither
+    underflow (|y| ~ 1e-25: case 12) nor overflow (|y| ~ 1e20).
+    """
     y32 = y.detach().to(torch.float32)
     if y32.numel() == 0:
         return torch.zeros(2, dtype=torch.float32, device=y.device)
     if y32.dim() == 0:
         y32 = y32.reshape(1)
-    # Three reductions over the same rows, which torch.compile fuses into one read of y; then
-    # the small reductions over the rows.
-    rmax = y32.abs().amax(dim=-1)
-    rss = (y32 * y32).sum(dim=-1)
-    rnan = torch.isnan(y32).any(dim=-1)
-    out = torch.stack([rmax.amax(), rss.amax().sqrt()])
-    return torch.where(rnan.any(), torch.full_like(out, float("nan")), out)
+    a = torch.where(torch.isfinite(y32), y32.abs(), 0.0)
+    rmax = a.amax(dim=-1)
+    # 2^-e with 2^e <= rmax (exponent clamped into float32's normal range): a * s < 2, so the
+    # squares sum to at most 4 D, and the rescale happens in float64 on one number per row.
+    e = torch.floor(torch.log2(rmax)).clamp(-126, 126)
+    s = torch.exp2(-e)
+    ss = (a * s.unsqueeze(-1)).square().sum(dim=-1)
+    rn = (ss.double().sqrt() / s.double()).amax()
+    return torch.stack([rmax.amax(), rn.to(torch.float32)])
 
 
 # ---------------------------------------------------------------------------- quantise

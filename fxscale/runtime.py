@@ -152,6 +152,9 @@ def measured_bound(stats, shape: tuple[int, ...]) -> Bound:
     """
     if not isinstance(stats, Tensor):
         stats = torch.tensor([float(stats[0]), float(stats[1])], dtype=torch.float64)
+    # float64 from here on: products of bounds of tiny (1e-25) or huge (1e37) values neither
+    # underflow to a zero bound nor overflow to inf in float32 (issue 11 cases 12, 17).
+    stats = stats.to(torch.float64)
     return Bound(stats[0], stats[1]).tighten(shape)
 
 

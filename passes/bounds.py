@@ -26,15 +26,24 @@ from typing import Any
 
 import torch
 from torch import Tensor, fx
-from torch.utils import _pytree as pytree
 
 from fxscale.bound import INF, Bound
 from fxscale.formats import Format
-from fxscale.rules import lookup
 
 # The step evaluation runs at transform time (here) and at run time (inside ScaleFn), so it
 # lives in the runtime; these names are re-exported for the passes.
 from fxscale.runtime import Analysis, Ref, Step, evaluate_step, measured_bound, operand_scale, refs
+
+from .sizes import (
+    _reads_size_as_number,
+    _sums_over_symbolic_dim,
+    _unbounded,
+    check_maxima,
+    concrete_shape,
+    has_declared_max,
+    size_upper,
+    symbolic_upper,
+)
 
 __all__ = [
     "GROUPED",
@@ -101,47 +110,6 @@ def is_grouped(target: Any) -> bool:
     return hasattr(target, "_schema") and target._schema.name in GROUPED
 
 
-def size_upper(d: Any) -> int:
-    """The size bounds are proven for: ``d`` itself, the declared maximum of a symbolic size
-    (``torch.export.Dim(max=...)``: every rule grows with the sizes it reads, so a bound proven
-    at the maximum holds at every smaller size), or the example's size where no maximum is
-    declared (the dynamic batch, which the rules do not sum over)."""
-    if isinstance(d, int):
-        return int(d)
-    up = symbolic_upper(d)
-    return int(d.node.hint) if up is None else up
-
-
-def symbolic_upper(d: Any) -> int | None:
-    """The declared maximum of a symbolic size (None: a plain int, or no finite maximum)."""
-    if not isinstance(d, torch.SymInt):
-        return None
-    try:
-        up = d.node.shape_env.bound_sympy(d.node.expr).upper
-    except Exception:  # noqa: BLE001  (no shape env: an unbacked or foreign SymInt)
-        return None
-    import sympy
-
-    return int(up) if isinstance(up, (int, sympy.Integer)) else None  # int_oo: no maximum
-
-
-def concrete_shape(val: Any, sizes: str = "max") -> tuple[int, ...] | None:
-    """``val``'s shape with each symbolic size at its declared maximum (``sizes="max"``, what
-    bounds are proven for) or at the example's size (``sizes="example"``)."""
-    if not isinstance(val, Tensor):
-        return None
-    if sizes == "example":
-        return tuple(int(d) if isinstance(d, int) else int(d.node.hint) for d in val.shape)
-    return tuple(size_upper(d) for d in val.shape)
-
-
-def has_declared_max(val: Any) -> bool:
-    """Whether ``val`` (a tensor or SymInt) has a size bounded by a declared maximum."""
-    if isinstance(val, Tensor):
-        return any(symbolic_upper(d) is not None for d in val.shape)
-    return symbolic_upper(val) is not None
-
-
 def is_float_value(node: fx.Node) -> bool:
     v = node.meta.get("val")
     return isinstance(v, Tensor) and v.dtype.is_floating_point
@@ -162,25 +130,6 @@ def _to_ref(a: Any, sizes: str = "max") -> Any:
     if isinstance(a, torch.SymInt):
         return int(a.node.hint) if sizes == "example" else size_upper(a)
     return a
-
-
-#: Ops whose bound grows with the magnitude of a (non-negative) size passed as a number, so
-#: that the bound at the size's maximum holds for every smaller size (``arange(seq_len)``).
-#: Any other op reading a symbolic size as a number (``x / seq_len``) gets no bound.
-_GROWS_WITH_SIZE_ARG = {
-    aten.arange.default, aten.arange.start, aten.arange.start_step, aten.full.default,
-    aten.new_full.default, aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar,
-    aten.mul.Tensor, aten.mul.Scalar, aten.rsub.Scalar, aten.scalar_tensor.default,
-}
-
-
-def _reads_size_as_number(n: fx.Node) -> bool:
-    """``n`` takes a symbolic size with a declared maximum as a numeric argument (not a shape)."""
-    rule = lookup(n.target)
-    if n.target in _GROWS_WITH_SIZE_ARG or (rule is not None and rule.exact):
-        return False  # shape ops read sizes as shapes only; the others grow with them
-    vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in pytree.tree_leaves((n.args, n.kwargs))]
-    return any(isinstance(v, torch.SymInt) and symbolic_upper(v) is not None for v in vals)
 
 
 def operand_positions(node: fx.Node) -> tuple[int, ...]:
@@ -269,23 +218,6 @@ def _contracts_over_symbolic_dim(n: fx.Node) -> bool:
     first = n.args[schema.index(names[0])] if schema.index(names[0]) < len(n.args) else None
     v = first.meta.get("val") if isinstance(first, fx.Node) else None
     return isinstance(v, Tensor) and v.dim() >= 1 and _unbounded(v.shape[-1])
-
-
-def _unbounded(d: Any) -> bool:
-    """A symbolic size without a declared maximum (a plain int is bounded by itself)."""
-    return not isinstance(d, int) and symbolic_upper(d) is None
-
-
-def _sums_over_symbolic_dim(n: fx.Node) -> bool:
-    """A sum over a dimension whose size changes between calls without a declared maximum."""
-    if n.target not in (aten.sum.dim_IntList, aten.sum.default) or not n.args:
-        return False
-    x = n.args[0].meta.get("val") if isinstance(n.args[0], fx.Node) else None
-    if not isinstance(x, Tensor):
-        return False
-    dims = n.args[1] if len(n.args) > 1 and n.args[1] is not None else n.kwargs.get("dim")
-    dims = range(x.dim()) if not dims else [d % x.dim() for d in ([dims] if isinstance(dims, int) else dims)]
-    return any(_unbounded(x.shape[d]) for d in dims)
 
 
 def quantise_const(value: Tensor, fmt: Format, *, spectral: bool, amax: float | None = None) -> tuple[Tensor, float, Bound]:
@@ -400,20 +332,6 @@ def bounds_at_example(gm: fx.GraphModule, an: Analysis) -> dict[str, float]:
         if finite and float(e.absmax) < float(b.absmax) * (1 - 1e-9):
             out[name] = float(e.absmax)
     return out
-
-
-def check_maxima(placeholders: list[fx.Node]) -> None:
-    """Every dynamic dim but the batch (dim 0) needs a declared maximum: bounds are proven at it."""
-    for p in placeholders:
-        v = p.meta.get("val")
-        if not isinstance(v, Tensor):
-            continue
-        for d, size in enumerate(v.shape):
-            if d > 0 and isinstance(size, torch.SymInt) and symbolic_upper(size) is None:
-                raise ValueError(
-                    f"input {p.name!r}: dim {d} is dynamic without a maximum; fxscale proves bounds at "
-                    "the maximum size, so declare one: torch.export.Dim('seq', max=...) in dynamic_shapes"
-                )
 
 
 def mark_growing(gm: fx.GraphModule, an: Analysis) -> None:

@@ -7,8 +7,9 @@ with several outputs (a tuple / list of tensors) also get ``observed_list``: one
 pair per element (``None`` for non-float elements), and ``observed`` is then the
 elementwise max over the float elements. Integer, boolean and SymInt outputs, and the
 output node, record nothing. A 0-d tensor's row norm is its absolute value; an empty
-tensor records ``(0.0, 0.0)``. ±Inf is recorded as ``inf``; NaN raises ``ValueError``
-naming the first node that produced it (or the input that carried it).
+tensor records ``(0.0, 0.0)``. ±Inf produced by a node is recorded as ``inf``; NaN raises
+``ValueError`` naming the first node that produced it (or the input that carried it), and so
+does ±Inf in an input.
 
 >>> import torch
 >>> from passes.capture import capture
@@ -58,8 +59,10 @@ def tensor_stats(t: torch.Tensor) -> tuple[float, float]:
     if math.isnan(absmax):
         return absmax, absmax
     rownorm = float(torch.linalg.vector_norm(x, dim=-1).amax())
-    if math.isinf(rownorm) and math.isfinite(absmax):
-        rownorm = float(torch.linalg.vector_norm(x.double(), dim=-1).amax())
+    if (math.isinf(rownorm) or rownorm < absmax) and math.isfinite(absmax):
+        # float32 squares over- or underflowed (|x| > 1e19 or < 1e-19): float64, scaled
+        s = absmax if absmax > 0 else 1.0
+        rownorm = s * float(torch.linalg.vector_norm(x.double() / s, dim=-1).amax())
     return absmax, rownorm
 
 
@@ -128,6 +131,12 @@ class Calibrator(Interpreter):
 
     @staticmethod
     def _check(n: Node, stats: tuple[float, float], index: int | None = None) -> None:
+        if n.op == "placeholder" and math.isinf(stats[0]):
+            raise ValueError(
+                f"calibration input {n.name!r} holds Inf: the example and calibration inputs must be "
+                "finite (they project wasted bits and feed the self-check); drop or clean that batch. "
+                "At run time, Inf inputs propagate (or raise with nonfinite='raise')."
+            )
         if math.isnan(stats[0]) or math.isnan(stats[1]):
             what = "input" if n.op == "placeholder" else "node"
             elem = "" if index is None else f" (output element {index})"
@@ -173,6 +182,28 @@ def calibrate(gm: GraphModule, batches: Iterable[tuple], *, reset: bool = True) 
             ni = info(n)
             ni.observed = None
             ni.observed_list = None
+    # A forward that updates buffers (a step counter, running stats) must leave them as they
+    # were: calibration observes the model, it does not run it for real (issue 11 case 18).
+    saved = {k: v.detach().clone() for k, v in gm.named_buffers()}
+    try:
+        _run_batches(gm, batches, lambda: _restore_buffers(gm, saved))
+    finally:
+        _restore_buffers(gm, saved)
+
+
+def _restore_buffers(gm: GraphModule, saved: dict[str, torch.Tensor]) -> None:
+    for name, v in saved.items():
+        mod_name, _, attr = name.rpartition(".")
+        mod = gm.get_submodule(mod_name) if mod_name else gm
+        cur = mod._buffers.get(attr)
+        if cur is not None and cur.shape == v.shape and cur.dtype == v.dtype:
+            with torch.no_grad():
+                cur.copy_(v)
+        else:
+            mod._buffers[attr] = v
+
+
+def _run_batches(gm: GraphModule, batches: list, reset_state) -> None:
     interp = Calibrator(gm)
     with torch.no_grad():
         for i, b in enumerate(batches):
@@ -185,6 +216,7 @@ def calibrate(gm: GraphModule, batches: Iterable[tuple], *, reset: bool = True) 
                     f"calibration batch {i} must be a tuple of the model's positional inputs, "
                     f"got {type(b).__name__}"
                 )
+            reset_state()  # every batch starts from the state the model had
             interp.run(*b)
     # A tensor-parallel graph: the same statistics on every rank (a no-op without collectives).
     from .distributed import agree_observed

@@ -96,7 +96,30 @@ def capture(
     finally:
         model.train(was_training)
     _fill_output_val(gm)
+    own_state(gm)
     return gm
+
+
+def own_state(gm: torch.fx.GraphModule) -> None:
+    """Give ``gm`` its own copy of every tensor it reads (export's module shares the model's):
+    the proofs are made from these values, so an in-place edit of the original model must not
+    reach the transformed one (issue 11 case 10), nor calibration the model's buffers (case 18)."""
+    seen: dict[int, torch.Tensor] = {}
+    for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        mod_name, _, attr = name.rpartition(".")
+        mod = gm.get_submodule(mod_name) if mod_name else gm
+        c = seen.setdefault(id(t), t.detach().clone())
+        if attr in mod._parameters:
+            mod._parameters[attr] = nn.Parameter(c, requires_grad=t.requires_grad)
+        else:
+            mod._buffers[attr] = c
+    for n in gm.graph.nodes:  # plain tensor attributes (lifted constants)
+        if n.op == "get_attr":
+            mod_name, _, attr = n.target.rpartition(".")
+            mod = gm.get_submodule(mod_name) if mod_name else gm
+            v = getattr(mod, attr, None)
+            if isinstance(v, torch.Tensor) and attr not in mod._parameters and attr not in mod._buffers:
+                setattr(mod, attr, seen.setdefault(id(v), v.detach().clone()))
 
 
 # ---------------------------------------------------------------------------- export
@@ -218,6 +241,7 @@ def _export(model: nn.Module, args: tuple, dynamic_batch: bool, dynamic_shapes: 
             ep = torch.export.export(model, args, strict=False)
         except Exception as e:
             raise _capture_error(model, e, "torch.export") from e
+    ep = _functionalise_if_mutating(ep)
     gm = ep.module()
     inline_regions(gm)
     if dynamic_batch:
@@ -233,6 +257,21 @@ def _export_tensor_parallel(model: nn.Module, args: tuple, dynamic_batch: bool) 
         return gm
     except Exception as e:
         raise _capture_error(model, e, "tracing the tensor-parallel model (make_fx through DTensor, then torch.export)") from e
+
+
+def _mutates(n: torch.fx.Node) -> bool:
+    schema = getattr(n.target, "_schema", None)
+    return n.op == "call_function" and schema is not None and schema.is_mutable
+
+
+def _functionalise_if_mutating(ep):
+    """An in-place op (``h.mul_(k)`` seen through a view, ``h[:, :4] = 5``) changes values the
+    bounds and the quantise placement have already read (issue 11 cases 5, 6): such graphs are
+    rewritten into functional ops (``mul``, ``slice_scatter``), which keep ``linear`` and the
+    other high-level ops (no decompositions). Graphs without mutation are left as they are."""
+    if not any(_mutates(n) for n in ep.graph.nodes):
+        return ep
+    return ep.run_decompositions({})
 
 
 def _has_batched_tensor(args: tuple) -> bool:

@@ -14,14 +14,17 @@ non-aliasing op, never an input, a parameter or buffer, nor a tensor with a view
 it before the mutation (a view would see the new value). Everywhere else the op stays
 in-place and in high precision, and its report row says so.
 
+``passes.capture`` now functionalises torch.export's graphs that mutate anything itself
+(``run_decompositions``: issue 11 cases 5, 6), so this pass acts on the graphs that reach it with
+in-place ops still in them (the tensor-parallel capture, hand-built graphs):
+
 >>> import torch
->>> from passes.capture import capture
 >>> class M(torch.nn.Module):
 ...     def forward(self, x):
 ...         y = torch.relu_(x * 2)
 ...         y.add_(1.0)
 ...         return y * 3
->>> gm = capture(M(), (torch.randn(2, 4),))
+>>> gm = torch.export.export(M(), (torch.randn(2, 4),), strict=False).module()
 >>> functionalise(gm)
 ['relu_', 'add_']
 >>> [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]

@@ -41,6 +41,7 @@ from .bounds import (
     quantise_const,
     quantise_const_grouped,
 )
+from .self_check import SelfCheckError, beyond_declared, self_check  # noqa: F401  (SelfCheckError re-exported)
 
 aten = torch.ops.aten
 
@@ -52,6 +53,8 @@ def projected_waste(bound: Bound | None, observed) -> float | None:
     if bound is None or observed is None:
         return None
     b, o = float(bound.absmax), float(observed[0])
+    if not (math.isfinite(o) and math.isfinite(b)):
+        return None  # an Inf example value: nothing to project
     if b == 0:
         return 0.0
     if o == 0:
@@ -120,7 +123,9 @@ def analyse(
         for pos in s.quantised:
             operand_of.setdefault(s.args[pos].name, []).append(s.name)
     spectral = weights_needing_spectral(gm, steps, operand_of) if mode == "rownorm" else set()
-    _constants(gm, an, steps, operand_of, spectral)
+    mutated = mutated_attrs(gm)
+    _constants(gm, an, steps, operand_of, spectral, mutated)
+    unchecked = beyond_declared(gm, input_bounds)
 
     for n in gm.graph.nodes:
         ni = info(n)
@@ -129,10 +134,16 @@ def analyse(
             an.shapes[n.name] = shape
         if n.op == "placeholder":
             ni.kind = "input"
-            if not is_float_value(n):
-                ni.reasons.append("not floating point: passed through")
-                continue
             declared = input_bounds.get(n.name)
+            if not is_float_value(n):
+                if declared is not None and shape is not None:  # an integer input used as a number
+                    an.bounds[n.name] = declared_bound(declared, shape)
+                    an.deps[n.name] = frozenset()
+                    a = declared[0] if isinstance(declared, tuple) else declared
+                    ni.reasons.append(f"not floating point: declared max|x| <= {a:g}")
+                else:
+                    ni.reasons.append("not floating point: passed through")
+                continue
             if declared is not None:
                 an.bounds[n.name] = declared_bound(declared, shape)
                 an.deps[n.name] = frozenset()
@@ -141,6 +152,9 @@ def analyse(
             else:
                 _measure(an, n, "input without a declared bound: run-time amax")
         elif n.op == "get_attr":
+            if n.name in mutated:  # state the forward updates (a counter): not a constant
+                ni.reasons.append("updated by the forward: no constant bound")
+                continue
             if n.name not in an.consts:
                 continue
             b = an.bounds[n.name]
@@ -150,6 +164,7 @@ def analyse(
         elif n.op == "call_function":
             step = steps[n.name]
             evaluate_step(step, an)
+            self_check(n, step, an, unchecked)
             if step.quantised:
                 ni.kind = "quantised"
             elif ni.precision == "high":
@@ -179,8 +194,10 @@ def analyse(
     return an
 
 
-def _constants(gm: fx.GraphModule, an: Analysis, steps: dict, operand_of: dict, spectral: set[str]) -> None:
-    """Bounds of the floating-point constants; matmul operands quantised once.
+def _constants(gm: fx.GraphModule, an: Analysis, steps: dict, operand_of: dict, spectral: set[str],
+               mutated: set[str]) -> None:
+    """Bounds of the floating-point constants; matmul operands quantised once. Attributes the
+    forward writes (``mutated``) are state, not constants: they get no constant bound.
 
     In a tensor-parallel graph (one with collectives) every rank's constants are combined
     across ranks (``passes.distributed``), so that all ranks derive the same bounds and scales.
@@ -192,7 +209,7 @@ def _constants(gm: fx.GraphModule, an: Analysis, steps: dict, operand_of: dict, 
     for n in gm.graph.nodes:
         if n.op == "get_attr":
             value = _attr(gm, n.target)
-            if hasattr(value, "dtype") and value.dtype.is_floating_point:
+            if hasattr(value, "dtype") and value.dtype.is_floating_point and n.name not in mutated:
                 consts[n.name] = (n, value)
     amax = {k: float(v.detach().abs().max()) if v.numel() else 0.0 for k, (_, v) in consts.items() if k in operand_of}
     if group is not None:
@@ -200,6 +217,11 @@ def _constants(gm: fx.GraphModule, an: Analysis, steps: dict, operand_of: dict, 
     for name, (n, value) in consts.items():
         an.consts[name] = value
         if name in operand_of:
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(
+                    f"weight {n.target!r} (node {n.format_node()}) holds NaN or Inf: it cannot be "
+                    "quantised with a finite scale. Check the checkpoint (torch.isfinite(w).all())."
+                )
             grouped = value.dim() == 3 and all(is_grouped(steps[u].op) for u in operand_of[name])
             q = an.quantised_consts[name] = (
                 quantise_const_grouped(value, an.fmt) if grouped and group is None  # one static scale per expert
@@ -220,6 +242,26 @@ def _shape_only(n: fx.Node, step) -> bool:
         return True
     rule = lookup(step.op)
     return rule is not None and rule.exact
+
+
+def mutated_attrs(gm: fx.GraphModule) -> set[str]:
+    """``get_attr`` nodes that an op of the graph writes to (``copy_(buffer, ...)``, directly or
+    through a view): their values change between calls, so they are no constants."""
+    out: set[str] = set()
+    for n in gm.graph.nodes:
+        schema = getattr(n.target, "_schema", None) if n.op == "call_function" else None
+        if schema is None or not schema.is_mutable:
+            continue
+        for a, arg in zip(schema.arguments, n.args):
+            if a.alias_info is None or not a.alias_info.is_write or not isinstance(arg, fx.Node):
+                continue
+            while arg.op == "call_function" and arg.args and isinstance(arg.args[0], fx.Node) and \
+                    getattr(arg.target, "_schema", None) is not None and arg.target._schema.returns and \
+                    arg.target._schema.returns[0].alias_info is not None:
+                arg = arg.args[0]  # a view: the write reaches its base
+            if arg.op == "get_attr":
+                out.add(arg.name)
+    return out
 
 
 def _operand_names(step) -> set[str]:

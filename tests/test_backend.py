@@ -95,6 +95,7 @@ def test__backend__mlp_e4m3_close_to_float32_at_several_batch_sizes():
             assert sqnr_db(ref, y) >= 20, batch
 
 
+@pytest.mark.slow  # ~25 s on 2 CPU cores (inductor compiles the encoder layer)
 def test__backend__encoder_layer_e4m3_close_to_float32():
     model, args = models.encoder_layer()
     prev = torch.backends.mha.get_fastpath_enabled()
