@@ -148,6 +148,39 @@ def test_step__traces_without_graph_breaks(pair):
     assert out.shape == (1, 1, 100)
 
 
+@torch.no_grad()
+def test_step__compiled_graph_reads_the_cache_in_fused_aten_ops_and_never_copies_it_per_head(pair):
+    """Under torch.compile, ``fxscale::kv_read`` becomes ATen ops that inductor fuses (as an
+    opaque op it cost three full passes over the cache per step on the H200), grouped-query
+    attention reads each KV head once (no rep-times expanded copy of the cache), and the
+    compiled step computes what the eager one does."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    name, _, flm = pair
+    graphs = []
+
+    def keep(gm, _):
+        graphs.append(gm)
+        return gm
+
+    flm.allocate(2)
+    ids = torch.randint(0, 100, (2, 3))
+    want = flm.step(ids, flm.positions[:3]).clone()
+    flm.allocate(2)
+    flm.caches[0].zero_()  # the same (empty) caches as the eager call saw
+    for c in flm.caches:
+        c.zero_()
+    got = torch.compile(flm.step, backend=aot_autograd(fw_compiler=keep), fullgraph=True)(ids, flm.positions[:3])
+    torch.testing.assert_close(got, want)
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert not any("kv_read" in t for t in targets), targets
+    sdpa = [n for g in graphs for n in g.graph.nodes if "scaled_dot_product" in str(n.target)]
+    assert sdpa
+    if name == "llama":  # 4 query heads on 2 KV heads: K and V keep their 2 heads into attention
+        for n in sdpa:
+            assert n.args[1].meta["val"].shape[1] == 2, n.args[1].meta["val"].shape
+
+
 def test_wrap__beyond_max_len_raises():
     lm = _gpt2()
     flm = fxscale.llm.wrap(lm, max_len=8)
