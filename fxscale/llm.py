@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -103,8 +104,8 @@ def _index_copy_rule(c) -> Bound | None:
 class _Context:
     """What the attention function reads while the step module runs (set per call)."""
 
-    def __init__(self, positions: Tensor, caches: tuple, scales: list[tuple[float, float]]):
-        self.positions, self.caches, self.scales = positions, caches, scales
+    def __init__(self, positions: Tensor, caches: tuple, scales: list[tuple[float, float]], pad: Tensor | None):
+        self.positions, self.caches, self.scales, self.pad = positions, caches, scales, pad
         self.new_kv: dict[int, tuple[Tensor, Tensor]] = {}
 
 
@@ -124,6 +125,10 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     ctx.new_kv[i] = (key, value)
     slots = torch.arange(k_all.shape[2], device=pos.device)
     mask = slots[None, :] <= pos[:, None]  # (S, L): causal over the cache
+    if ctx.pad is not None:  # left padding: row b's first pad[b] slots hold no token
+        valid = slots[None, :] >= ctx.pad[:, None]  # (B, L)
+        own = slots[None, :] == pos[:, None]  # a pad token sees itself: no row is all masked
+        mask = ((mask[None] & valid[:, None, :]) | own[None])[:, None]  # (B, 1, S, L)
     b, h, s, d = query.shape
     rep = h // key.shape[1]
     if rep > 1:
@@ -131,7 +136,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         # reads KV head kv (transformers' repeat_kv), so the rep query heads of one KV head are
         # stacked as rep * S query rows against that head's K/V (each row attends on its own).
         query = query.reshape(b, h // rep, rep * s, d)
-        mask = mask.repeat(rep, 1)  # row r * S + i is position i's
+        mask = mask.repeat(rep, 1) if mask.dim() == 2 else mask.repeat(1, 1, rep, 1)  # row r * S + i: i's
     out = nn.functional.scaled_dot_product_attention(query, k_all, v_all, attn_mask=mask, scale=scaling)
     return out.reshape(b, h, s, d).transpose(1, 2), None
 
@@ -166,18 +171,22 @@ def _attn_implementation(lm: nn.Module, name: str):
 
 
 class _Step(nn.Module):
-    """``forward(input_ids, positions, caches) -> (logits, k_0, v_0, k_1, ...)`` (what is exported)."""
+    """``forward(input_ids, positions, caches[, pad]) -> (logits, k_0, v_0, k_1, ...)`` (what is
+    exported). ``pad`` (B,): left-padding slots of each row (the padded step graph only): the
+    row's token positions start after them and attention skips them."""
 
     def __init__(self, lm: nn.Module, scales: list[tuple[float, float]]):
         super().__init__()
         self.lm, self.scales = lm, scales
 
-    def forward(self, input_ids: Tensor, positions: Tensor, caches: tuple[Tensor, ...]):
-        ctx = _Context(positions, caches, self.scales)
+    def forward(self, input_ids: Tensor, positions: Tensor, caches: tuple[Tensor, ...], pad: Tensor | None = None):
+        ctx = _Context(positions, caches, self.scales, pad)
         _ACTIVE.append(ctx)
         try:
             with _attn_implementation(self.lm, _IMPL):
                 pos = positions[None, :].expand(input_ids.shape[0], -1)
+                if pad is not None:
+                    pos = (pos - pad[:, None]).clamp(min=0)
                 out = self.lm(input_ids=input_ids, position_ids=pos, use_cache=False)
         finally:
             _ACTIVE.pop()
@@ -220,23 +229,13 @@ def wrap(lm: nn.Module, *, max_len: int, batch: int = 2, **transform_options: An
     runs). Other keyword arguments go to :func:`fxscale.transform`. Returns a
     :class:`FxscaleCausalLM`, whose ``generate()`` is transformers' (greedy and sampling).
     """
-    from torch.export import Dim
-
     from .api import transform
 
     _register_attention()
     lm = lm.eval()
-    layers, kv_heads, head_dim = _dims(lm.config)
+    layers = _dims(lm.config)[0]
     dtype = next(lm.parameters()).dtype
-    device = next(lm.parameters()).device
-    seq = min(8, max_len)
-    ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
-    pos = torch.arange(seq, device=device)
-    caches = tuple(torch.zeros(batch, kv_heads, max_len, head_dim, dtype=torch.uint8, device=device)
-                   for _ in range(2 * layers))
-    # The cache length is dynamic too (any length up to max_len): no bound depends on it.
-    s, b, n = Dim("fxscale_seq", max=max_len), Dim("fxscale_batch"), Dim("fxscale_cache", max=max_len)
-    shapes = ({0: b, 1: s}, {0: s}, tuple({0: b, 2: n} for _ in caches))
+    args, shapes = _example(lm, batch, max_len, padded=False)
     # The K/V bounds are proven without requantise points (all static: they follow from the
     # token embedding and the weights, not from run-time measurements, which would make them
     # depend on each call; a LayerNorm's bound depends on its input's max |x| through the
@@ -246,7 +245,7 @@ def wrap(lm: nn.Module, *, max_len: int, batch: int = 2, **transform_options: An
     bound_options = {**transform_options, "requantise": False}
     scales = [(1.0, 1.0)] * layers
     for _ in range(3):
-        sm = transform(_Step(lm, scales), (ids, pos, caches), dynamic_shapes=shapes, **bound_options)
+        sm = transform(_Step(lm, scales), args, dynamic_shapes=shapes, **bound_options)
         bounds = _kv_bounds(sm)
         new = [(KV_FORMAT.scale_for(bounds[2 * i]), KV_FORMAT.scale_for(bounds[2 * i + 1])) for i in range(layers)]
         if new == scales:
@@ -255,8 +254,39 @@ def wrap(lm: nn.Module, *, max_len: int, batch: int = 2, **transform_options: An
     else:
         raise RuntimeError("fxscale.llm: the K/V scales did not settle in 3 transforms")
     if transform_options.get("requantise", True):  # the deployed graph, with its requantise points
-        sm = transform(_Step(lm, scales), (ids, pos, caches), dynamic_shapes=shapes, **transform_options)
-    return FxscaleCausalLM(lm, sm, scales, bounds, max_len=max_len, dtype=dtype)
+        sm = transform(_Step(lm, scales), args, dynamic_shapes=shapes, **transform_options)
+
+    def padded() -> nn.Module:  # the left-padded step graph, on the first padded prompt
+        args, shapes = _example(lm, batch, max_len, padded=True)
+        proof = transform(_Step(lm, scales), args, dynamic_shapes=shapes, **bound_options)
+        for j, bound in enumerate(_kv_bounds(proof)):
+            if bound > KV_FORMAT.max * scales[j // 2][j % 2]:
+                raise RuntimeError(f"fxscale.llm: the padded step's K/V bound {bound:g} (output {j}) exceeds the "
+                                   "cache scale proven without padding")
+        if not transform_options.get("requantise", True):
+            return proof
+        return transform(_Step(lm, scales), args, dynamic_shapes=shapes, **transform_options)
+
+    return FxscaleCausalLM(lm, sm, scales, bounds, max_len=max_len, dtype=dtype, padded=padded)
+
+
+def _example(lm: nn.Module, batch: int, max_len: int, padded: bool) -> tuple[tuple, tuple]:
+    """Example arguments of the step graph and their dynamic shapes."""
+    from torch.export import Dim
+
+    layers, kv_heads, head_dim = _dims(lm.config)
+    device = next(lm.parameters()).device
+    seq = min(8, max_len)
+    ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
+    pos = torch.arange(seq, device=device)
+    caches = tuple(torch.zeros(batch, kv_heads, max_len, head_dim, dtype=torch.uint8, device=device)
+                   for _ in range(2 * layers))
+    # The cache length is dynamic too (any length up to max_len): no bound depends on it.
+    s, b, n = Dim("fxscale_seq", max=max_len), Dim("fxscale_batch"), Dim("fxscale_cache", max=max_len)
+    shapes = ({0: b, 1: s}, {0: s}, tuple({0: b, 2: n} for _ in caches))
+    if not padded:
+        return (ids, pos, caches), shapes
+    return (ids, pos, caches, torch.zeros(batch, dtype=torch.long, device=device)), (*shapes, {0: b})
 
 
 def _base_classes() -> tuple[type, ...]:
@@ -272,8 +302,10 @@ class FxscaleCausalLM(*_base_classes()):
     ``flm(input_ids)`` prefills a fresh sequence (any length up to ``max_len``) and returns
     ``logits``; inside ``generate()`` each call feeds only the tokens the cache has not seen.
     ``step(input_ids, positions)`` is one step (writes the cache); replace it with
-    ``torch.compile(flm.step, mode="reduce-overhead")`` for CUDA-graph decode. Batched prompts
-    must have equal lengths (no padding mask).
+    ``torch.compile(flm.step, mode="reduce-overhead")`` for CUDA-graph decode. Prompts of
+    different lengths: left-padded, with their ``attention_mask`` (``tokenizer.padding_side =
+    "left"``); the first padded prompt transforms a second step graph, ``step_padded(input_ids,
+    positions)`` (its pad counts are the buffer ``pad``), compiled the same way if wanted.
     """
 
     main_input_name = "input_ids"
@@ -281,7 +313,8 @@ class FxscaleCausalLM(*_base_classes()):
     _supports_sdpa = True
     _supports_attention_backend = True
 
-    def __init__(self, lm: nn.Module, sm: nn.Module, scales, bounds, *, max_len: int, dtype: torch.dtype):
+    def __init__(self, lm: nn.Module, sm: nn.Module, scales, bounds, *, max_len: int, dtype: torch.dtype,
+                 padded: Callable[[], nn.Module] | None = None):
         import copy
 
         super().__init__(copy.deepcopy(lm.config))  # a copy: PreTrainedModel adjusts it
@@ -294,9 +327,13 @@ class FxscaleCausalLM(*_base_classes()):
         for j in range(2 * self.layers):  # buffers: static addresses, so CUDA graphs may write them
             self.register_buffer(f"cache_{j}", None, persistent=False)
         self.register_buffer("positions", torch.arange(max_len, device=self._device), persistent=False)
+        self.register_buffer("pad", None, persistent=False)
         self._len = 0
         self._in_generate = False
+        self._padded = False  # is the sequence in the cache left-padded?
+        self._build_padded, self.sm_padded = padded, None
         self.step = self._step
+        self.step_padded = self._step_padded
 
     @property
     def device(self) -> torch.device:
@@ -330,11 +367,21 @@ class FxscaleCausalLM(*_base_classes()):
             return
         for j in range(2 * self.layers):
             setattr(self, f"cache_{j}", torch.zeros(shape, dtype=torch.uint8, device=self._device))
+        self.pad = torch.zeros(batch, dtype=torch.long, device=self._device)
         self.cache_len = length
 
     def _step(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         """Run ``input_ids`` (B, S) at ``positions`` (S,) and write their K/V into the cache."""
-        logits, *kv = self.sm(input_ids, positions, tuple(self.caches))
+        return self._write(positions, *self.sm(input_ids, positions, tuple(self.caches)))
+
+    def _step_padded(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        """:meth:`_step` for left-padded rows (``pad``: each row's count of pad slots)."""
+        if self.sm_padded is None:
+            raise RuntimeError("fxscale.llm: the padded step graph is built on the first padded prompt "
+                               "(call flm(input_ids, attention_mask=...) or generate() with its attention_mask)")
+        return self._write(positions, *self.sm_padded(input_ids, positions, tuple(self.caches), self.pad))
+
+    def _write(self, positions: Tensor, logits: Tensor, *kv: Tensor) -> Tensor:
         for j, (t, cache) in enumerate(zip(kv, self.caches)):
             scale = self.scales[j // 2][j % 2]
             # |t| <= bound <= max * scale (proven): the cast cannot overflow.
@@ -353,11 +400,25 @@ class FxscaleCausalLM(*_base_classes()):
             self.allocate(b, self.cache_len if self.cache_len and self.cache_0.shape[0] == b else None)
         if t > self.cache_len:
             raise ValueError(f"input of {t} positions is beyond the cache's {self.cache_len}: allocate(batch, length)")
-        if fresh and attention_mask is not None and not bool(attention_mask.all()):  # one check per prompt
-            raise ValueError("fxscale.llm supports no padding: give prompts of equal length (attention_mask all ones)")
-        logits = self.step(input_ids[:, self._len:], self.positions[self._len:t])
+        if self._len == 0:  # a new sequence: one check per prompt
+            self._padded = attention_mask is not None and not bool(attention_mask[:, :t].all())
+            if self._padded:
+                self._set_padding(attention_mask[:, :t])
+        step = self.step_padded if self._padded else self.step
+        logits = step(input_ids[:, self._len:], self.positions[self._len:t])
         self._len = t
         return CausalLMOutputWithPast(logits=logits)
+
+    def _set_padding(self, mask: Tensor) -> None:
+        pad = (mask == 0).sum(1)
+        if not torch.equal(mask.bool(), self.positions[None, :mask.shape[1]] >= pad[:, None]):
+            raise ValueError("fxscale.llm: the attention_mask pads on the right or inside a prompt; pad prompts on "
+                             "the left (tokenizer.padding_side = 'left'), as generate() needs for decoder-only models")
+        if self.sm_padded is None:
+            if self._build_padded is None:
+                raise ValueError("fxscale.llm: this model was built without a padded step graph")
+            self.sm_padded = self._build_padded()
+        self.pad.copy_(pad)
 
     def generate(self, *args: Any, **kwargs: Any):
         """transformers' ``generate()`` (greedy, sampling, ...), on the float8 cache."""

@@ -67,7 +67,7 @@ def test_generate__greedy_follows_the_float32_model(pair):
     """Each greedy token of the fp8 model is the float32 model's choice on the same prefix, up
     to near-ties (within 0.25 logit standard deviations of its best), and most tokens agree."""
     name, lm, flm = pair
-    ids = torch.randint(0, 100, (2, 7))
+    ids = torch.randint(1, 100, (2, 7))  # 0 is the pad token: generate() would mask it
     n = 16
     out = flm.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
     ref = lm.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
@@ -93,9 +93,39 @@ def test_generate__decode_through_the_cache_matches_a_full_prefill(pair):
 
 
 @torch.no_grad()
+def test_generate__left_padded_prompts_of_different_lengths_match_each_prompt_alone(pair):
+    """A batch of prompts of different lengths, left-padded with their attention_mask (what a
+    tokenizer with padding_side='left' gives generate()): each row's greedy tokens are those
+    of its prompt generated alone, and the float32 model's on the padded batch agree."""
+    name, lm, flm = pair
+    g = torch.Generator().manual_seed(3)
+    long, short = torch.randint(1, 100, (1, 9), generator=g), torch.randint(1, 100, (1, 5), generator=g)
+    ids = torch.cat([long, torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    n = 8
+    kw = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False, "pad_token_id": 0}
+    out = flm.generate(ids, attention_mask=mask, **kw)[:, 9:]
+    alone = [flm.generate(p, **kw)[:, p.shape[1]:] for p in (long, short)]
+    assert torch.equal(out[0], alone[0][0]), name
+    assert torch.equal(out[1], alone[1][0]), name
+    ref = lm.generate(ids, attention_mask=mask, **kw)[:, 9:]
+    assert float((out == ref).float().mean()) >= 0.5, name
+
+
+def test_generate__right_padding_raises_saying_to_pad_on_the_left(pair):
+    _, _, flm = pair
+    ids = torch.randint(1, 100, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    with pytest.raises(ValueError, match="padding_side = 'left'"):
+        flm.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
+
+
+@torch.no_grad()
 def test_generate__sampling_runs_and_is_reproducible(pair):
     _, _, flm = pair
-    ids = torch.randint(0, 100, (1, 5))
+    ids = torch.randint(1, 100, (1, 5))
     torch.manual_seed(1)
     a = flm.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=True, top_k=10, pad_token_id=0)
     torch.manual_seed(1)
