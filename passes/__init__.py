@@ -89,8 +89,9 @@ def _functionalise(c: Compilation) -> None:
 
 
 def _layer_norm(c: Compilation) -> None:
-    from .layer_norm import two_pass_layer_norm
+    from .layer_norm import group_norm_as_layer_norm, two_pass_layer_norm
 
+    group_norm_as_layer_norm(c.gm)
     two_pass_layer_norm(c.gm)
 
 
@@ -133,7 +134,8 @@ def _lower(c: Compilation) -> None:
 PIPELINE: list[Pass] = [
     Pass("capture", _capture, "model -> ATen GraphModule; writes gm, placeholders"),
     Pass("functionalise", _functionalise, "in-place ops -> out-of-place where nothing else sees the storage"),
-    Pass("layer_norm", _layer_norm, "aten.layer_norm -> fxscale.layer_norm (two passes: its bound is proven)"),
+    Pass("layer_norm", _layer_norm,
+         "aten.group_norm -> a LayerNorm per group; aten.layer_norm -> fxscale.layer_norm (two passes: its bound is proven)"),
     Pass("fold", _fold, "shape ops on parameters / buffers -> new constants (weights quantised once)"),
     Pass("calibrate", _calibrate, "runs the batches; writes info(node).observed"),
     Pass("precision", _precision, "tolerated error per value; writes info(node).demand, .precision, .precision_why"),

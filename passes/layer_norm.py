@@ -24,7 +24,67 @@ from torch import fx
 
 import fxscale.ops  # noqa: F401  (registers torch.ops.fxscale.layer_norm)
 
-__all__ = ["two_pass_layer_norm"]
+__all__ = ["group_norm_as_layer_norm", "two_pass_layer_norm"]
+
+
+def group_norm_as_layer_norm(gm: fx.GraphModule) -> int:
+    """``aten.group_norm(x, G, w, b, eps)`` on ``x`` (N, C, *S) -> ``x.view(-1, G, C // G * prod(S))``,
+    a LayerNorm without affine over the last dim, ``.view(x.shape)``, ``* w[c] + b[c]``: the same
+    function, through the two-pass LayerNorm's proven bound (GroupNorm has no rule of its own).
+    Left as it is where a dimension after the batch is symbolic. Returns how many.
+
+    >>> from passes.capture import capture
+    >>> gm = capture(torch.nn.GroupNorm(2, 8), (torch.randn(3, 8, 5),))
+    >>> group_norm_as_layer_norm(gm)
+    1
+    >>> [str(n.target).split(".")[1] for n in gm.graph.nodes if n.op == "call_function"]
+    ['view', 'layer_norm', 'view', 'mul', 'add']
+    """
+    aten = torch.ops.aten
+    count = 0
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or n.target is not aten.group_norm.default:
+            continue
+        a = list(n.args) + [None] * (6 - len(n.args))
+        x, groups = a[0], int(a[1])
+        w, b = n.kwargs.get("weight", a[2]), n.kwargs.get("bias", a[3])
+        eps = float(n.kwargs.get("eps", a[4] if a[4] is not None else 1e-5))
+        xv, out = x.meta.get("val"), n.meta.get("val")
+        if xv is None or out is None or not all(isinstance(d, int) for d in xv.shape[1:]):
+            continue
+        c, rest = xv.shape[1], list(xv.shape[2:])
+        per = c // groups
+        for d in rest:
+            per *= d
+        ones = [1] * len(rest)
+        g = gm.graph
+        with g.inserting_before(n):
+            y = g.call_function(aten.view.default, (x, [-1, groups, per]))
+            y.meta["val"] = xv.reshape(-1, groups, per)
+            ln = g.call_function(aten.layer_norm.default, (y, [per], None, None, eps))
+            ln.meta["val"] = torch.ops.aten.layer_norm.default(y.meta["val"], [per], None, None, eps)
+            z = g.call_function(aten.view.default, (ln, [-1, c, *rest]))
+            z.meta["val"] = out
+            if w is not None:
+                wv = g.call_function(aten.view.default, (w, [c, *ones]))
+                wv.meta["val"] = w.meta["val"].reshape(c, *ones) if w.meta.get("val") is not None else None
+                z = g.call_function(aten.mul.Tensor, (z, wv))
+                z.meta["val"] = out
+            if b is not None:
+                bv = g.call_function(aten.view.default, (b, [c, *ones]))
+                bv.meta["val"] = b.meta["val"].reshape(c, *ones) if b.meta.get("val") is not None else None
+                z = g.call_function(aten.add.Tensor, (z, bv))
+                z.meta["val"] = out
+        for k in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+            if k in n.meta:
+                for m in (y, ln, z):
+                    m.meta.setdefault(k, n.meta[k])
+        n.replace_all_uses_with(z)
+        g.erase_node(n)
+        count += 1
+    if count:
+        gm.recompile()
+    return count
 
 
 def two_pass_layer_norm(gm: fx.GraphModule) -> int:

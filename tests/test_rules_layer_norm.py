@@ -91,3 +91,56 @@ def test_transform__layer_norm_bound_is_sqrt_d_at_eps_1e_12_whatever_the_input_b
     y = LN(x, [16], ln.weight.detach(), ln.bias.detach(), 1e-12)
     assert float(y.abs().max()) <= row["bound"]
     torch.testing.assert_close(sm(x), model[1](y), rtol=0.1, atol=0.1 * float(model[1](y).abs().max()))
+
+
+# ------------------------------------------------------------------------- GroupNorm
+def _gn_model(affine: bool = True):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.GroupNorm(2, 8, affine=affine), torch.nn.SiLU(),
+                            torch.nn.Conv2d(8, 4, 1)).eval()
+    if affine:
+        with torch.no_grad():
+            m[1].weight.uniform_(-2, 2)
+            m[1].bias.uniform_(-1, 1)
+    return m
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm__rewritten_as_a_layer_norm_per_group_computes_the_same(affine):
+    from passes.capture import capture
+    from passes.layer_norm import group_norm_as_layer_norm
+
+    m = _gn_model(affine)
+    gm = capture(m, (torch.randn(2, 4, 6, 6),))
+    assert group_norm_as_layer_norm(gm) == 1
+    assert not any(n.target is torch.ops.aten.group_norm.default for n in gm.graph.nodes)
+    x = torch.randn(5, 4, 6, 6) * 3 + 1
+    torch.testing.assert_close(gm(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_group_norm__transform_proves_its_bound_and_has_no_fallback():
+    """GroupNorm had no rule (a run-time amax per call); through the per-group LayerNorm its
+    output is proven, and the model is as accurate as per-tensor dynamic scaling."""
+    m = _gn_model()
+    x = torch.randn(2, 4, 6, 6)
+    sm = fxscale.transform(m, (x,))
+    assert "group_norm" not in str(sm.report) and sm.report.summary_line().count(" 0 fallback(s)") == 1
+    x2 = torch.randn(7, 4, 6, 6)  # another batch size
+    dyn = fxscale.dynamic_baseline(m, (x,))
+    assert fxscale.sqnr_db(m(x2), sm(x2)) > fxscale.sqnr_db(m(x2), dyn(x2)) - 1.0
+
+
+@pytest.mark.parametrize("log2_a", [0, 10, 20])
+def test_group_norm__near_constant_groups_with_a_large_offset_never_saturate(log2_a):
+    """The inputs that break a Welford-kernel bound (issue 11 case 3), group by group: the
+    audit of every static scale stays <= 1."""
+    torch.manual_seed(1)
+    m = torch.nn.Sequential(torch.nn.GroupNorm(2, 8, eps=1e-12), torch.nn.Conv2d(8, 4, 1)).eval()
+    a = 2.0 ** log2_a
+    x = torch.randn(2, 8, 4, 4)
+    sm = fxscale.transform(m, (x,), input_bounds=2 * a)
+    g = torch.Generator().manual_seed(2)
+    hard = a + a * 2.0**-22 * torch.randint(-3, 4, (3, 8, 4, 4), generator=g).float()
+    rows = fxscale.audit(sm, hard)
+    assert rows and max(r["ratio"] for r in rows) <= 1.0, rows
+    assert torch.isfinite(sm(hard)).all()
