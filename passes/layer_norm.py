@@ -38,7 +38,7 @@ def group_norm_as_layer_norm(gm: fx.GraphModule) -> int:
     >>> group_norm_as_layer_norm(gm)
     1
     >>> [str(n.target).split(".")[1] for n in gm.graph.nodes if n.op == "call_function"]
-    ['view', 'layer_norm', 'view', 'mul', 'add']
+    ['view', 'layer_norm', 'view', 'view', 'mul', 'view', 'add']
     """
     aten = torch.ops.aten
     count = 0
