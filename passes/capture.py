@@ -80,7 +80,7 @@ def capture(
             f"or use {_TRY_COMPILE}"
         )
     args = _as_args(example_inputs)
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # each module's own flag: train() would recurse
     try:
         model.eval()
         if method == "export" and has_dtensor(model):
@@ -94,7 +94,8 @@ def capture(
                 )
             gm = _symbolic_trace(model, args)
     finally:
-        model.train(was_training)
+        for m, training in modes.items():
+            m.training = training
     _fill_output_val(gm)
     own_state(gm)
     return gm

@@ -60,6 +60,18 @@ def test__capture__restores_training_mode_and_graph_runs_in_eval():
         torch.testing.assert_close(gm(*args), model(*args))  # no dropout in the graph
 
 
+@pytest.mark.parametrize("method", ["export", "symbolic_trace"])
+def test__capture__restores_each_submodules_own_mode(method):
+    """A training-mode wrapper around a model in eval (how keyword inputs are often passed):
+    every submodule keeps its own flag, so the user's float model keeps its dropout off."""
+    inner = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).eval()
+    outer = nn.Sequential(inner, nn.ReLU())
+    outer.training = True  # the wrapper alone in training mode
+    before = {n: m.training for n, m in outer.named_modules()}
+    capture(outer, (torch.randn(2, 4),), method=method)
+    assert {n: m.training for n, m in outer.named_modules()} == before
+
+
 def test__capture__symbolic_trace_does_not_leave_user_model_in_eval():
     model, args = models.mlp()
     model.train()
