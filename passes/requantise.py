@@ -171,8 +171,14 @@ def analyse(
                 ni.kind = "high"
                 ni.reasons.append(ni.precision_why)
             elif n.name in an.failures and is_float_value(n) and an.failures[n.name] == "no rule":
-                ni.kind = "fallback"
-                ni.reasons.append(f"no rule for {ni.op}: runs in high precision")
+                if n.users and all(u.name in steps and steps[u.name].op is torch.ops.aten.rms_norm.default
+                                   for u in n.users):  # the rsqrt of a written-out RMSNorm
+                    ni.kind = "high"
+                    ni.reasons.append(f"{ni.op}: the statistic of an RMSNorm (its product is bounded as "
+                                      "rms_norm is): high precision, nothing measured")
+                else:
+                    ni.kind = "fallback"
+                    ni.reasons.append(f"no rule for {ni.op}: runs in high precision")
             elif _shape_only(n, step):
                 ni.kind = "shape"
             if n.name in operand_of and is_float_value(n):
