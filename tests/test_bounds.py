@@ -110,6 +110,9 @@ def test_rms_norm_written_out__is_bounded_like_rms_norm():
     assert normed, "the normalised activations should have static scales"
     assert len(measured) <= 2, measured  # only requantise points, no RMSNorm output
     assert sqnr_db(model(*args).last_hidden_state, sm(*args).last_hidden_state) >= 24.0
+    rsqrt = [r for r in sm.report.rows if r["op"] == "aten.rsqrt"]
+    assert rsqrt and all(r["kind"] == "high" for r in rsqrt)  # a statistic, not a fallback
+    assert sm.report.summary["fallbacks"] == 0
 
 
 class _RMS(nn.Module):
