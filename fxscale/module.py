@@ -119,7 +119,8 @@ class ScaledGraphModule(fx.GraphModule):
                 "dimension (dim 0) and the dims declared in dynamic_shapes (up to their maximum) left "
                 "dynamic, since bounds can depend on the other sizes (a longer sequence sums more terms): "
                 "declare the dim with its maximum, e.g. dynamic_shapes=({1: torch.export.Dim('seq', "
-                "max=2048)},), or transform again with an example of this shape."
+                "max=2048)},), or transform again with an example of this shape. (Declared it already? "
+                "Then the model's code fixed it to the example's size: a warning at transform time said so.)"
             ) from e
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):

@@ -247,7 +247,55 @@ def _export(model: nn.Module, args: tuple, dynamic_batch: bool, dynamic_shapes: 
     inline_regions(gm)
     if dynamic_batch:
         _warn_if_static_batch(model, gm)
+    if dynamic_shapes is not None:
+        _warn_if_declared_dims_specialised(model, gm, args, dynamic_shapes)
     return gm
+
+
+def _declared_dims(arg: Any, spec: Any):
+    """``(tensor leaf index, dim)`` of each dim ``spec`` declares for ``arg`` (leaves in pytree order)."""
+    count = [0]
+
+    def walk(a, sp):
+        if isinstance(a, torch.Tensor):
+            i = count[0]
+            count[0] += 1
+            if isinstance(sp, dict):
+                yield from ((i, int(d)) for d in sp)
+        elif isinstance(a, (list, tuple)):
+            subs = sp if isinstance(sp, (list, tuple)) and len(sp) == len(a) else [None] * len(a)
+            for x, y in zip(a, subs):
+                yield from walk(x, y)
+        elif isinstance(a, dict):
+            for k in a:
+                yield from walk(a[k], sp.get(k) if isinstance(sp, dict) else None)
+
+    return list(walk(arg, spec))
+
+
+def _warn_if_declared_dims_specialised(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, dynamic_shapes) -> None:
+    """A dim declared in ``dynamic_shapes`` that the model's code fixed to the example's size
+    (export with ``Dim.AUTO`` may specialise it: a Python loop over ``x.shape[1]``, say)."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    user = tuple(dynamic_shapes.values()) if isinstance(dynamic_shapes, dict) else tuple(dynamic_shapes)
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    tensors = [(nm, v) for nm, v in zip(names, vals) if isinstance(v, torch.Tensor)]
+    fixed = []
+    for i, d in _declared_dims(tuple(args), tuple(user)):
+        if i < len(tensors):
+            nm, v = tensors[i]
+            if d < v.dim() and is_concrete_int(v.shape[d]):
+                fixed.append(f"dim {d} of {nm!r} (fixed at {int(v.shape[d])})")
+    if fixed:
+        warnings.warn(
+            f"{type(model).__name__}: dynamic_shapes declares {', '.join(fixed)} dynamic, but the model's code "
+            "fixed it to the example's size while torch.export traced it (a Python loop or branch over that "
+            "size, e.g. a scan); other sizes will fail. Transform once per size you run, or make that code "
+            "size-independent.",
+            stacklevel=4,
+        )
 
 
 def _export_tensor_parallel(model: nn.Module, args: tuple, dynamic_batch: bool) -> torch.fx.GraphModule:

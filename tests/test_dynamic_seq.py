@@ -144,3 +144,30 @@ def test_dynamic_seq__named_dims_the_solver_rejects_are_retried_as_auto_with_the
     assert sqnr_db(model(x)[0], sm(x)[0]) > 18
     with pytest.raises(ValueError):
         sm(torch.randn(2, 33, 16))
+
+
+class _Scan(torch.nn.Module):
+    """A Python loop over the sequence (a scan): export fixes the declared dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        h, outs = torch.zeros_like(x[:, 0]), []
+        for i in range(x.shape[1]):
+            h = 0.5 * h + x[:, i]
+            outs.append(h)
+        return self.lin(torch.stack(outs, 1))
+
+
+def test_declared_dim_the_model_fixes__warns_at_transform_naming_it():
+    """A declared dim the model's code specialises: a warning at transform time names the input
+    and the dim (it used to pass silently, then every other length failed with advice to
+    declare what was declared), and the call-time error points back to it."""
+    from torch.export import Dim
+
+    with pytest.warns(UserWarning, match=r"dim 1 of 'x' \(fixed at 16\)"):
+        sm = fxscale.transform(_Scan().eval(), (torch.randn(2, 16, 8),), dynamic_shapes=({1: Dim("seq", max=64)},))
+    with pytest.raises(ValueError, match="Declared it already"):
+        sm(torch.randn(2, 9, 8))
