@@ -30,7 +30,7 @@ from torch import fx
 
 aten = torch.ops.aten
 
-__all__ = ["FOLDABLE", "fold"]
+__all__ = ["FOLDABLE", "FOLDABLE_ON_CONSTANTS", "fold"]
 
 #: Ops folded on constants: they move values without arithmetic (a dtype cast rounds, once).
 FOLDABLE = {
@@ -40,6 +40,12 @@ FOLDABLE = {
     aten.detach.default, aten.alias.default, aten.slice.Tensor, aten.select.int, aten.flatten.using_ints,
     aten.to.dtype, aten._to_copy.default,
 }
+
+
+#: Arithmetic folded where every tensor operand is a constant: the weight a weight-normalised
+#: conv reads (Wav2Vec2's positional conv: ``_weight_norm(v, g, dim)``) is computed once, by the
+#: kernel the call would run, and the conv's weight is quantised once like any other.
+FOLDABLE_ON_CONSTANTS = {aten._weight_norm.default}
 
 
 def _attr(gm: fx.GraphModule, target: str):
@@ -67,6 +73,9 @@ def fold(gm: fx.GraphModule) -> list[str]:
     g = gm.graph
     done: list[str] = []
     for n in list(g.nodes):
+        if n.op == "call_function" and n.target in FOLDABLE_ON_CONSTANTS and _fold_on_constants(gm, n):
+            done.append(n.name)
+            continue
         if n.op != "call_function" or n.target not in FOLDABLE or not n.args:
             continue
         src = n.args[0]
@@ -99,3 +108,30 @@ def fold(gm: fx.GraphModule) -> list[str]:
         g.lint()
         gm.recompile()
     return done
+
+
+def _fold_on_constants(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """Evaluate ``n`` once if each of its node operands is an unmutated constant."""
+    srcs = [a for a in n.args if isinstance(a, fx.Node)]
+    if not srcs or any(a.op != "get_attr" or _mutated(a) for a in srcs) or not _static(tuple(n.kwargs.values())):
+        return False
+    if not all(_static(a) for a in n.args if not isinstance(a, fx.Node)):
+        return False
+    values = {a: _attr(gm, a.target) for a in srcs}
+    if not all(isinstance(v, torch.Tensor) for v in values.values()):
+        return False
+    with torch.no_grad():
+        out = n.target(*[values[a].detach() if isinstance(a, fx.Node) else a for a in n.args], **n.kwargs)
+    name = f"{srcs[0].target.replace('.', '_')}_{n.name}"
+    while hasattr(gm, name):
+        name += "_"
+    gm.register_buffer(name, out)
+    with gm.graph.inserting_before(n):
+        c = gm.graph.get_attr(name)
+    c.meta = dict(n.meta)
+    n.replace_all_uses_with(c)
+    gm.graph.erase_node(n)
+    for a in srcs:
+        if not a.users:
+            gm.graph.erase_node(a)
+    return True

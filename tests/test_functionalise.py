@@ -155,3 +155,29 @@ def test__fold__leaves_buffers_the_graph_mutates():
     m = Cache()
     gm = capture(m, (torch.randn(2, 8),))
     assert fold(gm) == []
+
+
+@torch.no_grad()
+def test_fold__weight_norm_of_constants_is_computed_once_and_its_conv_quantised():
+    """A weight-normalised conv (Wav2Vec2's positional conv): ``_weight_norm(v, g)`` of two
+    parameters is folded into one constant, so the conv reads a weight quantised once (it stayed
+    float32 before: 19% of Wav2Vec2's weight FLOPs), with the same output as the model."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    import fxscale
+
+    torch.manual_seed(0)
+    conv = weight_norm(torch.nn.Conv1d(16, 16, 5, padding=2, groups=4), name="weight", dim=2)
+    m = torch.nn.Sequential(torch.nn.Conv1d(4, 16, 3, padding=1), conv, torch.nn.GELU()).eval()
+    x = torch.randn(2, 4, 32)
+    from passes.capture import capture
+    from passes.fold import fold
+
+    gm = capture(m, (x,))
+    assert any("weight_norm" in name for name in fold(gm))
+    assert not any(n.target is torch.ops.aten._weight_norm.default for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(x), m(x))
+    sm = fxscale.transform(m, (x,))
+    rows = [r for r in sm.report.rows if r["op"] == "aten.conv1d"]
+    assert len(rows) == 2 and all(r["kind"] == "quantised" for r in rows), rows
+    assert fxscale.sqnr_db(m(x), sm(x)) > 20
