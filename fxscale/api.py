@@ -120,9 +120,26 @@ def transform(
     dynamic = None
     if c.input_bounds and fork is not None:
         dynamic = passes.resume(fork).gm
-    return ScaledGraphModule(c.gm, cfg, input_bounds=c.input_bounds, inputs=[p.name for p in c.placeholders],
-                             dynamic=dynamic, pass_times=c.times, signature=_signature(model),
-                             input_specs=[_input_spec(p) for p in c.placeholders])
+    sm = ScaledGraphModule(c.gm, cfg, input_bounds=c.input_bounds, inputs=[p.name for p in c.placeholders],
+                           dynamic=dynamic, pass_times=c.times, signature=_signature(model),
+                           input_specs=[_input_spec(p) for p in c.placeholders])
+    if c.input_bounds and cfg.on_overflow == "raise":
+        _check_examples(sm, example_inputs)
+    return sm
+
+
+def _check_examples(sm, example_inputs: Any) -> None:
+    """A declared bound the example itself breaks: said at transform time (a warning: an example
+    may be random data for the shapes), not only at the first call."""
+    from passes.capture import _as_args
+
+    from .module import _check_inputs
+
+    try:
+        _check_inputs(sm, _as_args(example_inputs), {})
+    except ValueError as e:
+        warnings.warn(f"the example inputs break their declared bounds: {e}. Calls with such inputs will raise "
+                      "(on_overflow='raise'); check input_bounds", stacklevel=3)
 
 
 def _input_spec(p: fx.Node) -> tuple[str, int | None, tuple | None, torch.dtype | None]:

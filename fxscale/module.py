@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -114,8 +115,18 @@ class ScaledGraphModule(fx.GraphModule):
                     "the model was captured (a warning at transform time said why). Transform again with an "
                     "example of this batch size, or use torch.compile(model, backend='fxscale')."
                 ) from e
+            fixed = re.search(r"(\w+)\.size\(\)\[(\d+)\] (==|>=|<=|<|>) (\d+)", str(e))
+            if fixed and fixed.group(3) != "==":
+                raise ValueError(
+                    f"{e}: dim {fixed.group(2)} of input {fixed.group(1)!r} is outside the range declared for it "
+                    f"in dynamic_shapes (it must be {fixed.group(3)} {fixed.group(4)}); widen the Dim's min/max "
+                    "and transform again."
+                ) from e
+            head = (f"dim {fixed.group(2)} of input {fixed.group(1)!r} is fixed at {fixed.group(4)}, the example's "
+                    "size. If it is a feature size of the model, pass inputs of that size. If it varies between "
+                    "calls: " if fixed else "")
             raise ValueError(
-                f"{e}: fxscale proved its bounds for the example inputs' shapes, with only the batch "
+                f"{e}: {head}fxscale proved its bounds for the example inputs' shapes, with only the batch "
                 "dimension (dim 0) and the dims declared in dynamic_shapes (up to their maximum) left "
                 "dynamic, since bounds can depend on the other sizes (a longer sequence sums more terms): "
                 "declare the dim with its maximum, e.g. dynamic_shapes=({1: torch.export.Dim('seq', "

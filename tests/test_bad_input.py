@@ -341,3 +341,30 @@ def test_declared_row_norm__overflow_raises_saturates_or_clamps():
     assert torch.allclose(y, sat(big_rows * (5.0 / 8.0)), atol=1e-6)
     clamp = transform(model, (x,), input_bounds=[(4.0, 5.0)], on_overflow="clamp")
     assert torch.allclose(torch.compile(clamp, fullgraph=True)(big_rows), y, atol=1e-5)
+
+
+def test_declared_bound_below_the_example__warns_at_transform_naming_the_input():
+    m = torch.nn.Sequential(torch.nn.Linear(16, 8)).eval()
+    x = torch.full((4, 16), 2.5)
+    with pytest.warns(UserWarning, match=r"example inputs break their declared bounds: input 'input(_1)?' has max \|x\| = 2.5"):
+        sm = transform(m, (x,), input_bounds=0.1)
+    with pytest.raises(ValueError, match="beyond its declared bound"):
+        sm(x)
+
+
+def test_wrong_feature_size__error_says_the_dim_is_fixed_at_the_examples_size():
+    sm = transform(torch.nn.Sequential(torch.nn.Linear(16, 8)).eval(), (torch.randn(4, 16),))
+    with pytest.raises(ValueError, match=r"dim 1 of input 'input' is fixed at 16, the example's size"):
+        sm(torch.randn(4, 12))
+
+
+def test_declared_dim_below_its_min__error_names_the_range():
+    from torch.export import Dim
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return x.sum(-1, keepdim=True) * x
+
+    sm = transform(M(), (torch.randn(2, 8),), dynamic_shapes=({1: Dim("n", min=4, max=16)},))
+    with pytest.raises(ValueError, match=r"outside the range declared for it in dynamic_shapes"):
+        sm(torch.randn(2, 3))
