@@ -363,6 +363,13 @@ class _Compiled:
         from .api import transform
 
         ds = self._dynamic_shapes()
+        with warnings.catch_warnings():
+            # Dynamo's first graph has static shapes and it recompiles for another batch: the
+            # capture's "batch specialised, other batch sizes will fail" does not apply here.
+            warnings.filterwarnings("ignore", message=r".*batch dimension of input\(s\)")
+            return self._transform_quietly(lifted, examples, ds, transform)
+
+    def _transform_quietly(self, lifted: _Lifted, examples: list[Any], ds, transform):
         if ds is not None:
             return transform(lifted.module, tuple(examples), dynamic_shapes=ds, **self.opts)
         if any(self.dynamic_dims) and self.cache and not self.warned_retransform:

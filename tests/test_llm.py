@@ -113,6 +113,73 @@ def test_generate__left_padded_prompts_of_different_lengths_match_each_prompt_al
     assert float((out == ref).float().mean()) >= 0.5, name
 
 
+@torch.no_grad()
+def test_generate__rows_reordered_between_steps_read_their_own_history(pair):
+    """Beam search reorders rows between generate() steps (transformers passes the reordered
+    input_ids): the cache rows follow them. Before, row b kept reading the old row b's K/V
+    (1.0 dB against a fresh prefill, found by a new-user trial)."""
+    name, _, flm = pair
+    g = torch.Generator().manual_seed(3)
+    a, nxt = torch.randint(3, 100, (2, 6), generator=g), torch.randint(3, 100, (2, 1), generator=g)
+    step2 = torch.cat([a[[1, 0]], nxt], 1)
+    flm._in_generate, flm._len = True, 0  # as generate() drives forward
+    try:
+        flm(a)
+        got = flm(step2).logits[:, -1]
+    finally:
+        flm._in_generate = False
+    fresh = flm(step2).logits[:, -1]
+    assert fxscale.sqnr_db(fresh, got) > 20, name
+
+
+@torch.no_grad()
+def test_generate__beam_search_scores_as_a_fresh_prefill_at_every_step_does(pair):
+    name, _, flm = pair
+    ids = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(4))
+    kw = {"max_new_tokens": 8, "num_beams": 3, "do_sample": False, "pad_token_id": 0, "eos_token_id": None,
+          "return_dict_in_generate": True, "output_scores": True}
+    fast = flm.generate(ids, **kw)
+    assert fast.sequences.shape == (1, 14)
+    forward = type(flm).forward
+
+    def every_step_fresh(input_ids, attention_mask=None, **k):
+        flm._in_generate = False
+        try:
+            return forward(flm, input_ids, attention_mask, **k)
+        finally:
+            flm._in_generate = True
+
+    flm.forward = every_step_fresh
+    try:
+        slow = flm.generate(ids, **kw)
+    finally:
+        del flm.forward
+    same = torch.equal(fast.sequences, slow.sequences)
+    assert same or abs(float(fast.sequences_scores[0] - slow.sequences_scores[0])) < 0.05, name
+
+
+def test_generate__beyond_max_len_raises_before_generating(pair):
+    _, _, flm = pair
+    with pytest.raises(ValueError, match="max_new_tokens=60 is beyond max_len"):
+        flm.generate(torch.randint(1, 100, (1, 10)), max_new_tokens=60, pad_token_id=0)
+
+
+def test_wrap__max_len_beyond_the_position_table_raises():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    lm = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16)).eval()
+    with pytest.raises(ValueError, match="beyond the model's 16 positions"):
+        fxscale.llm.wrap(lm, max_len=64)
+
+
+def test_wrap__leaves_the_models_own_mode_alone():
+    """wrap's step module is a fresh (training) module: capturing it must not turn the user's
+    model, in eval, back to training (GPT-2's dropout on: found by a new-user trial)."""
+    lm = _gpt2()
+    fxscale.llm.wrap(lm, max_len=16)
+    assert not any(m.training for m in lm.modules())
+
+
 def test_generate__right_padding_raises_saying_to_pad_on_the_left(pair):
     _, _, flm = pair
     ids = torch.randint(1, 100, (2, 6))
