@@ -333,12 +333,13 @@ def _warn_if_static_batch(model: nn.Module, gm: torch.fx.GraphModule) -> None:
     static = []
     vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
     dim0 = [v.shape[0] for v in vals if isinstance(v, torch.Tensor) and v.dim() >= 1]
-    # A (1,)-shaped argument beside a batch of 2 (a broadcast scale) has no batch dimension.
-    batch = next((int(d) for d in dim0 if not is_concrete_int(d) or int(d) != 1), None)
+    # A (1,)-shaped argument beside a batch (a broadcast scale) has no batch dimension. (Never
+    # int() a symbolic size here: that would specialise it.)
+    others = any(not is_concrete_int(d) or int(d) != 1 for d in dim0)
     for n in gm.graph.nodes:
         v = n.meta.get("val")
         batched = n.op == "placeholder" and isinstance(v, torch.Tensor) and v.dim() >= 1
-        if batched and is_concrete_int(v.shape[0]) and batch is not None and int(v.shape[0]) == 1 != batch:
+        if batched and is_concrete_int(v.shape[0]) and int(v.shape[0]) == 1 and others:
             continue
         if batched and is_concrete_int(v.shape[0]):  # a SymInt specialised to a constant counts
             static.append(f"{n.name} (batch {int(v.shape[0])})")

@@ -170,3 +170,14 @@ def test__static_batch_guard__error_says_the_batch_was_fixed():
         sm = fxscale.transform(FixedBatch(), (torch.randn(4, 16),))
     with pytest.raises(ValueError, match="batch dimension .dim 0. of this input was fixed"):
         sm(torch.randn(5, 16))
+
+
+def test__capture__a_broadcast_argument_of_shape_1_is_not_a_specialised_batch():
+    class M(nn.Module):
+        def forward(self, x, s):
+            return x * s
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gm = capture(M(), (torch.randn(2, 4), torch.tensor([0.5])))
+    torch.testing.assert_close(gm(torch.ones(5, 4), torch.tensor([2.0])), torch.full((5, 4), 2.0))
