@@ -168,7 +168,15 @@ def _check_input_specs(specs: list, args, kwargs) -> None:
     (export's guard raises an IndexError for another rank, and lets another dtype through, where
     the bounds were proven for the example's dtype: its rounding, its representable bounds)."""
     leaves = pytree.tree_leaves((args, kwargs))
+    if len(leaves) != len(specs):
+        raise TypeError(
+            f"the inputs hold {len(leaves)} values where the example held {len(specs)} "
+            f"({', '.join(name for name, *_ in specs)}): pass tensors where the example had tensors "
+            "(not lists), in the example's structure"
+        )
     for (name, dim, shape, dtype), x in zip(specs, leaves):
+        if dim is not None and not isinstance(x, Tensor):
+            raise TypeError(f"input {name!r} must be a Tensor like its example (shape {shape}), got {type(x).__name__}")
         if dim is None or not isinstance(x, Tensor):
             continue
         if x.dim() != dim:

@@ -368,3 +368,9 @@ def test_declared_dim_below_its_min__error_names_the_range():
     sm = transform(M(), (torch.randn(2, 8),), dynamic_shapes=({1: Dim("n", min=4, max=16)},))
     with pytest.raises(ValueError, match=r"outside the range declared for it in dynamic_shapes"):
         sm(torch.randn(2, 3))
+
+
+def test_a_list_where_the_example_had_a_tensor__type_error_names_the_input():
+    sm = transform(torch.nn.Sequential(torch.nn.Linear(4, 2)).eval(), (torch.randn(3, 4),))
+    with pytest.raises(TypeError, match="example held 1"):
+        sm(torch.randn(3, 4).tolist())
