@@ -171,8 +171,8 @@ def _check_input_specs(specs: list, args, kwargs) -> None:
     if len(leaves) != len(specs):
         raise TypeError(
             f"the inputs hold {len(leaves)} values where the example held {len(specs)} "
-            f"({', '.join(name for name, *_ in specs)}): pass tensors where the example had tensors "
-            "(not lists), in the example's structure"
+            f"({', '.join(name for name, *_ in specs)}): pass the inputs in the example's structure "
+            "(tensors where it had tensors, not lists; the same optional arguments)"
         )
     for (name, dim, shape, dtype), x in zip(specs, leaves):
         if dim is not None and not isinstance(x, Tensor):
