@@ -71,8 +71,9 @@ class ScaledGraphModule(fx.GraphModule):
         self.config = config
         self.input_bounds = dict(input_bounds)
         ib = self.input_bounds
+        shown = _shown_names(inputs, signature)
         if (ib and config.on_overflow != "clamp") or config.nonfinite == "raise":
-            self._fxscale_checks = [(p, ib.get(p)) for p in inputs]
+            self._fxscale_checks = [(shown[p], ib.get(p)) for p in inputs]
         if ib and config.on_overflow == "clamp":
             self._fxscale_clamps = [ib.get(p) for p in inputs]
         # The same model with run-time input scales (on_overflow="requantise"), or None; a
@@ -80,7 +81,8 @@ class ScaledGraphModule(fx.GraphModule):
         self._fxscale_dynamic = dynamic
         self.pass_times = dict(pass_times or {})
         self._fxscale_signature = signature
-        self._fxscale_inputs = list(input_specs) if input_specs is not None else None
+        self._fxscale_inputs = ([(shown.get(n, n), *rest) for n, *rest in input_specs]
+                                if input_specs is not None else None)
         self.report = Report.from_graph(self, config.format)
 
     def __call__(self, *args, **kwargs):
@@ -161,6 +163,22 @@ class ScaledGraphModule(fx.GraphModule):
             "(torch.export.load(path).module() runs it, fxscale imported for its ops), or save "
             "sm.state_dict() and load it into fxscale.transform(model, example_inputs) of the same model."
         )
+
+
+def _shown_names(inputs: list[str], signature: inspect.Signature | None) -> dict[str, str]:
+    """Graph input name -> the name to show in messages: forward's parameter where torch.export
+    renamed it (``input`` -> ``input_1``, a Python builtin).
+
+    >>> import inspect
+    >>> _shown_names(["input_1", "x"], inspect.Signature([inspect.Parameter("input", inspect.Parameter.POSITIONAL_OR_KEYWORD)]))
+    {'input_1': 'input', 'x': 'x'}
+    """
+    params = set(signature.parameters) if signature is not None else set()
+    out = {}
+    for n in inputs:
+        m = re.fullmatch(r"(.+)_\d+", n)
+        out[n] = m.group(1) if n not in params and m and m.group(1) in params and m.group(1) not in inputs else n
+    return out
 
 
 def _check_input_specs(specs: list, args, kwargs) -> None:

@@ -35,7 +35,7 @@ def test_inf_in_the_example_input__raises_naming_the_input(declared):
 @pytest.mark.parametrize("declared", [None, 20.0])
 def test_input_of_another_rank__names_the_input_and_the_example_rank(declared):
     sm = _transform(_mlp(), (torch.randn(4, 8),), input_bounds=declared)
-    with pytest.raises(ValueError, match=r"input 'input_1' has 1 dimension.*transformed for 2"):
+    with pytest.raises(ValueError, match=r"input 'input' has 1 dimension.*transformed for 2"):
         sm(torch.randn(8))
 
 
@@ -79,10 +79,10 @@ def test_input_of_another_dtype__raises_a_type_error_naming_the_input(dtype, dec
     """Transformed for float32: a float64 / int64 / bf16 input used to run silently (against bounds
     and scales proven for float32); now a TypeError names the input and both dtypes."""
     sm = _transform(_mlp(), (torch.rand(4, 8),), input_bounds=declared)
-    with pytest.raises(TypeError, match=r"input 'input_1' has dtype torch\.\w+, but the model was transformed "
+    with pytest.raises(TypeError, match=r"input 'input' has dtype torch\.\w+, but the model was transformed "
                                         r"for torch\.float32"):
         sm(torch.ones(4, 8).to(dtype))
-    with pytest.raises(TypeError, match="input 'input_1' has dtype"):
+    with pytest.raises(TypeError, match="input 'input' has dtype"):
         sm(input=torch.ones(4, 8).to(dtype))  # by keyword (forward's name) too
     sm(torch.ones(4, 8))  # float32 still runs
 
