@@ -146,6 +146,8 @@ class ScaledGraphModule(fx.GraphModule):
         own = self.state_dict()
         changed = [k for k, v in state_dict.items()
                    if k in own and isinstance(v, Tensor) and not _same_tensor(own[k], v)]
+        changed += [k for k, v in state_dict.items() if k not in own and isinstance(v, Tensor)
+                    and not self._same_as_quantised(k, v)]
         if changed:
             raise ValueError(
                 f"load_state_dict: {len(changed)} tensor(s) differ from those the scales were proven "
@@ -154,6 +156,29 @@ class ScaledGraphModule(fx.GraphModule):
                 "again: model.load_state_dict(sd); sm = fxscale.transform(model, example_inputs)."
             )
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _same_as_quantised(self, key: str, value: Tensor) -> bool:
+        """True unless ``key`` is a weight this module holds quantised (``<key>_<format>`` with
+        ``<key>_scale``) and ``value`` quantises to other data (the original model's own state dict
+        passes; another model's weights do not)."""
+        from .formats import get_format
+
+        fmt = get_format(self.config.format)
+        data = scale = None
+        for base in (key.replace(".", "_"), "_" + key.replace(".", "_")):  # (a name may not start with a digit)
+            data, scale = getattr(self, f"{base}_{fmt.name}", None), getattr(self, f"{base}_scale", None)
+            if isinstance(data, Tensor):
+                break
+        if not isinstance(data, Tensor) or not isinstance(scale, Tensor) or value.shape != data.shape:
+            return not isinstance(data, Tensor)
+        w = value.detach().to(torch.float32)
+        if fmt.pow2:  # as passes.bounds.quantise_const quantises a weight
+            w = w * (1.0 / float(scale))
+            again = (w if fmt.is_float else torch.round(w)).to(fmt.dtype)
+        else:
+            again = fmt.cast(w / scale)
+        return torch.equal(again.view(torch.uint8) if again.element_size() == 1 else again,
+                           data.view(torch.uint8) if data.element_size() == 1 else data)
 
     def __reduce__(self):
         raise TypeError(

@@ -176,6 +176,18 @@ def test_sm_load_state_dict__of_other_weights_raises_and_of_its_own_works():
         sm.load_state_dict(sm_other.state_dict())
 
 
+@pytest.mark.parametrize("fmt", ["e4m3", "int8", "int8:exact"])
+def test_sm_load_state_dict__of_the_float_models_weights_names_each_that_differs(fmt):
+    """A float model's state dict (its weights under their own names, which the transformed
+    module holds quantised): the original's passes, another model's weights are named, not
+    skipped (with strict=False they used to be dropped without a word)."""
+    model, other = _mlp(0), _mlp(1)
+    sm = _transform(model, (torch.rand(4, 16),), format=fmt)
+    sm.load_state_dict(model.state_dict(), strict=False)
+    with pytest.raises(ValueError, match=r"weight"):
+        sm.load_state_dict(other.state_dict(), strict=False)
+
+
 # ---------------------------------------------------------------- case 12: tiny inputs
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2", "int16", "int8"])
 @pytest.mark.parametrize("mag", [1e-20, 1e-25, 1e-30])
