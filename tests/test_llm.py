@@ -283,3 +283,16 @@ def test_wrap__beyond_max_len_raises():
     flm = fxscale.llm.wrap(lm, max_len=8)
     with pytest.raises(ValueError, match="max_len=8"):
         flm(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_example_llm_generate_runs_in_a_fresh_process():
+    """examples/llm_generate.py, as a user runs it (its own process, the installed package)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "examples" / "llm_generate.py")], check=False, capture_output=True,
+                       text=True, timeout=600, cwd=root)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "every greedy token is the float32 model's choice" in r.stdout and "0.50x" in r.stdout
