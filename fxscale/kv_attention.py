@@ -97,8 +97,24 @@ class _Context:
 _ACTIVE: list[_Context] = []
 
 
-def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """HF attention function: attend to the float8 cache with this call's K/V written into it."""
+#: Keyword arguments transformers passes to attention functions that do not change what they
+#: compute (positions and flags the cache and mask here already account for).
+_HARMLESS = {"position_ids", "cache_position", "use_cache", "output_attentions", "past_key_value",
+             "past_key_values", "is_causal", "head_mask", "layer_idx", "position_embeddings", "query_length"}
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+               softcap=None, **kwargs):
+    """HF attention function: attend to the float8 cache with this call's K/V written into it.
+    Sliding windows (Mistral, Gemma 2/3) and logit soft-capping (Gemma 2) are computed as
+    transformers does; any other argument that changes attention is refused (not ignored)."""
+    unknown = sorted(k for k, v in kwargs.items() if k not in _HARMLESS and v is not None and v is not False)
+    if unknown or (dropout and module.training):
+        raise NotImplementedError(
+            f"fxscale.llm: this model's attention takes {unknown or ['dropout in training']}, which fxscale.llm's "
+            "float8-cache attention does not implement; transform the model without wrap (fxscale.transform) "
+            "instead of computing another function"
+        )
     ctx = _ACTIVE[-1]
     i = module.layer_idx
     ks, vs = ctx.scales[i]
@@ -110,6 +126,8 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     ctx.new_kv[i] = (key, value)
     slots = torch.arange(k_all.shape[2], device=pos.device)
     mask = slots[None, :] <= pos[:, None]  # (S, L): causal over the cache
+    if sliding_window is not None:  # transformers: key j is seen from query i where j > i - window
+        mask = mask & (slots[None, :] > pos[:, None] - int(sliding_window))
     if ctx.pad is not None:  # left padding: row b's first pad[b] slots hold no token
         valid = slots[None, :] >= ctx.pad[:, None]  # (B, L)
         own = slots[None, :] == pos[:, None]  # a pad token sees itself: no row is all masked
@@ -122,7 +140,14 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         # stacked as rep * S query rows against that head's K/V (each row attends on its own).
         query = query.reshape(b, h // rep, rep * s, d)
         mask = mask.repeat(rep, 1) if mask.dim() == 2 else mask.repeat(1, 1, rep, 1)  # row r * S + i: i's
-    out = nn.functional.scaled_dot_product_attention(query, k_all, v_all, attn_mask=mask, scale=scaling)
+    if softcap is None:
+        out = nn.functional.scaled_dot_product_attention(query, k_all, v_all, attn_mask=mask, scale=scaling)
+    else:  # Gemma 2: scores soft-capped before the mask and softmax (no SDPA for that)
+        scale = scaling if scaling is not None else d**-0.5
+        scores = torch.matmul(query, k_all.transpose(-1, -2)) * scale
+        scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.masked_fill(~mask, float("-inf"))
+        out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(v_all.dtype), v_all)
     return out.reshape(b, h, s, d).transpose(1, 2), None
 
 
