@@ -99,8 +99,9 @@ _ACTIVE: list[_Context] = []
 
 #: Keyword arguments transformers passes to attention functions that do not change what they
 #: compute (positions and flags the cache and mask here already account for).
-_HARMLESS = {"position_ids", "cache_position", "use_cache", "output_attentions", "past_key_value",
-             "past_key_values", "is_causal", "head_mask", "layer_idx", "position_embeddings", "query_length"}
+_HARMLESS = {"position_ids", "cache_position", "use_cache", "output_attentions", "output_hidden_states",
+             "output_router_logits", "return_dict", "num_items_in_batch", "past_key_value", "past_key_values",
+             "is_causal", "head_mask", "layer_idx", "position_embeddings", "query_length"}
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
