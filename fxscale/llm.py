@@ -73,6 +73,8 @@ def wrap(lm: nn.Module, *, max_len: int, batch: int = 2, **transform_options: An
     runs). Other keyword arguments go to :func:`fxscale.transform`. Returns a
     :class:`FxscaleCausalLM`, whose ``generate()`` is transformers' (greedy and sampling).
     """
+    from passes.capture import CaptureError
+
     from .api import transform
 
     table = next((getattr(lm.config, k) for k in ("max_position_embeddings", "n_positions", "n_ctx")
@@ -93,9 +95,19 @@ def wrap(lm: nn.Module, *, max_len: int, batch: int = 2, **transform_options: An
     # Each pass reads the cache with the scales the previous one proved, until they settle.
     bound_options = {**transform_options, "requantise": False}
     scales = [(1.0, 1.0)] * layers
+    unsupported = (f"fxscale.llm.wrap: {type(lm).__name__}'s attention does not run through transformers' attention "
+                   "interface (config._attn_implementation) in every layer, which the float8 cache needs (models with "
+                   "their own attention code, e.g. Bloom's ALiBi or Falcon's, are not supported). Transform it without "
+                   "a cache instead: fxscale.transform(lm, (ids,), dynamic_shapes=...), or torch.compile(lm, "
+                   "backend='fxscale')")
     for _ in range(3):
-        sm = transform(_Step(lm, scales), args, dynamic_shapes=shapes, **bound_options)
+        try:
+            sm = transform(_Step(lm, scales), args, dynamic_shapes=shapes, **bound_options)
+        except CaptureError as e:
+            raise ValueError(f"{unsupported}. Capture failed: {str(e).splitlines()[0]}") from e
         bounds = _kv_bounds(sm)
+        if len(bounds) != 2 * layers:
+            raise ValueError(f"{unsupported}: {len(bounds) // 2} of {layers} layers did")
         new = [(KV_FORMAT.scale_for(bounds[2 * i]), KV_FORMAT.scale_for(bounds[2 * i + 1])) for i in range(layers)]
         if new == scales:
             break

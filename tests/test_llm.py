@@ -333,3 +333,20 @@ def test_wrap__attention_arguments_it_does_not_implement_are_refused():
 
     with pytest.raises(NotImplementedError, match=r"\['s_aux'\]"):
         _attention(torch.nn.Module(), None, None, None, None, s_aux=torch.zeros(2))
+
+
+@pytest.mark.parametrize("family", ["bloom", "falcon"])
+def test_wrap__a_model_with_its_own_attention_code_is_refused_saying_what_to_use(family):
+    """Bloom (ALiBi) and Falcon compute attention in their own code, not through transformers'
+    attention interface that the float8 cache plugs into: a clear error (was an IndexError, or
+    a capture error about a None mask)."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    if family == "bloom":
+        lm = T.BloomForCausalLM(T.BloomConfig(vocab_size=100, hidden_size=64, n_layer=2, n_head=4, use_cache=False))
+    else:
+        lm = T.FalconForCausalLM(T.FalconConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                new_decoder_architecture=True, num_kv_heads=2, use_cache=False))
+    with pytest.raises(ValueError, match="attention interface.*fxscale.transform"):
+        fxscale.llm.wrap(lm.eval(), max_len=32)
