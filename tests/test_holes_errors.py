@@ -3,25 +3,18 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from torch import nn
 
-from fxscale.api import transform
 from fxscale.formats import get_format
+
+from .holes import quiet_transform as _transform
 
 
 def _mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
-
-
-def _transform(model, args, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return transform(model, args, **kw)
 
 
 @pytest.mark.parametrize("declared", [None, 2.0])

@@ -7,27 +7,17 @@ the rule's bound with what PyTorch's kernel computes (float32 / bf16, rounding i
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import fxscale
-from fxscale.api import transform
 from fxscale.rules import Arg, Bound, evaluate
 
+from .holes import max_ratio as _max_ratio
+from .holes import quiet_transform as _transform
+
 aten = torch.ops.aten
-
-
-def _max_ratio(sm, *inputs) -> float:
-    return max((r["ratio"] for r in fxscale.audit(sm, *inputs)), default=0.0)
-
-
-def _transform(model, args, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return transform(model, args, **kw)
 
 
 # ---------------------------------------------------------------- case 1: avg_pool divisor_override

@@ -4,24 +4,14 @@ that were skipped, run-time scales that under- or overflowed, non-finite values 
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from torch import nn
 
 import fxscale
-from fxscale.api import transform
 
-
-def _max_ratio(sm, *inputs) -> float:
-    return max((r["ratio"] for r in fxscale.audit(sm, *inputs)), default=0.0)
-
-
-def _transform(model, args, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return transform(model, args, **kw)
+from .holes import max_ratio as _max_ratio
+from .holes import quiet_transform as _transform
 
 
 def _mlp(seed=0, d=16):
