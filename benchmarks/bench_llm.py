@@ -331,18 +331,25 @@ def plant_rare_token(lm) -> int:
     return rare
 
 
-def linear_amax(lm, run) -> dict[str, tuple[float, float]]:
-    """Per nn.Linear of ``lm``: (max |input| over ``run(lm)``, number of inputs seen)."""
-    seen: dict[str, float] = {}
-    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, max(seen.get(n, 0.0),
-                                                                                 a[0].abs().max().item())))
-             for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)]
+@contextlib.contextmanager
+def linear_inputs(lm, see, names=None):
+    """``see(name, input)`` on the input of each ``nn.Linear`` of ``lm`` (those in ``names`` if given)
+    while the block runs, under no_grad."""
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: see(n, a[0]))
+             for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear) and (names is None or n in names)]
     try:
         with torch.no_grad():
-            run(lm)
+            yield
     finally:
         for h in hooks:
             h.remove()
+
+
+def linear_amax(lm, run) -> dict[str, float]:
+    """Per nn.Linear of ``lm``: max |input| over ``run(lm)``."""
+    seen: dict[str, float] = {}
+    with linear_inputs(lm, lambda n, x: seen.__setitem__(n, max(seen.get(n, 0.0), x.abs().max().item()))):
+        run(lm)
     return seen
 
 
@@ -351,20 +358,14 @@ def saturated(lm, amax: dict[str, float], ids) -> tuple[int, int, float]:
     what a per-tensor static scale amax / 448 clamps."""
     count, total, worst = [0], [0], [0.0]
 
-    def hook(m, a, n):
-        x = a[0].abs()
+    def see(n, x):
+        x = x.abs()
         count[0] += int((x > amax[n]).sum())
         total[0] += x.numel()
         worst[0] = max(worst[0], x.max().item() / amax[n])
 
-    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n))
-             for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear) and n in amax]
-    try:
-        with torch.no_grad():
-            lm(ids)
-    finally:
-        for h in hooks:
-            h.remove()
+    with linear_inputs(lm, see, names=amax):
+        lm(ids)
     return count[0], total[0], worst[0]
 
 
@@ -399,7 +400,6 @@ def static_side_by_side(lm, flm, rare, args, best):
                 try:
                     import fxscale
 
-                    flm.allocate(1, flm.max_len)
                     rows = fxscale.audit(flm.sm, p, flm.positions[:n], tuple(flm.caches))
                     note += f"; audit: worst saturation ratio {max(r['ratio'] for r in rows):.3f} over {len(rows)} scales"
                 except Exception as e:  # noqa: BLE001
@@ -413,7 +413,8 @@ def static_side_by_side(lm, flm, rare, args, best):
             row("decode", "torchao fp8 static (calibrated; compile, cudagraph)", f"b{b} ctx{c}", ms, b / ms * 1e3,
                 note=f"{best[(b, c)] / ms:.2f}x vs bf16" if (b, c) in best else "")
     del ao
-    torch.cuda.empty_cache() if DEV == "cuda" else None
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
 
 
 def main():
