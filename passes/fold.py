@@ -92,17 +92,7 @@ def fold(gm: fx.GraphModule) -> list[str]:
             out = n.target(value.detach(), *n.args[1:], **n.kwargs)
         if not isinstance(out, torch.Tensor):
             continue
-        name = f"{src.target.replace('.', '_')}_{n.name}"
-        while hasattr(gm, name):
-            name += "_"
-        gm.register_buffer(name, out)
-        with g.inserting_before(n):
-            c = g.get_attr(name)
-        c.meta = dict(n.meta)
-        n.replace_all_uses_with(c)
-        g.erase_node(n)
-        if not src.users:
-            g.erase_node(src)
+        _replace_by_constant(gm, n, out, [src])
         done.append(n.name)
     if done:
         g.lint()
@@ -122,10 +112,17 @@ def _fold_on_constants(gm: fx.GraphModule, n: fx.Node) -> bool:
         return False
     with torch.no_grad():
         out = n.target(*[values[a].detach() if isinstance(a, fx.Node) else a for a in n.args], **n.kwargs)
+    _replace_by_constant(gm, n, out, srcs)
+    return True
+
+
+def _replace_by_constant(gm: fx.GraphModule, n: fx.Node, value: torch.Tensor, srcs: list[fx.Node]) -> None:
+    """``n`` -> a ``get_attr`` of ``value`` (a buffer named after its first source); sources
+    left without users go."""
     name = f"{srcs[0].target.replace('.', '_')}_{n.name}"
     while hasattr(gm, name):
         name += "_"
-    gm.register_buffer(name, out)
+    gm.register_buffer(name, value)
     with gm.graph.inserting_before(n):
         c = gm.graph.get_attr(name)
     c.meta = dict(n.meta)
@@ -134,4 +131,3 @@ def _fold_on_constants(gm: fx.GraphModule, n: fx.Node) -> bool:
     for a in srcs:
         if not a.users:
             gm.graph.erase_node(a)
-    return True
