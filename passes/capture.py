@@ -279,9 +279,8 @@ def _warn_if_declared_dims_specialised(model: nn.Module, gm: torch.fx.GraphModul
     from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
     user = tuple(dynamic_shapes.values()) if isinstance(dynamic_shapes, dict) else tuple(dynamic_shapes)
-    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
-    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    tensors = [(nm, v) for nm, v in zip(names, vals) if isinstance(v, torch.Tensor)]
+    tensors = [(n.name, n.meta.get("val")) for n in gm.graph.nodes
+               if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)]
     fixed = []
     for i, d in _declared_dims(tuple(args), tuple(user)):
         if i < len(tensors):

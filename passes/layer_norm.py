@@ -62,18 +62,15 @@ def group_norm_as_layer_norm(gm: fx.GraphModule) -> int:
             y = g.call_function(aten.view.default, (x, [-1, groups, per]))
             y.meta["val"] = xv.reshape(-1, groups, per)
             ln = g.call_function(aten.layer_norm.default, (y, [per], None, None, eps))
-            ln.meta["val"] = torch.ops.aten.layer_norm.default(y.meta["val"], [per], None, None, eps)
+            ln.meta["val"] = aten.layer_norm.default(y.meta["val"], [per], None, None, eps)
             z = g.call_function(aten.view.default, (ln, [-1, c, *rest]))
             z.meta["val"] = out
-            if w is not None:
-                wv = g.call_function(aten.view.default, (w, [c, *ones]))
-                wv.meta["val"] = w.meta["val"].reshape(c, *ones) if w.meta.get("val") is not None else None
-                z = g.call_function(aten.mul.Tensor, (z, wv))
-                z.meta["val"] = out
-            if b is not None:
-                bv = g.call_function(aten.view.default, (b, [c, *ones]))
-                bv.meta["val"] = b.meta["val"].reshape(c, *ones) if b.meta.get("val") is not None else None
-                z = g.call_function(aten.add.Tensor, (z, bv))
+            for op, p in ((aten.mul.Tensor, w), (aten.add.Tensor, b)):  # the affine, per channel
+                if p is None:
+                    continue
+                pv = g.call_function(aten.view.default, (p, [c, *ones]))
+                pv.meta["val"] = p.meta["val"].reshape(c, *ones) if p.meta.get("val") is not None else None
+                z = g.call_function(op, (z, pv))
                 z.meta["val"] = out
         for k in ("stack_trace", "nn_module_stack", "source_fn_stack"):
             if k in n.meta:
