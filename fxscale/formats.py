@@ -122,6 +122,15 @@ class Format:
             torch._assert_async(torch.isfinite(x).all(), msg)
         return torch.round(x).clamp(-self.max, self.max).to(self.dtype)
 
+    def store(self, w: torch.Tensor, scale: float, *, in_range: bool) -> torch.Tensor:
+        """``w`` (float32) as this format's data at ``scale``, the way a weight is quantised once:
+        a plain cast of ``w * (1 / scale)`` where the scale is a power of two and ``w`` is within
+        it (``in_range``: chosen for its finite max), else :meth:`cast` of ``w / scale``."""
+        if in_range and self.pow2:
+            scaled = w * (1.0 / scale)
+            return (scaled if self.is_float else torch.round(scaled)).to(self.dtype)
+        return self.cast(w / scale)
+
     def info(self) -> torch.finfo | torch.iinfo:
         return torch.finfo(self.dtype) if self.is_float else torch.iinfo(self.dtype)
 

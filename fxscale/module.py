@@ -172,11 +172,7 @@ class ScaledGraphModule(fx.GraphModule):
         if not isinstance(data, Tensor) or not isinstance(scale, Tensor) or value.shape != data.shape:
             return not isinstance(data, Tensor)
         w = value.detach().to(torch.float32)
-        if fmt.pow2:  # as passes.bounds.quantise_const quantises a weight
-            w = w * (1.0 / float(scale))
-            again = (w if fmt.is_float else torch.round(w)).to(fmt.dtype)
-        else:
-            again = fmt.cast(w / scale)
+        again = fmt.store(w, float(scale), in_range=bool(torch.isfinite(w).all()))  # as quantise_const does
         return torch.equal(again.view(torch.uint8) if again.element_size() == 1 else again,
                            data.view(torch.uint8) if data.element_size() == 1 else data)
 

@@ -231,11 +231,7 @@ def quantise_const(value: Tensor, fmt: Format, *, spectral: bool, amax: float | 
     if amax is None:
         amax = float(w.abs().max()) if w.numel() else 0.0
     scale = fmt.scale_for(amax)
-    if math.isfinite(amax) and fmt.pow2:  # in range by construction (exact scaling): a plain cast
-        scaled = w * (1.0 / scale)
-        data = (scaled if fmt.is_float else torch.round(scaled)).to(fmt.dtype)
-    else:
-        data = fmt.cast(w / scale)
+    data = fmt.store(w, scale, in_range=math.isfinite(amax))  # in range by construction: a plain cast
     # Norms of data * scale: the data's norms times the scale (exact for a power of two;
     # otherwise within float rounding, which the rules' margin covers).
     bound = Bound.of_tensor(data.to(torch.float32), spectral=spectral).scaled(scale)
