@@ -363,16 +363,7 @@ class _Compiled:
         from .api import transform
 
         ds = self._dynamic_shapes()
-        with warnings.catch_warnings():
-            # Dynamo's first graph has static shapes and it recompiles for another batch: the
-            # capture's "batch specialised, other batch sizes will fail" does not apply here.
-            warnings.filterwarnings("ignore", message=r".*batch dimension of input\(s\)")
-            return self._transform_quietly(lifted, examples, ds, transform)
-
-    def _transform_quietly(self, lifted: _Lifted, examples: list[Any], ds, transform):
-        if ds is not None:
-            return transform(lifted.module, tuple(examples), dynamic_shapes=ds, **self.opts)
-        if any(self.dynamic_dims) and self.cache and not self.warned_retransform:
+        if ds is None and any(self.dynamic_dims) and self.cache and not self.warned_retransform:
             warnings.warn(
                 "fxscale backend: transforming again for a new input size (fxscale proves bounds per "
                 'size); declare the largest size with options={"max_size": N} to transform once for all '
@@ -380,7 +371,12 @@ class _Compiled:
                 stacklevel=3,
             )
             self.warned_retransform = True
-        return transform(lifted.module, tuple(examples), **self.opts)
+        options = self.opts if ds is None else {**self.opts, "dynamic_shapes": ds}
+        with warnings.catch_warnings():
+            # Dynamo's first graph has static shapes and it recompiles for another batch: the
+            # capture's "batch specialised, other batch sizes will fail" does not apply here.
+            warnings.filterwarnings("ignore", message=r".*batch dimension of input\(s\)")
+            return transform(lifted.module, tuple(examples), **options)
 
     def __call__(self, *args: Any) -> Any:
         lf = self.lifted
