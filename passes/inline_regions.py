@@ -63,7 +63,7 @@ def _inline_one(gm: fx.GraphModule, node: fx.Node, sub_attr: fx.Node, operands: 
                 result = fx.map_arg(n.args[0], lambda a: env[a])
             elif n.op == "get_attr":  # the body's constants / nested regions: move them up
                 name = f"{sub_attr.target}_{n.target}".replace(".", "_")
-                setattr(gm, name, _get(sub, n.target))
+                setattr(gm, name, operator.attrgetter(n.target)(sub))
                 new = gm.graph.get_attr(name)
                 new.meta = dict(n.meta)
                 env[n] = new
@@ -78,12 +78,6 @@ def _inline_one(gm: fx.GraphModule, node: fx.Node, sub_attr: fx.Node, operands: 
     gm.graph.erase_node(node)
     if not sub_attr.users:
         gm.graph.erase_node(sub_attr)
-
-
-def _get(mod: torch.nn.Module, target: str):
-    for part in target.split("."):
-        mod = getattr(mod, part)
-    return mod
 
 
 def inline_regions(gm: fx.GraphModule) -> int:
