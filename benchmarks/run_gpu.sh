@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, kernel timings, FFN and block benchmarks.
 #   STEPS="env tests kernels ffn block" OUT=/tmp/out bash benchmarks/run_gpu.sh
-# (also: llm -- bench_llm.py; zoo -- tests/test_zoo.py on this machine's transformers; ops -- tests/test_triton_ops_gpu.py (triton_op, symbolic M, AOTI); int8norms -- int8 GEMMs, and fp8-out norms: inductor vs hand Triton; diag -- host overhead; aoti -- where the AOTI round trip crashes)
+# (also: llm -- bench_llm.py; zoo -- tests/test_zoo.py on this machine's transformers; ops -- tests/test_triton_ops_gpu.py (triton_op, symbolic M, AOTI); int8norms -- int8 GEMMs, and fp8-out norms: inductor vs hand Triton; diag -- host overhead; gemm -- decode-sized GEMM candidates, cold L2; aoti -- where the AOTI round trip crashes)
 # Each step has its own time cap, so a slow step never loses the ones after it.
 # Logs land in $OUT (tests.log, kernels.log, ffn.log, block.log, errors.log).
 # *_ARGS and TEST_ARGS are split on spaces (quotes inside them are not honoured): give --skip
@@ -58,6 +58,10 @@ for s in $STEPS; do
     aoti)  # where the AOTI round trip crashes (benchmarks/diag_aoti.py: one process per variant)
       timeout "${T_AOTI:-400}" python3 benchmarks/diag_aoti.py --md "$OUT/aoti.md" ${AOTI_ARGS:-} > "$OUT/aoti.log" 2>&1
       grep -E "^[|] " "$OUT/aoti.log"; tail -3 "$OUT/aoti.log"
+      ;;
+    gemm)  # decode-sized GEMMs, every candidate, cold L2 (benchmarks/diag_decode_gemm.py)
+      timeout "${T_GEMM:-200}" python3 benchmarks/diag_decode_gemm.py --md "$OUT/gemm.md" ${GEMM_ARGS:-} > "$OUT/gemm.log" 2>&1
+      grep -E "^[|] " "$OUT/gemm.log"; tail -3 "$OUT/gemm.log"
       ;;
     diag)
       timeout "${T_DIAG:-150}" python3 benchmarks/diag_overhead.py > "$OUT/diag.log" 2>&1

@@ -1,0 +1,93 @@
+"""Decode-sized GEMMs (M <= 64) of a Llama-3-8B layer: every fp8 candidate against bf16, cold L2.
+
+    PYTHONPATH=. python benchmarks/diag_decode_gemm.py [--m 1 16] [--md out.md]
+
+A decode step reads each weight once from HBM, so every time here is measured with the operands
+out of the L2 cache (``fxscale.kernels.cuda._cold_copies``: enough copies that one pass does not
+fit in it). Prints one row per (M, K, N): bf16 ``F.linear``, cuBLAS fp8 ``torch._scaled_mm``, the
+best Triton tiling and the worst, the autotuner's choice timed warm (the same operands over and
+over, how it measured before) and cold, and the achieved weight bandwidth of the cold choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from tabulate import tabulate
+
+from fxscale.kernels import cuda
+
+#: (name, K, N) of the Llama-3-8B decode GEMMs (q, k/v, o share K=4096).
+SHAPES = [("q / o", 4096, 4096), ("k / v", 4096, 1024), ("gate / up", 4096, 14336), ("down", 14336, 4096),
+          ("lm head", 4096, 128256)]
+
+
+def _warm_copies(args):
+    return [args]
+
+
+def candidates_us(m: int, k: int, n: int, cold: bool) -> list[tuple[str, float]]:
+    """Device time (us) of each candidate of fxscale's scaled_linear for an (m, k) x (k, n) fp8
+    GEMM into bf16."""
+    dev = torch.device("cuda")
+    x = torch.randn(m, k, device=dev).to(torch.float8_e4m3fn)
+    w = (torch.randn(n, k, device=dev) * 0.5).to(torch.float8_e4m3fn)
+    xs, ws = torch.tensor(0.01, device=dev), torch.tensor(0.002, device=dev)
+    _, args, _ = cuda._linear_call(x, xs, w, ws, None, "none", None, None, torch.bfloat16)
+    saved = cuda._cold_copies
+    cuda._cold_copies = saved if cold else _warm_copies
+    try:
+        out = []
+        for name, cfg in cuda._candidates(args[0], args[2], None, torch.bfloat16, "none"):
+            if name == "reference":
+                continue
+            fn = cuda._impl(name, cfg)
+            try:
+                fn(*args)
+                torch.cuda.synchronize()
+                out.append((cuda._label(name, cfg), 1e3 * cuda._time_ms(fn, args)))
+            except Exception as e:  # noqa: BLE001  (a tiling that does not compile here)
+                out.append((f"{cuda._label(name, cfg)} ({type(e).__name__})", float("nan")))
+        return out
+    finally:
+        cuda._cold_copies = saved
+
+
+def bf16_us(m: int, k: int, n: int) -> float:
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    return 1e3 * cuda._time_ms(torch.nn.functional.linear, (x, w))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--md", default=None)
+    a = ap.parse_args()
+    rows = []
+    for m in a.m:
+        for name, k, n in SHAPES:
+            cold = [c for c in candidates_us(m, k, n, cold=True) if c[1] == c[1]]
+            warm = dict(c for c in candidates_us(m, k, n, cold=False) if c[1] == c[1])
+            tri = sorted((t, lab) for lab, t in cold if lab.startswith("triton"))
+            cub = next((t for lab, t in cold if lab == "cublas"), float("nan"))
+            warm_pick = min(warm, key=warm.get)
+            cold_pick, cold_t = min(cold, key=lambda c: c[1])
+            b16 = bf16_us(m, k, n)
+            rows.append([f"{name} M={m}", f"{k}x{n}", f"{b16:.1f}", f"{cub:.1f}",
+                         f"{tri[0][0]:.1f} {tri[0][1][7:]}" if tri else "-", f"{tri[-1][0]:.1f}" if tri else "-",
+                         f"{warm_pick} -> {dict(cold)[warm_pick]:.1f}", f"{cold_pick}", f"{b16 / cold_t:.2f}x",
+                         f"{k * n / cold_t / 1e6:.2f}"])
+            print(" | ".join(rows[-1]), flush=True)
+    head = ["GEMM", "K x N", "bf16 us", "cuBLAS fp8 us", "best Triton us", "worst Triton us",
+            "warm-timed pick (cold us)", "cold pick", "bf16 / cold pick", "weight TB/s"]
+    table = tabulate(rows, head, tablefmt="github")
+    print(table)
+    if a.md:
+        with open(a.md, "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
