@@ -328,9 +328,9 @@ def small_configs(m: int) -> list[Config]:
         Config(bm, 64, 256, 4, 4, group_m=1, tma=False, split_k=2),
         Config(bm, 128, 256, 3, 4, group_m=1, tma=False, split_k=4),
         Config(bm, 32, 512, 3, 4, group_m=1, tma=False, split_k=2),
+        Config(64, 64, 256, 4, 4, group_m=1),
         Config(bm, 32, 256, 4, 4, group_m=1, tma=False, split_k=4),  # N = 1024 (k / v): 128 programs
         Config(bm, 64, 128, 4, 4, group_m=1, tma=False, split_k=8),
-        Config(64, 64, 256, 4, 4, group_m=1),
     ]
 
 
