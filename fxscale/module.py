@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, fx
 from torch.utils import _pytree as pytree
 
+from passes.input_names import shown_names
+
 if TYPE_CHECKING:
     from .api import TransformConfig
 
@@ -71,7 +73,7 @@ class ScaledGraphModule(fx.GraphModule):
         self.config = config
         self.input_bounds = dict(input_bounds)
         ib = self.input_bounds
-        shown = _shown_names(inputs, signature)
+        shown = shown_names(inputs, signature)
         if (ib and config.on_overflow != "clamp") or config.nonfinite == "raise":
             self._fxscale_checks = [(shown[p], ib.get(p)) for p in inputs]
         if ib and config.on_overflow == "clamp":
@@ -184,22 +186,6 @@ class ScaledGraphModule(fx.GraphModule):
             "(torch.export.load(path).module() runs it, fxscale imported for its ops), or save "
             "sm.state_dict() and load it into fxscale.transform(model, example_inputs) of the same model."
         )
-
-
-def _shown_names(inputs: list[str], signature: inspect.Signature | None) -> dict[str, str]:
-    """Graph input name -> the name to show in messages: forward's parameter where torch.export
-    renamed it (``input`` -> ``input_1``, a Python builtin).
-
-    >>> import inspect
-    >>> _shown_names(["input_1", "x"], inspect.Signature([inspect.Parameter("input", inspect.Parameter.POSITIONAL_OR_KEYWORD)]))
-    {'input_1': 'input', 'x': 'x'}
-    """
-    params = set(signature.parameters) if signature is not None else set()
-    out = {}
-    for n in inputs:
-        m = re.fullmatch(r"(.+)_\d+", n)
-        out[n] = m.group(1) if n not in params and m and m.group(1) in params and m.group(1) not in inputs else n
-    return out
 
 
 def _check_input_specs(specs: list, args, kwargs) -> None:

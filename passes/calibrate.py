@@ -133,7 +133,7 @@ class Calibrator(Interpreter):
     def _check(n: Node, stats: tuple[float, float], index: int | None = None) -> None:
         if n.op == "placeholder" and math.isinf(stats[0]):
             raise ValueError(
-                f"calibration input {n.name!r} holds Inf: the example and calibration inputs must be "
+                f"calibration input {n.meta.get('shown_name', n.name)!r} holds Inf: the example and calibration inputs must be "
                 "finite (they project wasted bits and feed the self-check); drop or clean that batch. "
                 "At run time, Inf inputs propagate (or raise with nonfinite='raise')."
             )

@@ -37,6 +37,7 @@ from torch.utils import _pytree as pytree
 
 from .distributed import capture_local, has_dtensor
 from .inline_regions import inline_regions
+from .input_names import name_inputs
 
 __all__ = ["METHODS", "CaptureError", "capture"]
 
@@ -98,6 +99,7 @@ def capture(
             m.training = training
     _fill_output_val(gm)
     own_state(gm)
+    name_inputs(gm, model)
     return gm
 
 

@@ -21,7 +21,7 @@ def _mlp():
 def test_inf_in_the_example_input__raises_naming_the_input(declared):
     x = torch.rand(4, 8)
     x[0, 0] = float("inf")
-    with pytest.raises(ValueError, match="calibration input 'input_1' holds Inf"):
+    with pytest.raises(ValueError, match="calibration input 'input' holds Inf"):  # forward's name, not export's
         _transform(_mlp(), (x,), input_bounds=declared)  # was: ValueError: math domain error
 
 
