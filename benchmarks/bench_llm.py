@@ -155,6 +155,11 @@ def prefill(lm, args):
                     res[(name, s)] = (ms, sqnr_db(out, ref16[s]))
                     row("prefill", name, f"{s[0]}x{s[1]}", ms, tok, sqnr_db(out, ref32[s]),
                         f"{best_bf16.get(s, ms) / ms:.2f}x vs best bf16; SQNR vs bf16 {sqnr_db(out, ref16[s]):.1f} dB")
+                    if args.prefill_breakdown and s == SHAPES[-1] and ("compile" in name or "fxscale" in name):
+                        from benchmarks.common import kernel_breakdown
+
+                        print(f"kernel breakdown, prefill {name} {s[0]}x{s[1]}:\n"
+                              f"{kernel_breakdown(f, ids[s], iters=5, top=24)}", flush=True)
             del m
             torch.cuda.empty_cache()
     s = SHAPES[-1]
@@ -428,6 +433,7 @@ def main():
     ap.add_argument("--skip", default="", help="variants whose name contains one of these (comma-separated)")
     ap.add_argument("--md", default=None)
     ap.add_argument("--breakdown", default="", help="per-kernel time of one decode step at these BxCTX, e.g. 1x1024,16x1024")
+    ap.add_argument("--prefill-breakdown", action="store_true", help="per-kernel time of the 4x2048 prefill (compiled variants)")
     ap.add_argument("--decode-combos", default="", help="decode only these BxCTX, e.g. 1x1024,16x1024")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run: a tiny model, short shapes")
     ap.add_argument("--deadline", type=float, default=None, help="seconds for the whole run")
