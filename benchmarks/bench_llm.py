@@ -206,8 +206,9 @@ def decode_hf(name, lm, batch, ctx, args):
     return ms, call, ids
 
 
-def decode_fx(flm, batch, ctx, cstep):
+def decode_fx(flm, batch, ctx, cstep, pad=0):
     flm.allocate(batch, ctx + 64)
+    flm.pad.fill_(pad)
     ids = torch.randint(0, flm.config.vocab_size, (batch, 1), device=DEV)
     pos = flm.positions[ctx:ctx + 1]
 
@@ -278,8 +279,30 @@ def decode(lm, flm, args):
                     row("decode", "fxscale.llm (fp8 W + KV, compile, cudagraph)", f"b{b} ctx{c}", ms, b / ms * 1e3,
                         None, f"{best.get((b, c), ms) / ms:.2f}x vs bf16")
                     breakdown(args, "fxscale.llm", b, c, call, ids)
+    if flm is not None and args.padded:
+        with cap(args.cap, "decode fxscale padded") as ok:
+            ok()
+            build_padded(flm)
+            cstep = torch.compile(flm.step_padded, mode="reduce-overhead")
+            for b, c in combos:
+                with cap(args.cap // 2, f"decode fxscale padded {b}x{c}") as ok:
+                    ok()
+                    ms, call, ids = decode_fx(flm, b, c, cstep, pad=3)
+                    row("decode", "fxscale.llm left-padded step (3 pad slots per row)", f"b{b} ctx{c}", ms,
+                        b / ms * 1e3, None, f"{best.get((b, c), ms) / ms:.2f}x vs bf16")
     hf("torchao fp8 rowwise static cache (compile, cudagraph)", lambda: torchao_fp8(lm, rowwise=True))
     return best
+
+
+def build_padded(flm):
+    """fxscale.llm's left-padded step graph, built as generate() builds it: on a padded prompt."""
+    t0 = time.time()
+    ids = torch.randint(0, flm.config.vocab_size, (2, 8), device=DEV)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        flm(ids, attention_mask=mask)
+    print(f"   padded step graph: {time.time() - t0:.1f} s", flush=True)
 
 
 def accuracy(lm, flm, args):
@@ -434,6 +457,7 @@ def main():
     ap.add_argument("--md", default=None)
     ap.add_argument("--breakdown", default="", help="per-kernel time of one decode step at these BxCTX, e.g. 1x1024,16x1024")
     ap.add_argument("--prefill-breakdown", action="store_true", help="per-kernel time of the 4x2048 prefill (compiled variants)")
+    ap.add_argument("--padded", action="store_true", help="decode also with fxscale.llm's left-padded step graph")
     ap.add_argument("--decode-combos", default="", help="decode only these BxCTX, e.g. 1x1024,16x1024")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run: a tiny model, short shapes")
     ap.add_argument("--deadline", type=float, default=None, help="seconds for the whole run")
