@@ -54,6 +54,34 @@ def candidates_us(m: int, k: int, n: int, cold: bool) -> list[tuple[str, float]]
         cuda._cold_copies = saved
 
 
+def sweep(m: int, k: int, n: int, top: int = 4) -> list[tuple[float, str]]:
+    """The fastest pointer tilings (cold L2) of a grid wider than ``small_configs``: the
+    candidates to add to it."""
+    from fxscale.kernels.triton_fp8 import Config
+
+    dev = torch.device("cuda")
+    x = torch.randn(m, k, device=dev).to(torch.float8_e4m3fn)
+    w = (torch.randn(n, k, device=dev) * 0.5).to(torch.float8_e4m3fn)
+    xs, ws = torch.tensor(0.01, device=dev), torch.tensor(0.002, device=dev)
+    _, args, _ = cuda._linear_call(x, xs, w, ws, None, "none", None, None, torch.bfloat16)
+    out = []
+    for bn in (16, 32, 64, 128):
+        for bk in (128, 256, 512):
+            for split in (1, 2, 4, 8, 16):
+                for stages, warps in ((3, 4), (4, 4), (4, 2), (6, 4)):
+                    if bn * bk > 64 * 512 or (bn >= 128 and warps == 2):
+                        continue
+                    cfg = Config(16, bn, bk, stages, warps, group_m=1, tma=False, split_k=split)
+                    fn = cuda._impl("triton", cfg)
+                    try:
+                        fn(*args)
+                        torch.cuda.synchronize()
+                        out.append((1e3 * cuda._time_ms(fn, args), repr(cfg)))
+                    except Exception:  # noqa: BLE001  (out of shared memory)
+                        torch.cuda.synchronize()
+    return sorted(out)[:top]
+
+
 def bf16_us(m: int, k: int, n: int) -> float:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
@@ -64,7 +92,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--md", default=None)
+    ap.add_argument("--sweep", action="store_true", help="also a wider grid of pointer tilings at M=1")
     a = ap.parse_args()
+    if a.sweep:
+        for name, k, n in SHAPES[:4]:
+            best = sweep(1, k, n)
+            print(f"| sweep {name} M=1 | " + " | ".join(f"{t:.1f} us {c} ({k * n / t / 1e6:.2f} TB/s)" for t, c in best),
+                  flush=True)
     rows = []
     for m in a.m:
         for name, k, n in SHAPES:
