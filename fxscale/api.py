@@ -78,6 +78,7 @@ def transform(
     requantise: bool = True,
     nonfinite: str = "propagate",
     fuse_residual: bool = False,
+    fuse_siblings: bool = True,
     dynamic_shapes: Any = None,
 ) -> ScaledGraphModule:
     """Compile ``model`` to scaled low-precision ops with proven, never-overflow scales.
@@ -105,6 +106,7 @@ def transform(
         requantise=requantise,
         capture=capture,
         fuse_residual=fuse_residual,
+        fuse_siblings=fuse_siblings,
         dynamic_shapes=dynamic_shapes,
     )
     c = passes.run(model, example_inputs, cfg, calibration=calibration, until="calibrate")

@@ -58,6 +58,9 @@ class TransformConfig:
     (``scaled_linear(..., residual=x)``). Off by default: on the H200 GPT-block benchmark it
     ran 1-4% slower and 0.05-0.1 dB less accurate than leaving the add to inductor, which
     fuses it into the following LayerNorm (benchmarks/RESULTS.md).
+    ``fuse_siblings``: linears that read the same quantised input (q / k / v, gate / up) run as
+    one GEMM over their concatenated weights (passes/sibling_linears.py; weights kept exactly);
+    False keeps one GEMM each (for comparison).
     ``dynamic_shapes``: dims besides the batch that may change between calls, each with a declared
     maximum, as torch.export takes them: ``({1: torch.export.Dim("seq", max=2048)},)`` for a
     sequence length. Bounds are proven at the maximum, which holds for every smaller size (a sum
@@ -74,6 +77,7 @@ class TransformConfig:
     requantise: bool = True
     capture: str = "export"
     fuse_residual: bool = False
+    fuse_siblings: bool = True
     dynamic_shapes: Any = None
 
     def __post_init__(self):

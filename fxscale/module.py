@@ -17,8 +17,6 @@ import torch
 from torch import Tensor, fx
 from torch.utils import _pytree as pytree
 
-from passes.input_names import shown_names
-
 if TYPE_CHECKING:
     from .api import TransformConfig
 
@@ -73,6 +71,8 @@ class ScaledGraphModule(fx.GraphModule):
         self.config = config
         self.input_bounds = dict(input_bounds)
         ib = self.input_bounds
+        from passes.input_names import shown_names
+
         shown = shown_names(inputs, signature)
         if (ib and config.on_overflow != "clamp") or config.nonfinite == "raise":
             self._fxscale_checks = [(shown[p], ib.get(p)) for p in inputs]

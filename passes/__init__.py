@@ -127,7 +127,7 @@ def _analyse(c: Compilation) -> None:
 def _lower(c: Compilation) -> None:
     from .lower import lower
 
-    lower(c.gm, c.analysis, fuse_residual=c.config.fuse_residual)
+    lower(c.gm, c.analysis, fuse_residual=c.config.fuse_residual, fuse_siblings=c.config.fuse_siblings)
 
 
 #: The passes, in the order :func:`run` applies them.

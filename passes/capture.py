@@ -332,6 +332,7 @@ def _warn_if_static_batch(model: nn.Module, gm: torch.fx.GraphModule) -> None:
     from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
     static = []
+    name_inputs(gm, model)
     vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
     dim0 = [v.shape[0] for v in vals if isinstance(v, torch.Tensor) and v.dim() >= 1]
     # A (1,)-shaped argument beside a batch (a broadcast scale) has no batch dimension. (Never
@@ -343,7 +344,7 @@ def _warn_if_static_batch(model: nn.Module, gm: torch.fx.GraphModule) -> None:
         if batched and is_concrete_int(v.shape[0]) and int(v.shape[0]) == 1 and others:
             continue
         if batched and is_concrete_int(v.shape[0]):  # a SymInt specialised to a constant counts
-            static.append(f"{n.name} (batch {int(v.shape[0])})")
+            static.append(f"{n.meta['shown_name']} (batch {int(v.shape[0])})")
     if static:
         warnings.warn(
             f"{type(model).__name__}: the batch dimension of input(s) {', '.join(static)} was "

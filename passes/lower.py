@@ -271,9 +271,11 @@ def _latest(g: fx.Graph, nodes: list[fx.Node]) -> fx.Node:
     return max(nodes, key=lambda n: pos[n])
 
 
-def lower(gm: fx.GraphModule, an: Analysis, *, fuse_residual: bool = False) -> fx.GraphModule:
+def lower(gm: fx.GraphModule, an: Analysis, *, fuse_residual: bool = False, fuse_siblings: bool = True) -> fx.GraphModule:
     """Rewrite the analysed ``gm`` in place into fxscale ops (see module docstring); returns it.
-    ``fuse_residual``: also move residual adds into the linears (:meth:`Lowering.fuse_residual`)."""
+    ``fuse_residual``: also move residual adds into the linears (:meth:`Lowering.fuse_residual`);
+    ``fuse_siblings``: linears reading the same quantised input become one GEMM
+    (:mod:`passes.sibling_linears`)."""
     steps = an.steps
     lw = Lowering(gm, an, steps, an.fmt)
     for n in list(gm.graph.nodes):
@@ -282,6 +284,10 @@ def lower(gm: fx.GraphModule, an: Analysis, *, fuse_residual: bool = False) -> f
     fusions.apply(lw, fusions.EPILOGUE)
     if fuse_residual:
         fusions.apply(lw, fusions.RESIDUAL)
+    if fuse_siblings:
+        from .sibling_linears import fuse_sibling_linears
+
+        fuse_sibling_linears(lw)
     for name in an.measured:  # a measurement nothing low-precision depends on is never emitted
         if name not in lw.stats_nodes and name in lw.nodes:
             ni = info(lw.nodes[name])
