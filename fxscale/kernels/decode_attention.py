@@ -228,9 +228,10 @@ def decode_attention_triton(query, k_cache, v_cache, k_new, v_new, positions, k_
     S, L = k_new.shape[2], k_cache.shape[2]
     cuda = query.device.type == "cuda"
     f32 = query.dtype == torch.float32 or not cuda
-    block_r = max(16, triton.next_power_of_2(R))
+    # Block sizes are compile-time constants: int() of a symbolic size specialises it (a guard).
+    block_r = max(16, triton.next_power_of_2(int(R)))
     if nsplit is None:
-        nsplit = max(1, min(triton.cdiv(2 * _num_sms(query.device), B * H), triton.cdiv(L, block_n), 64))
+        nsplit = max(1, min(triton.cdiv(2 * _num_sms(query.device), int(B * H)), triton.cdiv(int(L), block_n), 64))
     m = query.new_empty((B * H, nsplit, block_r), dtype=torch.float32)
     lsum = torch.empty_like(m)
     acc = query.new_empty((B * H, nsplit, block_r, D), dtype=torch.float32)
@@ -241,7 +242,7 @@ def decode_attention_triton(query, k_cache, v_cache, k_new, v_new, positions, k_
         query, k_cache, v_cache, k_new, v_new, positions, pad_arg, m, lsum, acc,
         H, R, S, nsplit, float(k_scale), float(v_scale), float(scaling), int(window),
         *query.stride(), *k_cache.stride(), *v_cache.stride(), *k_new.stride(), *v_new.stride(),
-        D=D, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_S=max(16, triton.next_power_of_2(S)),
+        D=D, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_S=max(16, triton.next_power_of_2(int(S))),
         HAS_PAD=pad is not None, HAS_WINDOW=bool(window), F32=f32, WHILE=not cuda, num_warps=num_warps,
     )
     launch(_combine_kernel)[(B * H, R)](
