@@ -154,7 +154,10 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_R, D], tl.float32)
         kc_base = kc_ptr + b * sk0 + h * sk1
         vc_base = vc_ptr + b * sv0 + h * sv1
-        ks2 = k_scale * qk_scale * 1.4426950408889634
+        # Float arguments arrive as fp64 under inductor: the softmax state must stay fp32.
+        ks2 = tl.cast(k_scale * qk_scale * 1.4426950408889634, tl.float32)
+        qs2 = tl.cast(qk_scale * 1.4426950408889634, tl.float32)
+        vsc = tl.cast(v_scale, tl.float32)
         if WHILE:  # the interpreter cannot run a for loop over device-computed bounds
             blk = first
             while blk < last:
@@ -165,7 +168,7 @@ if HAS_TRITON:
             for blk in range(first, last):
                 m_i, l_i, acc = _cache_block(q, kc_base, vc_base, blk, lo, p0, qpos, window, ks2, m_i, l_i, acc,
                                              sk2, sk3, sv2, sv3, D, BLOCK_N, HAS_WINDOW, F32)
-        acc = acc * v_scale
+        acc = acc * vsc
         if sp == NSPLIT - 1:  # the step's own K/V, slots p0 .. p0 + S - 1
             news = tl.arange(0, BLOCK_S)
             nmask = news < S
@@ -177,7 +180,7 @@ if HAS_TRITON:
                 s = tl.dot(q, tl.trans(kn), input_precision="ieee")
             else:
                 s = tl.dot(q, tl.trans(kn))
-            s = s * (qk_scale * 1.4426950408889634)
+            s = s * qs2
             ok = nmask[None, :] & (news[None, :] <= step[:, None])
             if HAS_WINDOW:
                 ok = ok & (news[None, :] > step[:, None] - window)
