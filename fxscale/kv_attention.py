@@ -2,7 +2,9 @@
 
 ``fxscale::kv_read`` turns a cache of float8 bytes into ``data * scale`` (its rule: ``|v| <= 448 *
 scale``, whatever the cache holds); :func:`_attention` is the transformers attention function
-the step module runs under, attending to the cache with the call's new K/V written in;
+the step module runs under, attending to the cache with the call's new K/V written in (on CUDA
+through ``fxscale_kernels::kv_decode_attention``, which reads the float8 cache in its Triton
+kernel: :mod:`fxscale.kernels.decode_attention`);
 :class:`_Step` is the module that is exported: ``(input_ids, positions, caches[, pad]) -> (logits,
 k_0, v_0, ...)``.
 
@@ -21,6 +23,7 @@ from torch import Tensor, nn
 
 from .bound import Bound, fmax
 from .formats import get_format
+from .kernels import decode_attention as _decode  # noqa: F401  (registers fxscale_kernels::kv_decode_attention)
 from .rules import register
 
 __all__ = ["KV_FORMAT", "kv_read"]
@@ -96,6 +99,11 @@ class _Context:
 
 _ACTIVE: list[_Context] = []
 
+#: Devices whose step graph attends through ``fxscale_kernels::kv_decode_attention`` (the float8
+#: cache read by the Triton kernel at decode, the op's SDPA reference at prefill) instead of
+#: ``kv_read`` + ``index_copy`` + SDPA. Tests add ``"cpu"`` to run the op's reference there.
+DECODE_OP_DEVICES: tuple[str, ...] = ("cuda",)
+
 
 #: Keyword arguments transformers passes to attention functions that do not change what they
 #: compute (positions and flags the cache and mask here already account for).
@@ -120,6 +128,10 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     i = module.layer_idx
     ks, vs = ctx.scales[i]
     pos = ctx.positions
+    if softcap is None and query.device.type in DECODE_OP_DEVICES:
+        ctx.new_kv[i] = (key, value)
+        return _decode_attention(query, key, value, ctx.caches[2 * i], ctx.caches[2 * i + 1], pos, ks, vs, ctx.pad,
+                                 scaling, sliding_window), None
     kc = torch.ops.fxscale.kv_read(ctx.caches[2 * i], ks, query.dtype)  # (B, Hkv, L, D)
     vc = torch.ops.fxscale.kv_read(ctx.caches[2 * i + 1], vs, query.dtype)
     k_all = kc.index_copy(2, pos, key.to(query.dtype))
@@ -150,6 +162,18 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         scores = scores.masked_fill(~mask, float("-inf"))
         out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(v_all.dtype), v_all)
     return out.reshape(b, h, s, d).transpose(1, 2), None
+
+
+def _decode_attention(query, key, value, k_cache, v_cache, pos, ks, vs, pad, scaling, sliding_window) -> Tensor:
+    """:func:`_attention` (no soft-cap) as one ``kv_decode_attention`` call: the rep query heads of
+    a KV head stacked as rep * S rows, as the SDPA path does."""
+    b, h, s, d = query.shape
+    rep = h // key.shape[1]
+    q = query.reshape(b, h // rep, rep * s, d)
+    out = torch.ops.fxscale_kernels.kv_decode_attention(
+        q, k_cache, v_cache, key.to(query.dtype), value.to(query.dtype), pos, ks, vs, pad,
+        scaling if scaling is not None else d**-0.5, int(sliding_window or 0))
+    return out.reshape(b, h, s, d).transpose(1, 2)
 
 
 def _no_mask(*args, **kwargs):
