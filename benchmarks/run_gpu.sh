@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, kernel timings, FFN and block benchmarks.
 #   STEPS="env tests kernels ffn block" OUT=/tmp/out bash benchmarks/run_gpu.sh
-# (also: llm -- bench_llm.py; zoo -- tests/test_zoo.py on this machine's transformers; ops -- tests/test_triton_ops_gpu.py (triton_op, symbolic M, AOTI); int8norms -- int8 GEMMs, and fp8-out norms: inductor vs hand Triton; diag -- host overhead; gemm -- decode-sized GEMM candidates, cold L2; aoti -- where the AOTI round trip crashes)
+# (also: llm -- bench_llm.py; zoo -- tests/test_zoo.py on this machine's transformers; ops -- tests/test_triton_ops_gpu.py (triton_op, symbolic M, AOTI); int8norms -- int8 GEMMs, and fp8-out norms: inductor vs hand Triton; diag -- host overhead; gemm -- decode-sized GEMM candidates, cold L2; dattn -- float8 decode attention tests + timings; aoti -- where the AOTI round trip crashes)
 # Each step has its own time cap, so a slow step never loses the ones after it.
 # Logs land in $OUT (tests.log, kernels.log, ffn.log, block.log, errors.log).
 # *_ARGS and TEST_ARGS are split on spaces (quotes inside them are not honoured): give --skip
@@ -58,6 +58,12 @@ for s in $STEPS; do
     aoti)  # where the AOTI round trip crashes (benchmarks/diag_aoti.py: one process per variant)
       timeout "${T_AOTI:-400}" python3 benchmarks/diag_aoti.py --md "$OUT/aoti.md" ${AOTI_ARGS:-} > "$OUT/aoti.log" 2>&1
       grep -E "^[|] " "$OUT/aoti.log"; tail -3 "$OUT/aoti.log"
+      ;;
+    dattn)  # the float8 decode attention: GPU tests, then its timings (benchmarks/bench_decode_attention.py)
+      timeout "${T_DATTN_TESTS:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_decode_attention.py > "$OUT/dattn_tests.log" 2>&1
+      grep -E "passed|failed|error|FAILED|Error" "$OUT/dattn_tests.log" | tail -15
+      timeout "${T_DATTN:-120}" python3 benchmarks/bench_decode_attention.py ${DATTN_ARGS:-} > "$OUT/dattn.log" 2>&1
+      grep -E "^[|] " "$OUT/dattn.log"; tail -3 "$OUT/dattn.log"
       ;;
     gemm)  # decode-sized GEMMs, every candidate, cold L2 (benchmarks/diag_decode_gemm.py)
       timeout "${T_GEMM:-200}" python3 benchmarks/diag_decode_gemm.py --md "$OUT/gemm.md" ${GEMM_ARGS:-} > "$OUT/gemm.log" 2>&1
