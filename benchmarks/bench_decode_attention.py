@@ -41,7 +41,8 @@ def _inputs(b: int, ctx: int, seed: int = 0) -> dict:
 
     def cache(scale):
         x = torch.randn(b, HKV, length, D, device="cuda", generator=g) * (2.0 / scale)
-        return x.to(torch.float8_e4m3fn).view(torch.uint8)
+        # inside e4m3's range: a cast of |x| > 448 is NaN (run 38's error column read NaN)
+        return x.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8)
 
     kc, vc = cache(K_SCALE), cache(V_SCALE)
     q = torch.randn(b, H, 1, D, device="cuda", generator=g, dtype=torch.bfloat16)
