@@ -6,8 +6,10 @@ It serves prefill (any ``S <= max_len``) and decode (``S = 1``) alike. K and V l
 cache in float8 (e4m3) with **static scales proven from the K/V projections' bounds** (no
 calibration, no per-step amax): K of layer ``i`` is ``rope(norm(h) @ W_k)``, bounded by the
 rules whatever the input, so ``K / scale`` is within the format's range by construction.
-Attention reads the cache through ``fxscale::kv_read`` (dequantise into SDPA), whose rule is
-``|value| <= 448 * scale`` whatever the cache holds. Writing the new K/V into the cache
+On CUDA, attention is ``fxscale_kernels::kv_decode_attention`` (a Triton split-KV kernel
+reading the float8 cache, :mod:`fxscale.kernels.decode_attention`); elsewhere it reads the cache
+through ``fxscale::kv_read`` (dequantise into SDPA). Both rules hold whatever the cache holds
+(``|value| <= 448 * scale``). Writing the new K/V into the cache
 (``index_copy_`` at the positions) happens outside the transformed graph, in the step
 function, so no graph pass can drop it; the step has no host syncs (CUDA-graph capturable).
 
