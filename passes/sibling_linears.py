@@ -55,6 +55,8 @@ def _key(gm: fx.GraphModule, n: fx.Node) -> tuple | None:
     """What siblings share (same input data and scale, epilogue, output dtype), or None where
     the call cannot join a group: a quantised output, a residual, or a non-constant weight."""
     call = LinearCall.of(n)
+    if any(u.op == "output" for u in n.users):  # a slice would be a non-contiguous model output
+        return None
     if call is None or call.out_fmt is not None or call.out_scale is not None or call.residual is not None:
         return None
     w, ws = _const(gm, call.w), _const(gm, call.w_scale)

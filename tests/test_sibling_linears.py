@@ -70,3 +70,19 @@ def test_a_weight_that_would_lose_bits_at_the_common_scale_keeps_its_own_gemm():
     assert _gemms(fused) == 2
     torch.testing.assert_close(fused(x), plain(x), rtol=0, atol=0)
     assert "loses bits at their scale" in str(fused.report)
+
+
+class _Outputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 16), nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.a(x), self.b(x)
+
+
+@torch.no_grad()
+def test_linears_that_are_model_outputs_stay_separate__outputs_stay_contiguous():
+    x = torch.randn(8, 32)
+    sm = fxscale.transform(_Outputs(), (x,))
+    assert _gemms(sm) == 2 and all(y.is_contiguous() for y in sm(x))
