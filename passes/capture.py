@@ -86,20 +86,21 @@ def capture(
         model.eval()
         if method == "export" and has_dtensor(model):
             gm = _export_tensor_parallel(model, args, dynamic_batch)
+            name_inputs(gm, model)
         elif method == "export":
-            gm = _export(model, args, dynamic_batch, dynamic_shapes)
+            gm = _export(model, args, dynamic_batch, dynamic_shapes)  # names its inputs (its warnings show them)
         else:
             if dynamic_shapes is not None:
                 raise ValueError(
                     f"dynamic_shapes needs capture='export'; {method!r} captures static shapes"
                 )
             gm = _symbolic_trace(model, args)
+            name_inputs(gm, model)
     finally:
         for m, training in modes.items():
             m.training = training
     _fill_output_val(gm)
     own_state(gm)
-    name_inputs(gm, model)
     return gm
 
 
@@ -247,6 +248,7 @@ def _export(model: nn.Module, args: tuple, dynamic_batch: bool, dynamic_shapes: 
     ep = _functionalise_if_mutating(ep)
     gm = ep.module()
     inline_regions(gm)
+    name_inputs(gm, model)
     if dynamic_batch:
         _warn_if_static_batch(model, gm)
     if dynamic_shapes is not None:
@@ -281,7 +283,7 @@ def _warn_if_declared_dims_specialised(model: nn.Module, gm: torch.fx.GraphModul
     from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
     user = tuple(dynamic_shapes.values()) if isinstance(dynamic_shapes, dict) else tuple(dynamic_shapes)
-    tensors = [(n.name, n.meta.get("val")) for n in gm.graph.nodes
+    tensors = [(n.meta["shown_name"], n.meta.get("val")) for n in gm.graph.nodes
                if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)]
     fixed = []
     for i, d in _declared_dims(tuple(args), tuple(user)):
@@ -332,7 +334,6 @@ def _warn_if_static_batch(model: nn.Module, gm: torch.fx.GraphModule) -> None:
     from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
     static = []
-    name_inputs(gm, model)
     vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
     dim0 = [v.shape[0] for v in vals if isinstance(v, torch.Tensor) and v.dim() >= 1]
     # A (1,)-shaped argument beside a batch (a broadcast scale) has no batch dimension. (Never
