@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .bound import Bound, fmax
 from .formats import get_format
-from .kernels import decode_attention as _decode  # noqa: F401  (registers fxscale_kernels::kv_decode_attention)
+from .kernels.decode_attention import with_new_kv  # (and registers fxscale_kernels::kv_decode_attention)
 from .rules import register
 
 __all__ = ["KV_FORMAT", "kv_read"]
@@ -127,32 +127,19 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     ctx = _ACTIVE[-1]
     i = module.layer_idx
     ks, vs = ctx.scales[i]
-    pos = ctx.positions
-    if softcap is None and query.device.type in DECODE_OP_DEVICES:
-        ctx.new_kv[i] = (key, value)
-        return _decode_attention(query, key, value, ctx.caches[2 * i], ctx.caches[2 * i + 1], pos, ks, vs, ctx.pad,
-                                 scaling, sliding_window), None
-    kc = torch.ops.fxscale.kv_read(ctx.caches[2 * i], ks, query.dtype)  # (B, Hkv, L, D)
-    vc = torch.ops.fxscale.kv_read(ctx.caches[2 * i + 1], vs, query.dtype)
-    k_all = kc.index_copy(2, pos, key.to(query.dtype))
-    v_all = vc.index_copy(2, pos, value.to(query.dtype))
     ctx.new_kv[i] = (key, value)
-    slots = torch.arange(k_all.shape[2], device=pos.device)
-    mask = slots[None, :] <= pos[:, None]  # (S, L): causal over the cache
-    if sliding_window is not None:  # transformers: key j is seen from query i where j > i - window
-        mask = mask & (slots[None, :] > pos[:, None] - int(sliding_window))
-    if ctx.pad is not None:  # left padding: row b's first pad[b] slots hold no token
-        valid = slots[None, :] >= ctx.pad[:, None]  # (B, L)
-        own = slots[None, :] == pos[:, None]  # a pad token sees itself: no row is all masked
-        mask = ((mask[None] & valid[:, None, :]) | own[None])[:, None]  # (B, 1, S, L)
+    if softcap is None and query.device.type in DECODE_OP_DEVICES:
+        return _decode_attention(query, key, value, ctx.caches[2 * i], ctx.caches[2 * i + 1], ctx.positions, ks, vs,
+                                 ctx.pad, scaling, sliding_window), None
     b, h, s, d = query.shape
     rep = h // key.shape[1]
-    if rep > 1:
-        # Grouped-query attention without copying the cache rep times: query head kv * rep + r
-        # reads KV head kv (transformers' repeat_kv), so the rep query heads of one KV head are
-        # stacked as rep * S query rows against that head's K/V (each row attends on its own).
-        query = query.reshape(b, h // rep, rep * s, d)
-        mask = mask.repeat(rep, 1) if mask.dim() == 2 else mask.repeat(1, 1, rep, 1)  # row r * S + i: i's
+    # Grouped-query attention without copying the cache rep times: query head kv * rep + r reads
+    # KV head kv (transformers' repeat_kv), so the rep query heads of one KV head are stacked as
+    # rep * S query rows against that head's K/V (each row attends on its own).
+    query = query.reshape(b, h // rep, rep * s, d)
+    kc = torch.ops.fxscale.kv_read(ctx.caches[2 * i], ks, query.dtype)  # (B, Hkv, L, D)
+    vc = torch.ops.fxscale.kv_read(ctx.caches[2 * i + 1], vs, query.dtype)
+    k_all, v_all, mask = with_new_kv(kc, vc, key, value, ctx.positions, ctx.pad, int(sliding_window or 0), rep)
     if softcap is None:
         out = nn.functional.scaled_dot_product_attention(query, k_all, v_all, attn_mask=mask, scale=scaling)
     else:  # Gemma 2: scores soft-capped before the mask and softmax (no SDPA for that)

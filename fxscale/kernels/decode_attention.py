@@ -43,7 +43,8 @@ try:
 except Exception:  # noqa: BLE001  (no triton, e.g. CPU CI: the ATen reference serves)
     triton = tl = triton_op = wrap_triton = None
 
-__all__ = ["HAS_TRITON", "MAX_ROWS", "decode_attention_reference", "decode_attention_triton", "kv_decode_attention"]
+__all__ = ["HAS_TRITON", "MAX_ROWS", "decode_attention_reference", "decode_attention_triton", "kv_decode_attention",
+           "with_new_kv"]
 
 HAS_TRITON = triton is not None
 MAX_ROWS = 64  # rows (rep * S) the kernel takes; more (prefill) go to the reference (SDPA)
@@ -52,9 +53,35 @@ _FP8_MAX = 448.0
 
 
 # ---------------------------------------------------------------------------- the reference
+def with_new_kv(kc, vc, k_new, v_new, positions, pad, window: int, rep: int):
+    """The dequantised caches ``kc``/``vc`` (B, Hkv, L, D) with the step's K/V written in at
+    ``positions``, and the bool mask of the ``rep * S`` stacked query rows (row ``r * S + i``:
+    step ``i``): causal over the slots, within ``window`` (0: none), not on row b's first
+    ``pad[b]`` slots (its own slot always). ``(S, L)``, or ``(B, 1, rep * S, L)`` with ``pad``.
+
+    >>> c, n = torch.zeros(1, 1, 4, 2), torch.ones(1, 1, 1, 2)
+    >>> k, v, mask = with_new_kv(c, c, n, n, torch.tensor([1]), None, 0, 2)
+    >>> k[0, 0, :, 0].tolist(), mask.int().tolist()
+    ([0.0, 1.0, 0.0, 0.0], [[1, 1, 0, 0], [1, 1, 0, 0]])
+    """
+    k_all = kc.index_copy(2, positions, k_new.to(kc.dtype))
+    v_all = vc.index_copy(2, positions, v_new.to(vc.dtype))
+    slots = torch.arange(k_all.shape[2], device=positions.device)
+    mask = slots[None, :] <= positions[:, None]  # (S, L): causal over the cache
+    if window:  # transformers: key j is seen from query i where j > i - window
+        mask = mask & (slots[None, :] > positions[:, None] - window)
+    if pad is not None:  # left padding: row b's first pad[b] slots hold no token
+        valid = slots[None, :] >= pad[:, None]  # (B, L)
+        own = slots[None, :] == positions[:, None]  # a pad token sees itself: no row is all masked
+        mask = ((mask[None] & valid[:, None, :]) | own[None])[:, None]  # (B, 1, S, L)
+    if rep > 1:
+        mask = mask.repeat(rep, 1) if mask.dim() == 2 else mask.repeat(1, 1, rep, 1)
+    return k_all, v_all, mask
+
+
 def decode_attention_reference(query, k_cache, v_cache, k_new, v_new, positions, k_scale, v_scale, pad, scaling,
                                window):
-    """The op in ATen ops: dequantise, write the new K/V in, mask, SDPA (today's ``_attention``).
+    """The op in ATen ops: dequantise, write the new K/V in, mask, SDPA (:func:`with_new_kv`).
 
     >>> q, c, n = torch.randn(1, 1, 1, 8), torch.zeros(1, 1, 4, 8, dtype=torch.uint8), torch.ones(1, 1, 1, 8)
     >>> decode_attention_reference(q, c, c, n, n, torch.tensor([0]), 1.0, 1.0, None, 1.0, 0)[0, 0, 0, :2]
@@ -63,19 +90,8 @@ def decode_attention_reference(query, k_cache, v_cache, k_new, v_new, positions,
     dt = query.dtype
     kc = (k_cache.view(_FP8).to(torch.float32) * k_scale).to(dt)
     vc = (v_cache.view(_FP8).to(torch.float32) * v_scale).to(dt)
-    k_all = kc.index_copy(2, positions, k_new.to(dt))
-    v_all = vc.index_copy(2, positions, v_new.to(dt))
-    slots = torch.arange(k_all.shape[2], device=positions.device)
-    mask = slots[None, :] <= positions[:, None]  # (S, L)
-    if window:
-        mask = mask & (slots[None, :] > positions[:, None] - window)
-    if pad is not None:
-        valid = slots[None, :] >= pad[:, None]
-        own = slots[None, :] == positions[:, None]
-        mask = ((mask[None] & valid[:, None, :]) | own[None])[:, None]  # (B, 1, S, L)
     rep = query.shape[2] // k_new.shape[2]
-    if rep > 1:
-        mask = mask.repeat(rep, 1) if mask.dim() == 2 else mask.repeat(1, 1, rep, 1)
+    k_all, v_all, mask = with_new_kv(kc, vc, k_new, v_new, positions, pad, window, rep)
     return nn.functional.scaled_dot_product_attention(query, k_all, v_all, attn_mask=mask, scale=scaling)
 
 
