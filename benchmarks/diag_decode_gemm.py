@@ -27,14 +27,19 @@ def _warm_copies(args):
     return [args]
 
 
-def candidates_us(m: int, k: int, n: int, cold: bool) -> list[tuple[str, float]]:
-    """Device time (us) of each candidate of fxscale's scaled_linear for an (m, k) x (k, n) fp8
-    GEMM into bf16."""
+def _operands(m: int, k: int, n: int) -> tuple:
+    """scaled_linear's prepared arguments for an (m, k) x (k, n) fp8 GEMM into bf16."""
     dev = torch.device("cuda")
     x = torch.randn(m, k, device=dev).to(torch.float8_e4m3fn)
     w = (torch.randn(n, k, device=dev) * 0.5).to(torch.float8_e4m3fn)
     xs, ws = torch.tensor(0.01, device=dev), torch.tensor(0.002, device=dev)
-    _, args, _ = cuda._linear_call(x, xs, w, ws, None, "none", None, None, torch.bfloat16)
+    return cuda._linear_call(x, xs, w, ws, None, "none", None, None, torch.bfloat16)[1]
+
+
+def candidates_us(m: int, k: int, n: int, cold: bool) -> list[tuple[str, float]]:
+    """Device time (us) of each candidate of fxscale's scaled_linear for an (m, k) x (k, n) fp8
+    GEMM into bf16."""
+    args = _operands(m, k, n)
     saved = cuda._cold_copies
     cuda._cold_copies = saved if cold else _warm_copies
     try:
@@ -59,11 +64,7 @@ def sweep(m: int, k: int, n: int, top: int = 4) -> list[tuple[float, str]]:
     candidates to add to it."""
     from fxscale.kernels.triton_fp8 import Config
 
-    dev = torch.device("cuda")
-    x = torch.randn(m, k, device=dev).to(torch.float8_e4m3fn)
-    w = (torch.randn(n, k, device=dev) * 0.5).to(torch.float8_e4m3fn)
-    xs, ws = torch.tensor(0.01, device=dev), torch.tensor(0.002, device=dev)
-    _, args, _ = cuda._linear_call(x, xs, w, ws, None, "none", None, None, torch.bfloat16)
+    args = _operands(m, k, n)
     out = []
     for bn in (16, 32, 64, 128):
         for bk in (128, 256, 512):
