@@ -86,25 +86,30 @@ class Lowering:
     def weight(self, node: fx.Node, transpose: bool) -> tuple[fx.Node, fx.Node]:
         key = (node.name, transpose)
         if key not in self.weights:
-            data, scale, _ = self.an.quantised_consts[node.name]
+            data, scale, wb = self.an.quantised_consts[node.name]
             if transpose:
-                data = data.t()
-            data = data.contiguous()
-            first = self._first()
-            d = self._buffer(f"{node.name}_{self.fmt.name}", data, first, kind="weight")
+                data, wb = data.t(), wb.transposed()
             per_group = isinstance(scale, Tensor)  # a grouped (MoE) weight: one scale per expert
-            sv = scale.to(torch.float32) if per_group else _scalar(scale, data.device)
-            s = self._buffer(f"{node.name}_scale", sv, first)
-            how = (f"quantised once, one scale per expert (2^{int(sv.log2().min())}..2^{int(sv.log2().max())})"
+            how = (f"quantised once, one scale per expert (2^{int(scale.log2().min())}..2^{int(scale.log2().max())})"
                    if per_group else "quantised once")
-            rec = info(d)
-            rec.stores, rec.scale, rec.scale_from = self.fmt.name, (None if per_group else scale), "static"
-            wb = self.an.quantised_consts[node.name][2]
-            rec.bound = wb.transposed() if transpose else wb
-            rec.observed = (float(rec.bound.absmax), float(rec.bound.rownorm))  # exact for a constant
-            rec.reasons.append(f"{node.name} {how} at transform time{' (stored transposed)' if transpose else ''}")
-            self.weights[key] = (d, s)
+            self.weights[key] = self.weight_buffers(
+                node.name, data.contiguous(), scale, wb,
+                f"{node.name} {how} at transform time{' (stored transposed)' if transpose else ''}")
         return self.weights[key]
+
+    def weight_buffers(self, name: str, data: Tensor, scale: float | Tensor, bound, reason: str) -> tuple[fx.Node, fx.Node]:
+        """Buffers ``<name>_<format>`` (the quantised data) and ``<name>_scale`` (a float, or a
+        tensor of per-expert scales), read at the top of the graph, with the data's record."""
+        first = self._first()
+        d = self._buffer(f"{name}_{self.fmt.name}", data, first, kind="weight")
+        per_group = isinstance(scale, Tensor)
+        s = self._buffer(f"{name}_scale", scale.to(torch.float32) if per_group else _scalar(scale, data.device), first)
+        rec = info(d)
+        rec.stores, rec.scale, rec.scale_from = self.fmt.name, (None if per_group else scale), "static"
+        rec.bound = bound
+        rec.observed = (float(bound.absmax), float(bound.rownorm))  # exact for a constant
+        rec.reasons.append(reason)
+        return d, s
 
     def scale_node(self, a: fx.Node) -> fx.Node:
         """A node computing the scale of low-precision operand ``a`` (before its consumers)."""

@@ -60,7 +60,7 @@ def _key(gm: fx.GraphModule, n: fx.Node) -> tuple | None:
     if call is None or call.out_fmt is not None or call.out_scale is not None or call.residual is not None:
         return None
     w, ws = _const(gm, call.w), _const(gm, call.w_scale)
-    if w is None or ws is None or ws.dim() != 0 or w.dim() != 2:
+    if w is None or ws is None or ws.dim() != 0 or w.dim() != 2 or info(call.w).bound is None:
         return None
     if call.bias is not None and _const(gm, call.bias) is None:
         return None
@@ -108,21 +108,14 @@ def _fuse(lw: Any, members: list[fx.Node]) -> None:
     first = kept[0][0]
     wcat = torch.cat(datas, 0).contiguous()
     names = ", ".join(n.name for n, _ in kept)
-    base = f"{kept[0][1].w.target}_and_{len(kept) - 1}_siblings"
-    wnode = lw._buffer(base, wcat, lw._first(), kind="weight")
-    snode = lw._buffer(f"{base}_scale", torch.tensor(s, dtype=torch.float32, device=wcat.device),
-                       lw._first())
+    name = f"{kept[0][1].w.target.removesuffix('_' + lw.fmt.name)}_and_{len(kept) - 1}_siblings"
+    wb = [info(c.w).bound for _, c in kept]  # rows are the members' rows: their largest bounds
+    wnode, snode = lw.weight_buffers(name, wcat, s, Bound(max(b.absmax for b in wb), max(b.rownorm for b in wb)),
+                                     f"the weights of {names}, concatenated (one GEMM)")
     bnode = None
     if kept[0][1].bias is not None:
         bcat = torch.cat([_const(gm, c.bias) for _, c in kept], 0).contiguous()
-        bnode = lw._buffer(f"{base}_bias", bcat, lw._first())
-    wrec = info(wnode)
-    wrec.stores, wrec.scale, wrec.scale_from = lw.fmt.name, s, "static"
-    wbounds = [info(c.w).bound for _, c in kept]
-    if all(b is not None for b in wbounds):
-        wrec.bound = Bound(max(b.absmax for b in wbounds), max(b.rownorm for b in wbounds))
-        wrec.observed = (float(wrec.bound.absmax), float(wrec.bound.rownorm))
-    wrec.reasons.append(f"the weights of {names}, concatenated (one GEMM)")
+        bnode = lw._buffer(f"{name}_bias", bcat, lw._first())
     with g.inserting_before(first):
         call = dataclasses.replace(kept[0][1], w=wnode, w_scale=snode, bias=bnode)
         fused = g.create_node("call_function", first.target, call.args(), name=f"{first.name}_fused{len(kept)}")
