@@ -25,6 +25,7 @@ from benchmarks.common import (
     kernel_breakdown,
     run_variants,
     table,
+    torchao_fp8,
     torchao_version,
 )
 
@@ -78,7 +79,9 @@ def main() -> None:
         md.append(table(rows, f"{B}x{T} = {B * T} tokens"))
         if args.breakdown and B * T > 64:
             for name, build in [("bf16 eager", lambda: model),
-                                ("fxscale hand block (compile)", lambda: torch.compile(HandBlock(model)))]:
+                                ("fxscale.transform + compile (the default path)",
+                                 lambda: torch.compile(fxscale_transform(model, inputs[0]))),
+                                ("torchao fp8 rowwise (compile)", lambda: torch.compile(torchao_fp8(model, rowwise=True)))]:
                 try:
                     bd = kernel_breakdown(build(), inputs[0], top=16)
                 except Exception as e:  # noqa: BLE001
