@@ -80,7 +80,7 @@ def main() -> None:
         if args.breakdown and B * T > 64:
             for name, build in [("bf16 eager", lambda: model),
                                 ("fxscale.transform + compile (the default path)",
-                                 lambda: torch.compile(fxscale_transform(model, inputs[0]))),
+                                 lambda x=inputs[0]: torch.compile(fxscale_transform(model, x))),
                                 ("torchao fp8 rowwise (compile)", lambda: torch.compile(torchao_fp8(model, rowwise=True)))]:
                 try:
                     bd = kernel_breakdown(build(), inputs[0], top=16)

@@ -187,6 +187,38 @@ def _(x, x_scale, w, w_scale, bias, activation, out_fmt):
     return data, x.new_empty((), dtype=torch.float32), x.new_empty(2, dtype=torch.float32)
 
 
+@torch.library.custom_op("fxscale::gated_requantise", mutates_args=())
+def gated_requantise(gate: Tensor, up: Tensor, activation: str, out_fmt: str) -> tuple[Tensor, Tensor, Tensor]:
+    """A gated MLP's product, requantised: ``h = act(gate) * up`` (SwiGLU, GeGLU), computed in
+    the inputs' dtype as eager computes it, then ``(cast(h / s), s, stats)`` with ``s`` the
+    scale that fits ``max |h|`` and ``stats = [amax, max row norm]`` (as ``fxscale.stats``).
+
+    The requantise a Llama MLP needs (the product of two bounds wastes many bits), in one op:
+    on CUDA two passes that never write ``h`` (:mod:`fxscale.kernels.triton_gated`).
+
+    >>> g, u = torch.randn(4, 8), torch.randn(4, 8)
+    >>> data, scale, st = torch.ops.fxscale.gated_requantise(g, u, "silu", "e4m3")
+    >>> bool((data.float() * scale - torch.nn.functional.silu(g) * u).abs().max() <= st[0] / 16)
+    True
+    """
+    return gated_requantise_ref(gate, up, activation, out_fmt)
+
+
+def gated_requantise_ref(gate: Tensor, up: Tensor, activation: str, out_fmt: str) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`gated_requantise`'s reference body (any device, any dtype)."""
+    h = apply_activation(gate, activation) * up
+    f = get_format(out_fmt)
+    st = row_stats(h)
+    scale = f.scale_tensor(st[0])
+    return f.cast(h.to(torch.float32) / scale), scale, st
+
+
+@gated_requantise.register_fake
+def _(gate, up, activation, out_fmt):
+    data = gate.new_empty(gate.shape, dtype=get_format(out_fmt).dtype)
+    return data, gate.new_empty((), dtype=torch.float32), gate.new_empty(2, dtype=torch.float32)
+
+
 # ---------------------------------------------------------------------------- matmul / conv
 @torch.library.custom_op("fxscale::scaled_matmul", mutates_args=())
 def scaled_matmul(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
@@ -255,7 +287,9 @@ def _(x, x_scale, w, w_scales, offs, out_dtype):
     return x.new_empty((x.shape[0], w.shape[-1]), dtype=out_dtype)
 
 
-@torch.library.custom_op("fxscale::layer_norm", mutates_args=())
+_lib.define("layer_norm(Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps) -> Tensor")
+
+
 def layer_norm(x: Tensor, normalized_shape: list[int], weight: Tensor | None, bias: Tensor | None,
                eps: float) -> Tensor:
     """LayerNorm in two passes, ``d = x - mean(x)``, ``xhat = d * rsqrt(sum(d * d) / D + eps)``,
@@ -265,6 +299,11 @@ def layer_norm(x: Tensor, normalized_shape: list[int], weight: Tensor | None, bi
     to a relative ``(D + 16) u`` whatever the mean's rounding and the summation order (a sum of
     non-negative terms): the bound that fxscale's rule proves (``fxscale.rules.numeric``),
     which PyTorch's Welford kernel does not satisfy on near-constant rows.
+
+    CompositeImplicitAutograd, as ``quantise``: the node keeps its name in the transformed graph
+    (its rule applies there) and decomposes into these ATen ops under torch.compile, where
+    inductor fuses the whole normalisation into one kernel (an opaque custom op ran a dozen
+    eager passes over the activation: ~0.5 ms per LayerNorm at 8192 x 4096 on an H200).
     """
     dims = tuple(range(x.dim() - len(normalized_shape), x.dim()))
     xf = x if x.dtype == torch.float64 else x.float()
@@ -280,6 +319,4 @@ def layer_norm(x: Tensor, normalized_shape: list[int], weight: Tensor | None, bi
     return y.to(x.dtype)
 
 
-@layer_norm.register_fake
-def _(x, normalized_shape, weight, bias, eps):
-    return torch.empty_like(x)
+_lib.impl("layer_norm", layer_norm, "CompositeImplicitAutograd")

@@ -13,7 +13,9 @@ Epilogue fusions (:data:`EPILOGUE`), where a linear (and its activation) feeds o
 * ``requantise epilogue``: the value is a requantise point (scale from its run-time amax):
   ``scaled_linear_requantise`` (amax in the epilogue) returns data, scale and stats;
 * ``cast epilogue``: a static or rule-computed scale: ``scaled_linear(..., out_scale, out_fmt)``
-  writes the low-precision data itself.
+  writes the low-precision data itself;
+* ``gated requantise``: ``act(gate) * up`` (a SwiGLU / GeGLU MLP's product) that is a
+  requantise point: ``gated_requantise`` computes the product, its amax and the cast in one op.
 
 :data:`RESIDUAL` (``fuse_residual=True``): ``add(scaled_linear(...), r)`` ->
 ``scaled_linear(..., residual=r)`` where the linear's plain output feeds only that add and ``r``
@@ -183,10 +185,58 @@ def _merge(lw: Any, p: dict, what: str) -> None:
     rec.reasons.append(what)
 
 
+# ============================================================================ gated
+def _match_gated(lw: Any, y: fx.Node) -> dict | None:
+    """``y = act(gate) * up`` (either order) that is a requantise point and read only by its
+    quantise and measurement, ``act``'s value read only by ``y``, gate and up of y's shape."""
+    if y.op != "call_function" or y.target is not aten.mul.Tensor or y.kwargs or len(y.args) != 2:
+        return None
+    if y.name not in lw.lowp or y.name not in lw.an.measured or lw.stats_nodes.get(y.name) is None:
+        return None
+    q, sc = lw.lowp[y.name]
+    stats = lw.stats_nodes[y.name]
+    if any(u is not q and u is not stats for u in y.users):
+        return None
+    for a, up in (y.args, y.args[::-1]):
+        if not (isinstance(a, fx.Node) and isinstance(up, fx.Node) and a is not up and a.op == "call_function"
+                and a.target in ACTIVATIONS and len(a.users) == 1 and isinstance(a.args[0], fx.Node)):
+            continue
+        gate = a.args[0]
+        vals = [n.meta.get("val") for n in (gate, up, y)]
+        # shapes compared as text: symbolic batch sizes compare without guards
+        if (all(isinstance(v, Tensor) for v in vals) and vals[0].dtype.is_floating_point
+                and len({(str(v.shape), v.dtype) for v in vals}) == 1):
+            return {"y": y, "act_node": a, "act": ACTIVATIONS[a.target](a), "gate": gate, "up": up,
+                    "q": q, "sc": sc, "stats": stats}
+    return None
+
+
+def _rewrite_gated(lw: Any, p: dict) -> None:
+    y, q, sc, stats, a = p["y"], p["q"], p["sc"], p["stats"], p["act_node"]
+    y.target, y.kwargs = fxops.gated_requantise.default, {}
+    y.args = (p["gate"], p["up"], p["act"], lw.fmt.name)
+    y.meta.pop("val", None)  # a (data, scale, stats) tuple now
+    with lw.g.inserting_after(y):
+        data = lw.g.call_function(operator.getitem, (y, 0))
+    with lw.g.inserting_after(data):
+        scale = lw.g.call_function(operator.getitem, (y, 1))
+    with lw.g.inserting_after(scale):
+        st = lw.g.call_function(operator.getitem, (y, 2))
+    q.replace_all_uses_with(data)
+    sc.replace_all_uses_with(scale)
+    stats.replace_all_uses_with(st)
+    for dead in (q, sc, stats):
+        lw.erase_chain(dead)
+    lw.g.erase_node(a)
+    info(y).reasons.append(f"{a.name} ({p['act']}) * {p['up'].name}, amax + cast fused: one gated requantise "
+                           "(h never written)")
+
+
 #: Epilogue fusions, tried in this order at every node.
 EPILOGUE = (
     Fusion("requantise epilogue", _match_requantise, _rewrite_requantise),
     Fusion("cast epilogue", _match_cast, _rewrite_cast),
+    Fusion("gated requantise", _match_gated, _rewrite_gated),
 )
 
 

@@ -49,6 +49,10 @@ try:
     from . import triton_fp8 as _tk
 except Exception:  # noqa: BLE001  (triton missing or too old: cuBLAS and the reference remain)
     _tk = _te = None
+try:
+    from . import triton_gated as _tg
+except Exception:  # noqa: BLE001  (triton or torch.library.triton_op missing: the reference remains)
+    _tg = None
 
 __all__ = ["HAS_TRITON", "choices", "clear_cache", "force", "linear_choice"]
 
@@ -503,6 +507,19 @@ def _impl_requant(name, cfg):
     return _requant_triton(cfg) if name == "requant_triton" else _requant_unfused
 
 
+def gated_triton_ok(gate, up, out_fmt: str) -> bool:
+    """Can ``fxscale_kernels::gated_requantise`` take these operands (else the reference runs)?"""
+    return (_tg is not None and get_format(out_fmt).dtype in _FP8 and gate.dtype == up.dtype
+            and gate.dtype in _tg._ROUND and gate.shape == up.shape and gate.dim() >= 1 and gate.numel() > 0
+            and _FORCED != "reference")
+
+
+def gated_requantise_cuda(gate, up, activation, out_fmt):
+    if not gated_triton_ok(gate, up, out_fmt):
+        return _ops.gated_requantise_ref(gate, up, activation, out_fmt)
+    return torch.ops.fxscale_kernels.gated_requantise(gate, up, activation, get_format(out_fmt).dtype)
+
+
 def scaled_matmul_cuda(a, a_scale, b, b_scale, out_dtype):
     eight_bit = (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8)
     if a.dtype in eight_bit and b.dtype in eight_bit and out_dtype != torch.float32:
@@ -517,6 +534,7 @@ def _register() -> None:
     torch.library.register_kernel("fxscale::scaled_linear", "cuda", scaled_linear_cuda)
     torch.library.register_kernel("fxscale::scaled_linear_requantise", "cuda", scaled_linear_requantise_cuda)
     torch.library.register_kernel("fxscale::scaled_matmul", "cuda", scaled_matmul_cuda)
+    torch.library.register_kernel("fxscale::gated_requantise", "cuda", gated_requantise_cuda)
 
 
 _register()

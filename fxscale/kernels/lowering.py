@@ -266,6 +266,21 @@ def _functional_lowering(mode, op, types, args, kwargs):
         return _scaled_linear_decomposition(*args, **kwargs)
 
 
+def _gated_functional_lowering(mode, op, types, args, kwargs):
+    """``gated_requantise`` under functionalization: the ``fxscale_kernels::gated_requantise``
+    triton_op, whose two kernels inductor then launches itself (no custom-op call)."""
+    from torch.export._trace import custom_triton_ops_decomposition_disabled
+
+    names = ("gate", "up", "activation", "out_fmt")
+    vals = {**dict(zip(names, args)), **kwargs}
+    gate, up, activation, out_fmt = (vals[k] for k in names)
+    if (not _ENABLED or custom_triton_ops_decomposition_disabled() or gate.device.type != "cuda"
+            or not _cuda.gated_triton_ok(gate, up, out_fmt)):
+        return mode.__torch_dispatch__(op, types, args, kwargs)
+    with mode:
+        return torch.ops.fxscale_kernels.gated_requantise(gate, up, activation, get_format(out_fmt).dtype)
+
+
 def set_inductor_lowering(enabled: bool, *, relu_cublas_max_m: int | None = None,
                           triton_ops: bool = True) -> None:
     """Let torch.compile lower ``scaled_linear`` to the autotuner's choice inside the compiled code
@@ -284,9 +299,10 @@ def set_inductor_lowering(enabled: bool, *, relu_cublas_max_m: int | None = None
     if enabled and not _HOOKED:
         from torch._subclasses.functional_tensor import FunctionalTensorMode
 
-        from ..ops import scaled_linear
+        from ..ops import gated_requantise, scaled_linear
 
         scaled_linear.register_torch_dispatch(FunctionalTensorMode, _functional_lowering)
+        gated_requantise.register_torch_dispatch(FunctionalTensorMode, _gated_functional_lowering)
         _HOOKED = True
 
 
