@@ -67,6 +67,40 @@ def test_two_pass_layer_norm__affine_and_one_hot_rows_within_bound(eps, dtype):
     assert float(y.float().abs().max()) <= _bound(d, eps, float(x.abs().max()), w, b)
 
 
+@pytest.mark.parametrize("d", [4, 16, 64])
+@pytest.mark.parametrize("eps", [1e-5, 1e-6])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_pass_layer_norm__sqrt_d_minus_1_branch_holds_on_spikes_offsets_and_a_search(d, eps, dtype):
+    """Where max|x| / sqrt(eps) is moderate the rule proves sqrt(D - 1) plus the mean's rounding
+    (tighter than sqrt(D)). Rows that reach sqrt(D - 1) in exact arithmetic (one spike over a
+    constant, either sign, at every offset in the box), near-constant rows, and the best of a
+    random-restart ascent on |xhat_0| inside the box must all stay under it."""
+    g = torch.Generator().manual_seed(d)
+    box = 4.0
+    rows = []
+    for c in torch.linspace(-box, box, 33):
+        for a in (box, -box, c + 2.0**-10, c - 1e-3):
+            r = torch.full((d,), float(c))
+            r[int(torch.randint(d, (1,), generator=g))] = float(max(-box, min(box, float(a))))
+            rows.append(r)
+    rows += [torch.full((d,), 3.0) + 2.0**-20 * torch.randint(-3, 4, (d,), generator=g).float() for _ in range(64)]
+    x = torch.stack(rows)
+    x = torch.cat([x, (torch.rand(256, d, generator=g) * 2 - 1) * box])
+    x.requires_grad_(True)  # ascent on each row's first element, kept inside the box
+    for _ in range(30):
+        y0 = LN(x, [d], None, None, eps)[:, 0].abs().sum()
+        (grad,) = torch.autograd.grad(y0, x)
+        with torch.no_grad():
+            x += 0.05 * grad.sign()
+            x.clamp_(-box, box)
+    x = x.detach().to(dtype)
+    bound = _bound(d, eps, box)
+    assert bound < math.sqrt(d) * (1 + 2.0**-7)  # the sqrt(D - 1) branch is the one proven
+    y = LN(x, [d], None, None, eps)
+    assert float(y.float().abs().max()) <= bound
+    assert float(y.float().abs().max()) >= 0.99 * math.sqrt(d - 1)  # the attack reaches the exact-math maximum
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_two_pass_layer_norm__matches_pytorch_on_ordinary_rows(dtype):
     torch.manual_seed(0)
