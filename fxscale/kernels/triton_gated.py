@@ -34,8 +34,8 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from ..formats import MAX_SCALE, MIN_SCALE, get_format
-from .triton_elementwise import _choose_scale
 from . import triton_fp8 as _tk
+from .triton_elementwise import _choose_scale
 from .triton_fp8 import _FP8_MAX, _OUT_KIND, ACT_CODES, _activation, _to_out
 
 __all__ = ["gated_requantise"]
