@@ -312,7 +312,9 @@ def _two_pass_layer_norm(c: RuleCall) -> Bound:
         return None
     tiny = 2.0**-61 / math.sqrt(eps)
     mean_err = fprod(c["x"].bound.absmax, (d + 4) * _KERNEL_U / math.sqrt(eps))
-    am = min(math.sqrt(d), math.sqrt(max(d - 1, 1)) + mean_err) * (1.0 + (d + 16) * _KERNEL_U) + tiny
+    tight = math.sqrt(max(d - 1, 1)) + mean_err
+    # a run-time bound (tensor) takes sqrt(D): no data-dependent branch in the compiled graph
+    am = (min(math.sqrt(d), tight) if isinstance(tight, float) else math.sqrt(d)) * (1.0 + (d + 16) * _KERNEL_U) + tiny
     rn = math.sqrt(d) * (1.0 + (d + 16) * _KERNEL_U) + tiny
     rn = rn + fprod(tiny, math.sqrt(d)) if len(c["normalized_shape"]) == 1 else INF
     return _affine(am, rn, c.get("weight"), c.get("bias"))
