@@ -140,10 +140,10 @@ def _match_cast(lw: Any, node: fx.Node) -> dict | None:
     return p
 
 
-def _rewrite_requantise(lw: Any, p: dict) -> None:
-    y, c, q, sc, stats = p["y"], p["call"], p["q"], p["sc"], p["stats"]
-    y.target, y.kwargs = fxops.scaled_linear_requantise.default, {}
-    y.args = (c.x, c.x_scale, c.w, c.w_scale, c.bias, p["act"], lw.fmt.name)
+def _take_requantise(lw: Any, p: dict) -> None:
+    """``p["y"]`` now returns ``(data, scale, stats)``: its getitems replace the requantise's
+    quantise, scale and measurement nodes (``q``, ``sc``, ``stats``), whose chains go."""
+    y, q, sc, stats = p["y"], p["q"], p["sc"], p["stats"]
     y.meta.pop("val", None)  # a (data, scale, stats) tuple now
     with lw.g.inserting_after(y):
         data = lw.g.call_function(operator.getitem, (y, 0))
@@ -156,6 +156,13 @@ def _rewrite_requantise(lw: Any, p: dict) -> None:
     stats.replace_all_uses_with(st)
     for dead in (q, sc, stats):
         lw.erase_chain(dead)
+
+
+def _rewrite_requantise(lw: Any, p: dict) -> None:
+    y, c = p["y"], p["call"]
+    y.target, y.kwargs = fxops.scaled_linear_requantise.default, {}
+    y.args = (c.x, c.x_scale, c.w, c.w_scale, c.bias, p["act"], lw.fmt.name)
+    _take_requantise(lw, p)
     _merge(lw, p, "amax + cast fused into the epilogue")
 
 
@@ -212,21 +219,10 @@ def _match_gated(lw: Any, y: fx.Node) -> dict | None:
 
 
 def _rewrite_gated(lw: Any, p: dict) -> None:
-    y, q, sc, stats, a = p["y"], p["q"], p["sc"], p["stats"], p["act_node"]
+    y, a = p["y"], p["act_node"]
     y.target, y.kwargs = fxops.gated_requantise.default, {}
     y.args = (p["gate"], p["up"], p["act"], lw.fmt.name)
-    y.meta.pop("val", None)  # a (data, scale, stats) tuple now
-    with lw.g.inserting_after(y):
-        data = lw.g.call_function(operator.getitem, (y, 0))
-    with lw.g.inserting_after(data):
-        scale = lw.g.call_function(operator.getitem, (y, 1))
-    with lw.g.inserting_after(scale):
-        st = lw.g.call_function(operator.getitem, (y, 2))
-    q.replace_all_uses_with(data)
-    sc.replace_all_uses_with(scale)
-    stats.replace_all_uses_with(st)
-    for dead in (q, sc, stats):
-        lw.erase_chain(dead)
+    _take_requantise(lw, p)
     lw.g.erase_node(a)
     info(y).reasons.append(f"{a.name} ({p['act']}) * {p['up'].name}, amax + cast fused: one gated requantise "
                            "(h never written)")
