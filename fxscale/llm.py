@@ -99,7 +99,7 @@ def wrap(lm: nn.Module, *, max_len: int, batch: int = 2, **transform_options: An
     scales = [(1.0, 1.0)] * layers
     unsupported = (f"fxscale.llm.wrap: {type(lm).__name__}'s attention does not run through transformers' attention "
                    "interface (config._attn_implementation) in every layer, which the float8 cache needs (models with "
-                   "their own attention code, e.g. Bloom's ALiBi or Falcon's, are not supported). Transform it without "
+                   "their own attention code, e.g. Bloom's ALiBi, or Falcon's before transformers 5.25, are not supported). Transform it without "
                    "a cache instead: fxscale.transform(lm, (ids,), dynamic_shapes=...), or torch.compile(lm, "
                    "backend='fxscale')")
     for _ in range(3):

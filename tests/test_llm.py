@@ -335,18 +335,46 @@ def test_wrap__attention_arguments_it_does_not_implement_are_refused():
         _attention(torch.nn.Module(), None, None, None, None, s_aux=torch.zeros(2))
 
 
-@pytest.mark.parametrize("family", ["bloom", "falcon"])
-def test_wrap__a_model_with_its_own_attention_code_is_refused_saying_what_to_use(family):
-    """Bloom (ALiBi) and Falcon compute attention in their own code, not through transformers'
-    attention interface that the float8 cache plugs into: a clear error (was an IndexError, or
-    a capture error about a None mask)."""
+def _own_attention(family):
     import transformers as T
 
     torch.manual_seed(0)
     if family == "bloom":
-        lm = T.BloomForCausalLM(T.BloomConfig(vocab_size=100, hidden_size=64, n_layer=2, n_head=4, use_cache=False))
-    else:
-        lm = T.FalconForCausalLM(T.FalconConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                new_decoder_architecture=True, num_kv_heads=2, use_cache=False))
-    with pytest.raises(ValueError, match="attention interface.*fxscale.transform"):
-        fxscale.llm.wrap(lm.eval(), max_len=32)
+        return T.BloomForCausalLM(T.BloomConfig(vocab_size=100, hidden_size=64, n_layer=2, n_head=4,
+                                                use_cache=False)).eval()
+    return T.FalconForCausalLM(T.FalconConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                              num_attention_heads=4, new_decoder_architecture=True, num_kv_heads=2,
+                                              use_cache=False)).eval()
+
+
+def _uses_attention_interface(lm) -> bool:
+    """Whether the installed transformers routes this model's attention through its attention
+    interface (Falcon's rotary attention does from transformers 5.25 on; Bloom's ALiBi does not)."""
+    import inspect
+
+    attn = next(m for n, m in lm.named_modules() if n.endswith("attention"))
+    return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(inspect.getmodule(type(attn)))
+
+
+@pytest.mark.parametrize("family", ["bloom", "falcon"])
+@torch.no_grad()
+def test_wrap__a_model_with_its_own_attention_code_is_refused_saying_what_to_use(family):
+    """Bloom (ALiBi), and Falcon before transformers 5.25, compute attention in their own code,
+    not through transformers' attention interface that the float8 cache plugs into: a clear error
+    (was an IndexError, or a capture error about a None mask). Where the installed transformers
+    does route it through the interface (Falcon from 5.25), wrap works and follows the float32
+    model as a plain transform does."""
+    lm = _own_attention(family)
+    if not _uses_attention_interface(lm):
+        with pytest.raises(ValueError, match="attention interface.*fxscale.transform"):
+            fxscale.llm.wrap(lm, max_len=32)
+        return
+    flm = fxscale.llm.wrap(lm, max_len=32)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(5))
+    ref = lm(ids).logits
+    want = fxscale.sqnr_db(ref, fxscale.transform(lm, (ids,))(ids).logits)
+    assert fxscale.sqnr_db(ref, flm(ids).logits) > want - 1.0, family
+    flm.allocate(2)
+    flm.step(ids[:, :12], flm.positions[:12])
+    steps = torch.cat([flm.step(ids[:, t:t + 1], flm.positions[t:t + 1]) for t in range(12, 16)], 1)
+    assert fxscale.sqnr_db(ref[:, 12:], steps) > want - 2.0, family
