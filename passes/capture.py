@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .causal_mask import sdpa_is_causal_when_plain
 from .distributed import capture_local, has_dtensor
 from .inline_regions import inline_regions
 from .input_names import name_inputs
@@ -207,6 +208,20 @@ def _as_auto(spec: Any) -> Any:
 
 
 def _export(model: nn.Module, args: tuple, dynamic_batch: bool, dynamic_shapes: Any = None) -> torch.fx.GraphModule:
+    with sdpa_is_causal_when_plain(model, args):  # transformers' plain causal mask as SDPA's is_causal
+        ep = _exported_program(model, args, dynamic_batch, dynamic_shapes)
+    ep = _functionalise_if_mutating(ep)
+    gm = ep.module()
+    inline_regions(gm)
+    name_inputs(gm, model)
+    if dynamic_batch:
+        _warn_if_static_batch(model, gm)
+    if dynamic_shapes is not None:
+        _warn_if_declared_dims_specialised(model, gm, args, dynamic_shapes)
+    return gm
+
+
+def _exported_program(model: nn.Module, args: tuple, dynamic_batch: bool, dynamic_shapes: Any):
     ep = None
     if dynamic_shapes is not None:
         spec = _merge_dims(model, args, dynamic_batch, dynamic_shapes)
@@ -245,15 +260,7 @@ def _export(model: nn.Module, args: tuple, dynamic_batch: bool, dynamic_shapes: 
             ep = torch.export.export(model, args, strict=False)
         except Exception as e:
             raise _capture_error(model, e, "torch.export") from e
-    ep = _functionalise_if_mutating(ep)
-    gm = ep.module()
-    inline_regions(gm)
-    name_inputs(gm, model)
-    if dynamic_batch:
-        _warn_if_static_batch(model, gm)
-    if dynamic_shapes is not None:
-        _warn_if_declared_dims_specialised(model, gm, args, dynamic_shapes)
-    return gm
+    return ep
 
 
 def _declared_dims(arg: Any, spec: Any):
