@@ -36,7 +36,6 @@ import inspect
 import sys
 from collections.abc import Iterator
 
-import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 __all__ = ["sdpa_is_causal_when_plain"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.export import Dim
 
-from passes.capture import capture
+from passes.capture import CaptureError, capture
 
 T = pytest.importorskip("transformers")
 
@@ -23,8 +23,8 @@ def _is_causal(n) -> bool:
 
 def _llama(**kw):
     torch.manual_seed(0)
-    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=100, use_cache=False)
+    cfg = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "vocab_size": 100, "use_cache": False}
     return T.LlamaForCausalLM(T.LlamaConfig(**{**cfg, **kw})).eval()
 
 
@@ -78,13 +78,16 @@ def test_capture__a_sliding_window_keeps_its_mask():
 
 
 def test_capture__transformers_mask_functions_are_restored_after_capture_and_after_a_failure():
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, find_packed_sequence_indices, sdpa_mask
-
     import transformers.masking_utils as mu
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        find_packed_sequence_indices,
+        sdpa_mask,
+    )
 
     lm = _llama()
     capture(lm, (torch.randint(0, 100, (2, 8)),))
-    with pytest.raises(Exception):
+    with pytest.raises(CaptureError):
         capture(lm, (torch.randint(0, 100, (2, 8)), "not a mask"))
     assert ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] is sdpa_mask
     assert mu.find_packed_sequence_indices is find_packed_sequence_indices
