@@ -92,8 +92,9 @@ def _index_copy_rule(c) -> Bound | None:
 class _Context:
     """What the attention function reads while the step module runs (set per call)."""
 
-    def __init__(self, positions: Tensor, caches: tuple, scales: list[tuple[float, float]], pad: Tensor | None):
-        self.positions, self.caches, self.scales, self.pad = positions, caches, scales, pad
+    def __init__(self, positions: Tensor, caches: tuple, scales: list[tuple[float, float]], pad: Tensor | None,
+                 fresh: bool = False):
+        self.positions, self.caches, self.scales, self.pad, self.fresh = positions, caches, scales, pad, fresh
         self.new_kv: dict[int, tuple[Tensor, Tensor]] = {}
 
 
@@ -128,17 +129,24 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     i = module.layer_idx
     ks, vs = ctx.scales[i]
     ctx.new_kv[i] = (key, value)
-    if softcap is None and query.device.type in DECODE_OP_DEVICES:
-        return _decode_attention(query, key, value, ctx.caches[2 * i], ctx.caches[2 * i + 1], ctx.positions, ks, vs,
-                                 ctx.pad, scaling, sliding_window), None
     b, h, s, d = query.shape
     rep = h // key.shape[1]
+    if ctx.fresh and not sliding_window and softcap is None:  # a new sequence: its own keys, causal
+        out = nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                                         enable_gqa=rep > 1)
+        return out.transpose(1, 2), None
+    if not ctx.fresh and softcap is None and query.device.type in DECODE_OP_DEVICES:
+        return _decode_attention(query, key, value, ctx.caches[2 * i], ctx.caches[2 * i + 1], ctx.positions, ks, vs,
+                                 ctx.pad, scaling, sliding_window), None
     # Grouped-query attention without copying the cache rep times: query head kv * rep + r reads
     # KV head kv (transformers' repeat_kv), so the rep query heads of one KV head are stacked as
     # rep * S query rows against that head's K/V (each row attends on its own).
     query = query.reshape(b, h // rep, rep * s, d)
-    kc = torch.ops.fxscale.kv_read(ctx.caches[2 * i], ks, query.dtype)  # (B, Hkv, L, D)
-    vc = torch.ops.fxscale.kv_read(ctx.caches[2 * i + 1], vs, query.dtype)
+    if ctx.fresh:  # windowed or soft-capped: the same masks, over this call's keys only
+        kc = vc = torch.zeros_like(key, dtype=query.dtype)
+    else:
+        kc = torch.ops.fxscale.kv_read(ctx.caches[2 * i], ks, query.dtype)  # (B, Hkv, L, D)
+        vc = torch.ops.fxscale.kv_read(ctx.caches[2 * i + 1], vs, query.dtype)
     k_all, v_all, mask = with_new_kv(kc, vc, key, value, ctx.positions, ctx.pad, int(sliding_window or 0), rep)
     if softcap is None:
         out = nn.functional.scaled_dot_product_attention(query, k_all, v_all, attn_mask=mask, scale=scaling)
@@ -195,14 +203,17 @@ def _attn_implementation(lm: nn.Module, name: str):
 class _Step(nn.Module):
     """``forward(input_ids, positions, caches[, pad]) -> (logits, k_0, v_0, k_1, ...)`` (what is
     exported). ``pad`` (B,): left-padding slots of each row (the padded step graph only): the
-    row's token positions start after them and attention skips them."""
+    row's token positions start after them and attention skips them. ``fresh``: the graph of a
+    new unpadded sequence at positions ``0..S-1``, which reads no cache (``caches`` is empty):
+    attention over its own keys is SDPA's ``is_causal`` (the flash kernels on the GPU), not a
+    mask over the whole cache."""
 
-    def __init__(self, lm: nn.Module, scales: list[tuple[float, float]]):
+    def __init__(self, lm: nn.Module, scales: list[tuple[float, float]], fresh: bool = False):
         super().__init__()
-        self.lm, self.scales = lm, scales
+        self.lm, self.scales, self.fresh = lm, scales, fresh
 
-    def forward(self, input_ids: Tensor, positions: Tensor, caches: tuple[Tensor, ...], pad: Tensor | None = None):
-        ctx = _Context(positions, caches, self.scales, pad)
+    def forward(self, input_ids: Tensor, positions: Tensor, caches: tuple[Tensor, ...] = (), pad: Tensor | None = None):
+        ctx = _Context(positions, caches, self.scales, pad, self.fresh)
         _ACTIVE.append(ctx)
         try:
             with _attn_implementation(self.lm, _IMPL):

@@ -88,7 +88,7 @@ def wrap(lm: nn.Module, *, max_len: int, batch: int = 2, **transform_options: An
     lm = lm.eval()
     layers = _dims(lm.config)[0]
     dtype = next(lm.parameters()).dtype
-    args, shapes = _example(lm, batch, max_len, padded=False)
+    args, shapes = _example(lm, batch, max_len)
     # The K/V bounds are proven without requantise points (all static: they follow from the
     # token embedding and the weights, not from run-time measurements, which would make them
     # depend on each call; a LayerNorm's bound depends on its input's max |x| through the
@@ -119,22 +119,26 @@ def wrap(lm: nn.Module, *, max_len: int, batch: int = 2, **transform_options: An
     if transform_options.get("requantise", True):  # the deployed graph, with its requantise points
         sm = transform(_Step(lm, scales), args, dynamic_shapes=shapes, **transform_options)
 
-    def padded() -> nn.Module:  # the left-padded step graph, on the first padded prompt
-        args, shapes = _example(lm, batch, max_len, padded=True)
-        proof = transform(_Step(lm, scales), args, dynamic_shapes=shapes, **bound_options)
+    def build(kind: str) -> nn.Module:
+        """The step graph of left-padded prompts ("padded") or of a new unpadded sequence
+        ("fresh", no cache read), on the first such prompt; its K/V must fit the proven scales."""
+        args, shapes = _example(lm, batch, max_len, kind)
+        step = _Step(lm, scales, fresh=kind == "fresh")
+        proof = transform(step, args, dynamic_shapes=shapes, **bound_options)
         for j, bound in enumerate(_kv_bounds(proof)):
             if bound > KV_FORMAT.max * scales[j // 2][j % 2]:
-                raise RuntimeError(f"fxscale.llm: the padded step's K/V bound {bound:g} (output {j}) exceeds the "
-                                   "cache scale proven without padding")
+                raise RuntimeError(f"fxscale.llm: the {kind} step's K/V bound {bound:g} (output {j}) exceeds the "
+                                   "cache scale proven by the step graph")
         if not transform_options.get("requantise", True):
             return proof
-        return transform(_Step(lm, scales), args, dynamic_shapes=shapes, **transform_options)
+        return transform(step, args, dynamic_shapes=shapes, **transform_options)
 
-    return FxscaleCausalLM(lm, sm, scales, bounds, max_len=max_len, dtype=dtype, padded=padded)
+    return FxscaleCausalLM(lm, sm, scales, bounds, max_len=max_len, dtype=dtype, build=build)
 
 
-def _example(lm: nn.Module, batch: int, max_len: int, padded: bool) -> tuple[tuple, tuple]:
-    """Example arguments of the step graph and their dynamic shapes."""
+def _example(lm: nn.Module, batch: int, max_len: int, kind: str = "step") -> tuple[tuple, tuple]:
+    """Example arguments of the step graph (``kind`` "step", "padded" or "fresh") and their
+    dynamic shapes."""
     from torch.export import Dim
 
     layers, kv_heads, head_dim = _dims(lm.config)
@@ -142,12 +146,14 @@ def _example(lm: nn.Module, batch: int, max_len: int, padded: bool) -> tuple[tup
     seq = min(8, max_len)
     ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
     pos = torch.arange(seq, device=device)
-    caches = tuple(torch.zeros(batch, kv_heads, max_len, head_dim, dtype=torch.uint8, device=device)
-                   for _ in range(2 * layers))
     # The cache length is dynamic too (any length up to max_len): no bound depends on it.
     s, b, n = Dim("fxscale_seq", max=max_len), Dim("fxscale_batch"), Dim("fxscale_cache", max=max_len)
+    if kind == "fresh":
+        return (ids, pos), ({0: b, 1: s}, {0: s})
+    caches = tuple(torch.zeros(batch, kv_heads, max_len, head_dim, dtype=torch.uint8, device=device)
+                   for _ in range(2 * layers))
     shapes = ({0: b, 1: s}, {0: s}, tuple({0: b, 2: n} for _ in caches))
-    if not padded:
+    if kind == "step":
         return (ids, pos, caches), shapes
     return (ids, pos, caches, torch.zeros(batch, dtype=torch.long, device=device)), (*shapes, {0: b})
 
@@ -164,6 +170,9 @@ class FxscaleCausalLM(*_base_classes()):
 
     ``flm(input_ids)`` prefills a fresh sequence (any length up to ``max_len``) and returns
     ``logits``; inside ``generate()`` each call feeds only the tokens the cache has not seen.
+    A new unpadded prompt runs ``step_fresh(input_ids, positions)``, a graph transformed on the
+    first one, which attends with causal SDPA over its own keys and reads no cache (the step
+    graph would read all ``max_len`` cached positions through a mask).
     ``step(input_ids, positions)`` is one step (writes the cache); replace it with
     ``torch.compile(flm.step, mode="reduce-overhead")`` for CUDA-graph decode. Prompts of
     different lengths: left-padded, with their ``attention_mask`` (``tokenizer.padding_side =
@@ -177,7 +186,7 @@ class FxscaleCausalLM(*_base_classes()):
     _supports_attention_backend = True
 
     def __init__(self, lm: nn.Module, sm: nn.Module, scales, bounds, *, max_len: int, dtype: torch.dtype,
-                 padded: Callable[[], nn.Module] | None = None):
+                 build: Callable[[str], nn.Module] | None = None):
         import copy
 
         super().__init__(copy.deepcopy(lm.config))  # a copy: PreTrainedModel adjusts it
@@ -194,9 +203,10 @@ class FxscaleCausalLM(*_base_classes()):
         self._len = 0
         self._in_generate = False
         self._padded = False  # is the sequence in the cache left-padded?
-        self._build_padded, self.sm_padded = padded, None
+        self._build, self.sm_padded, self.sm_fresh = build, None, None
         self.step = self._step
         self.step_padded = self._step_padded
+        self.step_fresh = self._step_fresh
 
     @property
     def device(self) -> torch.device:
@@ -245,6 +255,18 @@ class FxscaleCausalLM(*_base_classes()):
                                "(call flm(input_ids, attention_mask=...) or generate() with its attention_mask)")
         return self._write(positions, *self.sm_padded(input_ids, positions, tuple(self.caches), self.pad))
 
+    def _step_fresh(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        """:meth:`_step` for a new unpadded sequence at ``positions`` ``0..S-1``: attends to its
+        own keys (causal SDPA) without reading the cache, and writes them into it."""
+        if self.sm_fresh is None:
+            self.sm_fresh = self._graph("fresh")
+        return self._write(positions, *self.sm_fresh(input_ids, positions))
+
+    def _graph(self, kind: str) -> nn.Module:
+        if self._build is None:
+            raise ValueError(f"fxscale.llm: this model was built without a {kind} step graph")
+        return self._build(kind)
+
     def _write(self, positions: Tensor, logits: Tensor, *kv: Tensor) -> Tensor:
         for j, (t, cache) in enumerate(zip(kv, self.caches)):
             scale = self.scales[j // 2][j % 2]
@@ -270,7 +292,7 @@ class FxscaleCausalLM(*_base_classes()):
             self._padded = attention_mask is not None and not bool(attention_mask[:, :t].all())
             if self._padded:
                 self._set_padding(attention_mask[:, :t])
-        step = self.step_padded if self._padded else self.step
+        step = self.step_padded if self._padded else self.step_fresh if self._len == 0 else self.step
         logits = step(input_ids[:, self._len:], self.positions[self._len:t])
         self._tokens[:, self._len:t] = input_ids[:, self._len:t]
         self._len = t
@@ -298,9 +320,7 @@ class FxscaleCausalLM(*_base_classes()):
             raise ValueError("fxscale.llm: the attention_mask pads on the right or inside a prompt; pad prompts on "
                              "the left (tokenizer.padding_side = 'left'), as generate() needs for decoder-only models")
         if self.sm_padded is None:
-            if self._build_padded is None:
-                raise ValueError("fxscale.llm: this model was built without a padded step graph")
-            self.sm_padded = self._build_padded()
+            self.sm_padded = self._graph("padded")
         self.pad.copy_(pad)
 
     def generate(self, *args: Any, **kwargs: Any):

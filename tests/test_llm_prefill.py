@@ -1,0 +1,61 @@
+"""fxscale.llm's graph of a new prompt (``step_fresh``): causal SDPA over the prompt's own keys,
+no cache read; it computes what the cache-reading step graph computes from a fresh cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxscale
+import fxscale.llm
+from tests.test_llm import _gpt2, _llama
+
+pytestmark = pytest.mark.slow
+
+
+def _targets(gm, name):
+    return [n for n in gm.graph.nodes if name in str(n.target)]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@torch.no_grad()
+def test_prefill__a_new_prompt_attends_causally_to_its_own_keys_and_reads_no_cache(family):
+    lm = _llama() if family == "llama" else _gpt2()
+    flm = fxscale.llm.wrap(lm, max_len=64)
+    ids = torch.randint(1, 100, (2, 16), generator=torch.Generator().manual_seed(3))
+    ref = lm(ids).logits
+    fresh = flm(ids).logits
+    assert flm.sm_fresh is not None
+    sdpa = _targets(flm.sm_fresh, "scaled_dot_product_attention")
+    assert len(sdpa) == 2 and all(n.kwargs.get("is_causal", n.args[5] if len(n.args) > 5 else False) for n in sdpa)
+    assert not _targets(flm.sm_fresh, "kv_read") and not _targets(flm.sm_fresh, "index_copy")
+    written = [c.clone() for c in flm.caches]
+    # The step graph on the same positions (its mask hides every slot after them).
+    step = flm.step(ids, flm.positions[:16])
+    want = fxscale.sqnr_db(ref, step)
+    assert fxscale.sqnr_db(ref, fresh) > want - 0.5, (fxscale.sqnr_db(ref, fresh), want)
+    for j, (a, b) in enumerate(zip(written, flm.caches)):  # the same K/V in the cache, as float8
+        scale = flm.scales[j // 2][j % 2]
+        fa = a.view(fxscale.llm.KV_FORMAT.dtype).float()[:, :, :16] * scale
+        fb = b.view(fxscale.llm.KV_FORMAT.dtype).float()[:, :, :16] * scale
+        assert fxscale.sqnr_db(fb, fa) > 25, j
+
+
+@torch.no_grad()
+def test_prefill__greedy_decode_after_a_fresh_prompt_matches_the_step_graph_prefill():
+    """Decode steps (the cache-reading graph) after the fresh prompt's prefill follow the same
+    tokens as after a prefill through the step graph."""
+    lm = _llama()
+    flm = fxscale.llm.wrap(lm, max_len=64)
+    ids = torch.randint(1, 100, (2, 9), generator=torch.Generator().manual_seed(4))
+    out = flm.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert flm.sm_fresh is not None
+    flm.allocate(2)
+    tok, logits = ids, flm.step(ids, flm.positions[:9])
+    for t in range(9, 17):
+        nxt = logits[:, -1:].argmax(-1)
+        tok = torch.cat([tok, nxt], 1)
+        if t < 16:
+            logits = flm.step(nxt, flm.positions[t:t + 1])
+    agree = float((tok == out).float().mean())
+    assert agree >= 0.9, (tok, out)
