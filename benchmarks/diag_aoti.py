@@ -16,6 +16,7 @@ against dynamic batch; the C++ wrapper at -O0 (as the test) and at inductor's de
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import textwrap
@@ -25,7 +26,9 @@ _BODY = textwrap.dedent('''
     from fxscale.kernels import cuda as kc, triton_fp8 as tk
     torch.manual_seed(0)
     V = {variant!r}
-    def say(s): print("STAGE", s, flush=True)
+    import time
+    T0 = time.time()
+    def say(s): print("STAGE", s, f"(t={{time.time() - T0:.0f}} s)", flush=True)
     model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 256)).cuda().bfloat16().eval()
     x = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
     if V.get("pin"):
@@ -68,7 +71,9 @@ _BODY = textwrap.dedent('''
 _TORCH = textwrap.dedent('''
     import os, subprocess, sys, tempfile, torch
     V = {variant!r}
-    def say(s): print("STAGE", s, flush=True)
+    import time
+    T0 = time.time()
+    def say(s): print("STAGE", s, f"(t={{time.time() - T0:.0f}} s)", flush=True)
     torch.manual_seed(0)
     dev = V.get("device", "cuda")
     model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 256)).to(dev).bfloat16().eval()
@@ -81,7 +86,9 @@ _TORCH = textwrap.dedent('''
         say("load")
         run = torch._export.aot_load(so, dev)
     else:
-        path = torch._inductor.aoti_compile_and_package(ep, package_path=d + "/m.pt2", inductor_configs=V.get("cfg", {{}}))
+        # The C++ wrapper at -O0 (inductor's default -O1 compile of it is most of a package's time).
+        cfg = {{"aot_inductor.compile_wrapper_opt_level": "O0", **V.get("cfg", {{}})}}
+        path = torch._inductor.aoti_compile_and_package(ep, package_path=d + "/m.pt2", inductor_configs=cfg)
         if V.get("fresh"):
             say("load (fresh process)")
             code = ("import torch; r = torch._inductor.aoti_load_package(%r); x = torch.randn(256, 256, device=%r, "
@@ -126,14 +133,17 @@ def main() -> None:
     args = ap.parse_args()
     rows = ["| variant | last stage | rc | notes |", "|---|---|---|---|"]
     body, variants = (_TORCH, TORCH_VARIANTS) if args.torch_only else (_BODY, VARIANTS)
+    # AOTI checks no input against the export's guards unless asked (a wrong size or device would
+    # crash inside the package instead of raising).
+    env = {**os.environ, "AOTI_RUNTIME_CHECK_INPUTS": "1"}
     for name, v in variants.items():
         try:
             p = subprocess.run([sys.executable, "-X", "faulthandler", "-c", body.format(variant=v)],
-                               check=False, capture_output=True, text=True, timeout=args.timeout)
+                               check=False, capture_output=True, text=True, timeout=args.timeout, env=env)
             out, rc = p.stdout + p.stderr, p.returncode
         except subprocess.TimeoutExpired as e:
             out, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
-        stages = [ln.split(" ", 1)[1] for ln in out.splitlines() if ln.startswith("STAGE ")]
+        stages = [ln.split(" ", 1)[1] for ln in out.splitlines() if ln.startswith("STAGE ")]  # with its time
         notes = [ln for ln in out.splitlines() if ln.startswith(("M=", "custom ops", "fresh"))]
         err = [ln for ln in out.splitlines() if "Error" in ln or "Fatal" in ln or "File " in ln][-4:]
         rows.append(f"| {name} | {stages[-1] if stages else '-'} | {rc} | {'; '.join(notes + err)[:400]} |")
