@@ -20,9 +20,11 @@ transformers' own function unchanged.
 
 Packed sequences: without a mask or cache, transformers reads ``position_ids`` for several
 sequences packed in one row (a restart of the positions), which under tracing it cannot
-decide, so it always adds a mask of them. When the caller passed no ``position_ids``, the
-model computes them itself as ``arange(S)`` (no cache: offset 0), one sequence per row, and
-transformers' own eager answer (no packing) is given; passed ``position_ids`` keep the mask.
+decide, so it always adds a mask of them. When a transformers model is called with its token
+ids (or embeddings) and nothing else, it computes the positions itself as ``arange(S)`` (no
+cache: offset 0), one sequence per row, and transformers' own eager answer (no packing) is
+given. Any other call (``position_ids``, a padding mask, images, a module wrapping the model,
+which may pass positions inside) keeps the mask.
 
 >>> model, args = torch.nn.Linear(2, 2), (torch.ones(1, 2),)
 >>> with sdpa_is_causal_when_plain(model, args):
@@ -57,14 +59,18 @@ def _plain_causal(mu, q_length, kv_length, q_offset=0, kv_offset=0, mask_functio
     return _known(q_offset == 0) and _known(kv_offset == 0) and _known(q_length == kv_length)
 
 
-def _passes_position_ids(model, args: tuple, kwargs: dict) -> bool:
-    if kwargs.get("position_ids") is not None:
-        return True
+def _own_positions(model, args: tuple, kwargs: dict) -> bool:
+    """Whether ``model`` is a transformers model called with token ids (or embeddings) alone, so
+    that it computes its positions itself as ``arange(S)``. Anything else (a wrapper that may
+    pass positions inside, ``position_ids``, images, a cache) keeps the packed-sequence mask."""
+    if not any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel" for c in type(model).__mro__):
+        return False
     try:
         bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
     except (TypeError, ValueError):
-        return True  # cannot tell: keep transformers' packed-sequence mask
-    return bound.arguments.get("position_ids") is not None
+        return False
+    given = {k for k, v in bound.arguments.items() if v is not None and k not in ("args", "kwargs")}
+    return bool(given) and given <= {"input_ids", "inputs_embeds"}
 
 
 @contextlib.contextmanager
@@ -87,7 +93,7 @@ def sdpa_is_causal_when_plain(model, args: tuple = (), kwargs: dict | None = Non
         return original(*a, **kw)
 
     mapping["sdpa"] = sdpa_mask
-    own_positions = packed is not None and not _passes_position_ids(model, args, kwargs or {})
+    own_positions = packed is not None and _own_positions(model, args, kwargs or {})
     if own_positions:
         mu.find_packed_sequence_indices = lambda position_ids: None
     try:

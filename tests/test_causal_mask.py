@@ -65,6 +65,27 @@ def test_capture__passed_position_ids_keep_the_packed_sequence_mask():
     torch.testing.assert_close(gm(ids, None, pos).last_hidden_state, want, rtol=1e-5, atol=1e-5)
 
 
+class _PacksPositions(torch.nn.Module):
+    """A user's wrapper that passes packed positions to the model inside its forward."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids):
+        pos = torch.arange(ids.shape[1] // 2, device=ids.device).repeat(2)[None].expand(ids.shape[0], -1)
+        return self.lm(ids, position_ids=pos).last_hidden_state
+
+
+@torch.no_grad()
+def test_capture__a_wrapper_that_passes_positions_inside_keeps_the_packed_mask():
+    model = _PacksPositions(_llama().model).eval()
+    ids = torch.randint(0, 100, (2, 10))
+    gm = capture(model, (ids,))
+    assert not any(_is_causal(n) for n in _sdpa(gm))
+    torch.testing.assert_close(gm(ids), model(ids), rtol=1e-5, atol=1e-5)
+
+
 @torch.no_grad()
 def test_capture__a_sliding_window_keeps_its_mask():
     torch.manual_seed(0)
