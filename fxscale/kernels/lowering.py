@@ -251,16 +251,20 @@ _scaled_linear_kernel_op.register_kernel("cuda")(
     lambda *args: scaled_linear_cuda(*args))
 
 
+def _lowers(x: torch.Tensor) -> bool:
+    """Is an fxscale op on ``x`` lowered here: the lowering on, a CUDA tensor, and not under
+    torch.export (which keeps the op, as it keeps triton_ops: the program stays device-independent)."""
+    from torch.export._trace import custom_triton_ops_decomposition_disabled
+
+    return _ENABLED and not custom_triton_ops_decomposition_disabled() and x.device.type == "cuda"
+
+
 def _functional_lowering(mode, op, types, args, kwargs):
     """``scaled_linear`` under torch.compile's functionalization (AOTAutograd, which inductor and
     AOTInductor trace through): replaced by :func:`_scaled_linear_decomposition`. Lowering here,
     above functionalization, rather than in inductor's decomposition table, lets the triton_op
-    it calls decompose in turn into the kernel launch that inductor compiles. torch.export
-    keeps the op (as it keeps triton_ops): the exported program stays device-independent."""
-    from torch.export._trace import custom_triton_ops_decomposition_disabled
-
-    x = args[0] if args else kwargs.get("x")
-    if not _ENABLED or custom_triton_ops_decomposition_disabled() or x.device.type != "cuda":
+    it calls decompose in turn into the kernel launch that inductor compiles."""
+    if not _lowers(args[0] if args else kwargs.get("x")):
         return mode.__torch_dispatch__(op, types, args, kwargs)
     with mode:
         return _scaled_linear_decomposition(*args, **kwargs)
@@ -269,13 +273,10 @@ def _functional_lowering(mode, op, types, args, kwargs):
 def _gated_functional_lowering(mode, op, types, args, kwargs):
     """``gated_requantise`` under functionalization: the ``fxscale_kernels::gated_requantise``
     triton_op, whose two kernels inductor then launches itself (no custom-op call)."""
-    from torch.export._trace import custom_triton_ops_decomposition_disabled
-
     names = ("gate", "up", "activation", "out_fmt")
     vals = {**dict(zip(names, args)), **kwargs}
     gate, up, activation, out_fmt = (vals[k] for k in names)
-    if (not _ENABLED or custom_triton_ops_decomposition_disabled() or gate.device.type != "cuda"
-            or not _cuda.gated_triton_ok(gate, up, out_fmt)):
+    if not _lowers(gate) or not _cuda.gated_triton_ok(gate, up, out_fmt):
         return mode.__torch_dispatch__(op, types, args, kwargs)
     with mode:
         return torch.ops.fxscale_kernels.gated_requantise(gate, up, activation, get_format(out_fmt).dtype)

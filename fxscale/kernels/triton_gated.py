@@ -131,7 +131,7 @@ def gated_requantise(gate: Tensor, up: Tensor, activation: str, out_dtype: torch
     """``(cast(h / s), s, [amax, max row norm])`` for ``h = act(gate) * up`` (same shapes, any
     leading dims; ``out_dtype`` a float8 dtype, ``s`` as ``Format.scale_tensor(amax)``). M may be
     symbolic."""
-    f = get_format({torch.float8_e4m3fn: "e4m3", torch.float8_e5m2: "e5m2"}[out_dtype])
+    f = get_format(out_dtype)
     N = gate.shape[-1]
     M = gate.numel() // N if N else 0
     g2, sg = _rows(gate, M, N)
