@@ -263,9 +263,13 @@ class FxscaleCausalLM(*_base_classes()):
         return self._write(positions, *self.sm_fresh(input_ids, positions))
 
     def _graph(self, kind: str) -> nn.Module:
+        """The ``kind`` step graph, holding the step graph's tensors where they are equal (the
+        weights are stored once however many graphs run them)."""
         if self._build is None:
             raise ValueError(f"fxscale.llm: this model was built without a {kind} step graph")
-        return self._build(kind)
+        graph = self._build(kind)
+        graph.share_state_with(self.sm)
+        return graph
 
     def _write(self, positions: Tensor, logits: Tensor, *kv: Tensor) -> Tensor:
         for j, (t, cache) in enumerate(zip(kv, self.caches)):

@@ -178,6 +178,31 @@ class ScaledGraphModule(fx.GraphModule):
         return torch.equal(again.view(torch.uint8) if again.element_size() == 1 else again,
                            data.view(torch.uint8) if data.element_size() == 1 else data)
 
+    def share_state_with(self, other: torch.nn.Module) -> int:
+        """Point each tensor of this module at ``other``'s of the same name where the two hold the
+        same values (two graphs transformed from one model, as fxscale.llm's step graphs are), so
+        the weights are stored once. Returns the bytes freed.
+
+        >>> import fxscale
+        >>> m, x = torch.nn.Linear(16, 16), torch.randn(2, 16)
+        >>> a, b = fxscale.transform(m, (x,)), fxscale.transform(m, (x,))
+        >>> b.share_state_with(a) >= 16 * 16  # the float8 weight, at least
+        True
+        >>> torch.equal(a(x), b(x))
+        True
+        """
+        theirs = {**dict(other.named_buffers()), **dict(other.named_parameters())}
+        freed = 0
+        for name, t in [*self.named_buffers(), *self.named_parameters()]:
+            o = theirs.get(name)
+            if o is None or o is t or o.device != t.device or not _same_tensor(o, t, on_device=True):
+                continue
+            mod_name, _, attr = name.rpartition(".")
+            mod = self.get_submodule(mod_name) if mod_name else self
+            (mod._parameters if attr in mod._parameters else mod._buffers)[attr] = o
+            freed += t.numel() * t.element_size()
+        return freed
+
     def __reduce__(self):
         raise TypeError(
             "a transformed module cannot be pickled (torch.save(sm)): its graph calls torch.export's "
@@ -230,12 +255,12 @@ def _host_stats(x: Tensor) -> tuple[float, float]:
     return float(a.abs().max()), float(torch.linalg.vector_norm(a, dim=-1).max())
 
 
-def _same_tensor(a: Tensor, b: Tensor) -> bool:
+def _same_tensor(a: Tensor, b: Tensor, on_device: bool = False) -> bool:
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
     if a.dtype.is_floating_point and a.element_size() == 1:  # float8: compare the bits
         a, b = a.view(torch.uint8), b.view(torch.uint8)
-    return bool(torch.equal(a.cpu(), b.cpu()))
+    return bool(torch.equal(a, b) if on_device else torch.equal(a.cpu(), b.cpu()))
 
 
 def _into_bound(x: Tensor, bound: tuple[float, float | None]) -> Tensor:

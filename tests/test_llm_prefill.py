@@ -59,3 +59,23 @@ def test_prefill__greedy_decode_after_a_fresh_prompt_matches_the_step_graph_pref
             logits = flm.step(nxt, flm.positions[t:t + 1])
     agree = float((tok == out).float().mean())
     assert agree >= 0.9, (tok, out)
+
+
+@torch.no_grad()
+def test_step_graphs__store_the_weights_once():
+    """The fresh and padded graphs hold the step graph's float8 weights (and every other equal
+    tensor), not copies: an 8B model's fp8 weights are 8 GB per copy."""
+    lm = _llama()
+    flm = fxscale.llm.wrap(lm, max_len=64)
+    ids = torch.randint(1, 100, (2, 8))
+    before = flm(ids).logits
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    flm(ids, attention_mask=mask)
+    main = {n: t.data_ptr() for n, t in flm.sm.named_buffers()}
+    for graph in (flm.sm_fresh, flm.sm_padded):
+        fp8 = {n: t for n, t in graph.named_buffers() if t.dtype == torch.float8_e4m3fn and t.dim() == 2}
+        assert len(fp8) >= 8
+        assert all(main.get(n) == t.data_ptr() for n, t in fp8.items()), [n for n, t in fp8.items()
+                                                                         if main.get(n) != t.data_ptr()]
+    torch.testing.assert_close(flm(ids).logits, before, rtol=0, atol=0)
