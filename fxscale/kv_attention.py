@@ -17,6 +17,7 @@ tensor([ 0.5000, -1.0000])
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 from torch import Tensor, nn
@@ -206,11 +207,15 @@ class _Step(nn.Module):
     row's token positions start after them and attention skips them. ``fresh``: the graph of a
     new unpadded sequence at positions ``0..S-1``, which reads no cache (``caches`` is empty):
     attention over its own keys is SDPA's ``is_causal`` (the flash kernels on the GPU), not a
-    mask over the whole cache."""
+    mask over the whole cache. ``last``: only the last position's logits ``(B, 1, vocab)``."""
 
-    def __init__(self, lm: nn.Module, scales: list[tuple[float, float]], fresh: bool = False):
+    def __init__(self, lm: nn.Module, scales: list[tuple[float, float]], fresh: bool = False, last: bool = False):
         super().__init__()
         self.lm, self.scales, self.fresh = lm, scales, fresh
+        # The logits of the last position only (generate()'s prefill: logits_to_keep=1), so the
+        # LM head runs on one row, not S (a (B, S, vocab) tensor of 2 GB at 4x2048 x 128k in bf16).
+        takes = "logits_to_keep" in inspect.signature(lm.forward).parameters
+        self.keep = {"logits_to_keep": 1} if last and takes else {}
 
     def forward(self, input_ids: Tensor, positions: Tensor, caches: tuple[Tensor, ...] = (), pad: Tensor | None = None):
         ctx = _Context(positions, caches, self.scales, pad, self.fresh)
@@ -220,7 +225,7 @@ class _Step(nn.Module):
                 pos = positions[None, :].expand(input_ids.shape[0], -1)
                 if pad is not None:
                     pos = (pos - pad[:, None]).clamp(min=0)
-                out = self.lm(input_ids=input_ids, position_ids=pos, use_cache=False)
+                out = self.lm(input_ids=input_ids, position_ids=pos, use_cache=False, **self.keep)
         finally:
             _ACTIVE.pop()
         kv = [t for i in sorted(ctx.new_kv) for t in ctx.new_kv[i]]

@@ -121,9 +121,10 @@ def wrap(lm: nn.Module, *, max_len: int, batch: int = 2, **transform_options: An
 
     def build(kind: str) -> nn.Module:
         """The step graph of left-padded prompts ("padded") or of a new unpadded sequence
-        ("fresh", no cache read), on the first such prompt; its K/V must fit the proven scales."""
+        ("fresh", no cache read; "fresh_last": its last logits only), on the first such prompt;
+        its K/V must fit the proven scales."""
         args, shapes = _example(lm, batch, max_len, kind)
-        step = _Step(lm, scales, fresh=kind == "fresh")
+        step = _Step(lm, scales, fresh=kind.startswith("fresh"), last=kind == "fresh_last")
         proof = transform(step, args, dynamic_shapes=shapes, **bound_options)
         for j, bound in enumerate(_kv_bounds(proof)):
             if bound > KV_FORMAT.max * scales[j // 2][j % 2]:
@@ -137,8 +138,8 @@ def wrap(lm: nn.Module, *, max_len: int, batch: int = 2, **transform_options: An
 
 
 def _example(lm: nn.Module, batch: int, max_len: int, kind: str = "step") -> tuple[tuple, tuple]:
-    """Example arguments of the step graph (``kind`` "step", "padded" or "fresh") and their
-    dynamic shapes."""
+    """Example arguments of the step graph (``kind`` "step", "padded", "fresh" or "fresh_last")
+    and their dynamic shapes."""
     from torch.export import Dim
 
     layers, kv_heads, head_dim = _dims(lm.config)
@@ -148,7 +149,7 @@ def _example(lm: nn.Module, batch: int, max_len: int, kind: str = "step") -> tup
     pos = torch.arange(seq, device=device)
     # The cache length is dynamic too (any length up to max_len): no bound depends on it.
     s, b, n = Dim("fxscale_seq", max=max_len), Dim("fxscale_batch"), Dim("fxscale_cache", max=max_len)
-    if kind == "fresh":
+    if kind.startswith("fresh"):
         return (ids, pos), ({0: b, 1: s}, {0: s})
     caches = tuple(torch.zeros(batch, kv_heads, max_len, head_dim, dtype=torch.uint8, device=device)
                    for _ in range(2 * layers))
@@ -203,7 +204,7 @@ class FxscaleCausalLM(*_base_classes()):
         self._len = 0
         self._in_generate = False
         self._padded = False  # is the sequence in the cache left-padded?
-        self._build, self.sm_padded, self.sm_fresh = build, None, None
+        self._build, self.sm_padded, self.sm_fresh, self.sm_fresh_last = build, None, None, None
         self.step = self._step
         self.step_padded = self._step_padded
         self.step_fresh = self._step_fresh
@@ -255,12 +256,14 @@ class FxscaleCausalLM(*_base_classes()):
                                "(call flm(input_ids, attention_mask=...) or generate() with its attention_mask)")
         return self._write(positions, *self.sm_padded(input_ids, positions, tuple(self.caches), self.pad))
 
-    def _step_fresh(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+    def _step_fresh(self, input_ids: Tensor, positions: Tensor, last: bool = False) -> Tensor:
         """:meth:`_step` for a new unpadded sequence at ``positions`` ``0..S-1``: attends to its
-        own keys (causal SDPA) without reading the cache, and writes them into it."""
-        if self.sm_fresh is None:
-            self.sm_fresh = self._graph("fresh")
-        return self._write(positions, *self.sm_fresh(input_ids, positions))
+        own keys (causal SDPA) without reading the cache, and writes them into it. ``last``: the
+        logits of the last position only (``(B, 1, vocab)``; a graph of its own, ``sm_fresh_last``)."""
+        name = "sm_fresh_last" if last else "sm_fresh"
+        if getattr(self, name) is None:
+            setattr(self, name, self._graph("fresh_last" if last else "fresh"))
+        return self._write(positions, *getattr(self, name)(input_ids, positions))
 
     def _graph(self, kind: str) -> nn.Module:
         """The ``kind`` step graph, holding the step graph's tensors where they are equal (the
@@ -278,7 +281,8 @@ class FxscaleCausalLM(*_base_classes()):
             cache.index_copy_(2, positions, (t.float() * (1.0 / scale)).to(KV_FORMAT.dtype).view(torch.uint8))
         return logits
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any):
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, logits_to_keep: int = 0,
+                **kwargs: Any):
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         b, t = input_ids.shape
@@ -296,8 +300,15 @@ class FxscaleCausalLM(*_base_classes()):
             self._padded = attention_mask is not None and not bool(attention_mask[:, :t].all())
             if self._padded:
                 self._set_padding(attention_mask[:, :t])
-        step = self.step_padded if self._padded else self.step_fresh if self._len == 0 else self.step
-        logits = step(input_ids[:, self._len:], self.positions[self._len:t])
+        ids, pos = input_ids[:, self._len:], self.positions[self._len:t]
+        if self._padded:
+            logits = self.step_padded(ids, pos)
+        elif self._len == 0:  # generate()'s prefill asks for the last logits only (logits_to_keep=1)
+            logits = self.step_fresh(ids, pos, last=logits_to_keep == 1 and ids.shape[1] > 1)
+        else:
+            logits = self.step(ids, pos)
+        if logits_to_keep and logits.shape[1] > logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
         self._tokens[:, self._len:t] = input_ids[:, self._len:t]
         self._len = t
         return CausalLMOutputWithPast(logits=logits)
@@ -341,8 +352,9 @@ class FxscaleCausalLM(*_base_classes()):
         finally:
             self._in_generate = False
 
-    def prepare_inputs_for_generation(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any):
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+    def prepare_inputs_for_generation(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                                      logits_to_keep: int = 0, **kwargs: Any):
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "logits_to_keep": logits_to_keep}
 
     def report_kv(self, batch: int = 1) -> str:
         """What the float8 cache stores and saves (bytes against the model's dtype)."""

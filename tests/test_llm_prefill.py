@@ -49,7 +49,7 @@ def test_prefill__greedy_decode_after_a_fresh_prompt_matches_the_step_graph_pref
     flm = fxscale.llm.wrap(lm, max_len=64)
     ids = torch.randint(1, 100, (2, 9), generator=torch.Generator().manual_seed(4))
     out = flm.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert flm.sm_fresh is not None
+    assert flm.sm_fresh_last is not None  # generate()'s prefill: the last logits only
     flm.allocate(2)
     tok, logits = ids, flm.step(ids, flm.positions[:9])
     for t in range(9, 17):
@@ -79,3 +79,22 @@ def test_step_graphs__store_the_weights_once():
         assert all(main.get(n) == t.data_ptr() for n, t in fp8.items()), [n for n, t in fp8.items()
                                                                          if main.get(n) != t.data_ptr()]
     torch.testing.assert_close(flm(ids).logits, before, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_generate__prefill_computes_the_last_positions_logits_only():
+    """generate() asks for logits_to_keep=1: the prefill graph runs the LM head on one row (its
+    output is (B, 1, vocab)), and the tokens are those of the full-logits graph."""
+    lm = _llama()
+    flm = fxscale.llm.wrap(lm, max_len=64)
+    ids = torch.randint(1, 100, (2, 9), generator=torch.Generator().manual_seed(6))
+    out = flm.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert flm.sm_fresh_last is not None and flm.sm_fresh is None
+    node = next(n for n in flm.sm_fresh_last.graph.nodes if n.op == "output")
+    assert tuple(node.args[0][0].meta["val"].shape[1:]) == (1, 100)
+    full = flm(ids).logits  # outside generate(): every position's logits
+    assert full.shape == (2, 9, 100)
+    last = flm(ids, logits_to_keep=1).logits
+    assert last.shape == (2, 1, 100)
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[:, 9], full[:, -1].argmax(-1))
