@@ -12,7 +12,8 @@ Accuracy: logits SQNR against float32, greedy agreement with bf16. ``--parts sta
 calibrated static fp8 (``Float8StaticActivationFloat8WeightConfig``, observers on 4x4x512
 ordinary tokens) beside fxscale on an ordinary prompt and on one with a rare token (a one-channel
 embedding the calibration never saw): values above the calibrated range, logits SQNR, fxscale's
-audit; and its decode speed. Also issue 14's check: the
+audit; and its decode speed. ``--parts genprefill``: generate()'s prefill with the LM head (the
+last position's logits) for bf16 and fxscale.llm's ``fresh_last`` graph. Also issue 14's check: the
 2-layer body at 4x2048, fxscale and torchao rowwise SQNR against bf16 and speed against bf16.
 
     python benchmarks/bench_llm.py --layers 2 --md $OUT/llm.md
@@ -346,6 +347,43 @@ def accuracy(lm, flm, args):
                     note=f"agreement {same:.2%}, first mismatch at {first}")
 
 
+def generate_prefill(lm, flm, args):
+    """generate()'s prefill, LM head included: the last position's logits (``logits_to_keep=1``)
+    of a fresh prompt. bf16 eager / compiled (no cache written) against fxscale.llm's
+    ``fresh_last`` graph (causal SDPA over the prompt's keys, no cache read; compiled), which also
+    writes the prompt's K/V into the float8 cache."""
+    ids = {s: torch.randint(0, lm.config.vocab_size, s, device=DEV) for s in SHAPES}
+    with torch.no_grad():
+        lm32 = copy.deepcopy(lm).float()
+        ref = {s: lm32(ids[s], use_cache=False, logits_to_keep=1).logits for s in SHAPES}
+        del lm32
+
+    def hf(m):
+        return lambda x: m(x, use_cache=False, logits_to_keep=1).logits
+
+    def fx():
+        flm.allocate(SHAPES[-1][0], flm.max_len)
+        flm(ids[SHAPES[0]], logits_to_keep=1)  # builds the fresh_last graph
+        flm.sm_fresh_last = torch.compile(flm.sm_fresh_last)
+        return lambda x: flm(x, logits_to_keep=1).logits
+
+    best = {}
+    for name, make in [("bf16 eager", lambda: hf(lm)), ("bf16 compile", lambda: hf(torch.compile(lm))),
+                       ("fxscale.llm prefill (fresh_last graph, compile)", fx)]:
+        if any(k and k in name for k in args.skip.split(",")) or (name.startswith("fxscale") and flm is None):
+            continue
+        with cap(args.cap, f"generate prefill {name}") as ok, torch.no_grad():
+            ok()
+            f = make()
+            for s in SHAPES:
+                out = f(ids[s])
+                ms = time_ms(f, [ids[s]], batches=5, target_ms=50)
+                if name.startswith("bf16"):
+                    best[s] = min(best.get(s, 1e9), ms)
+                row("genprefill", name, f"{s[0]}x{s[1]}", ms, s[0] * s[1] / ms * 1e3, sqnr_db(out, ref[s]),
+                    f"{best.get(s, ms) / ms:.2f}x vs best bf16; last logits (logits_to_keep=1)")
+
+
 def plant_rare_token(lm) -> int:
     """Give the last token id a one-channel embedding (channel 0 = 1.0, the rest 0): after
     RMSNorm its channel 0 is sqrt(hidden) * gamma, far above what ordinary tokens produce (the
@@ -478,7 +516,9 @@ def main():
     rare = plant_rare_token(lm) if "static" in parts else None
     if "prefill" in parts:
         prefill(lm, args)
-    flm = wrap(lm, args) if {"decode", "accuracy", "static"} & set(parts) else None
+    flm = wrap(lm, args) if {"decode", "accuracy", "static", "genprefill"} & set(parts) else None
+    if "genprefill" in parts:
+        generate_prefill(lm, flm, args)
     if "accuracy" in parts:
         accuracy(lm, flm, args)
     best = decode(lm, flm, args) if "decode" in parts else {}
