@@ -26,6 +26,7 @@ cache: offset 0), one sequence per row, and transformers' own eager answer (no p
 given. Any other call (``position_ids``, a padding mask, images, a module wrapping the model,
 which may pass positions inside) keeps the mask.
 
+>>> import torch
 >>> model, args = torch.nn.Linear(2, 2), (torch.ones(1, 2),)
 >>> with sdpa_is_causal_when_plain(model, args):
 ...     ep = torch.export.export(model, args)
