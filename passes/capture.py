@@ -23,6 +23,7 @@ torch.Size([5, 8])
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
@@ -208,7 +209,7 @@ def _as_auto(spec: Any) -> Any:
 
 
 def _export(model: nn.Module, args: tuple, dynamic_batch: bool, dynamic_shapes: Any = None) -> torch.fx.GraphModule:
-    with sdpa_is_causal_when_plain(model, args):  # transformers' plain causal mask as SDPA's is_causal
+    with _without_returned_cache(model, args), sdpa_is_causal_when_plain(model, args):
         ep = _exported_program(model, args, dynamic_batch, dynamic_shapes)
     ep = _functionalise_if_mutating(ep)
     gm = ep.module()
@@ -428,6 +429,32 @@ def _user_frame(e: BaseException) -> str | None:
             best = f"{fr.filename}:{fr.lineno} in {fr.name}" + (f": {fr.line.strip()}" if fr.line else "")
         e = e.__cause__ or e.__context__
     return best
+
+
+@contextlib.contextmanager
+def _without_returned_cache(model: nn.Module, args: tuple):
+    """A transformers model whose config says ``use_cache=True`` (every ``...ForCausalLM``'s
+    default) returns a ``DynamicCache``, which export cannot return and a transformed graph does
+    not hold: captured with ``use_cache=False``, saying so, unless a cache is passed in."""
+    configs = [m.config for m in model.modules() if getattr(getattr(m, "config", None), "use_cache", False) is True]
+    passes_cache = any("Cache" in type(a).__name__ for a in args)
+    if not configs or passes_cache:
+        yield
+        return
+    warnings.warn(
+        f"{type(model).__name__}: config.use_cache is True; captured with use_cache=False (torch.export "
+        "cannot return transformers' key/value cache, and the transformed graph holds none), so its "
+        "outputs carry no past_key_values. To decode with a (float8) cache use fxscale.llm.wrap(model, "
+        "max_len=...); set model.config.use_cache = False to silence this.",
+        stacklevel=4,
+    )
+    for c in configs:
+        c.use_cache = False
+    try:
+        yield
+    finally:
+        for c in configs:
+            c.use_cache = True
 
 
 def _uses_cache(model: nn.Module) -> bool:

@@ -79,11 +79,12 @@ def test__capture__symbolic_trace_does_not_leave_user_model_in_eval():
     assert model.training and not gm.training
 
 
-def test__capture__gpt2_with_cache_says_use_cache_false():
+def test__capture__gpt2_with_use_cache_is_captured_without_the_cache():
     model, args = models.gpt2(use_cache=True)
-    with pytest.raises(CaptureError, match="use_cache = False") as ei:
-        capture(model, args)
-    assert 'backend="fxscale"' in str(ei.value)
+    with pytest.warns(UserWarning, match="use_cache=False"):
+        gm = capture(model, args)
+    assert model.config.use_cache is True
+    torch.testing.assert_close(gm(*args).logits, model(*args).logits, rtol=1e-5, atol=1e-5)
 
 
 class _DataDependent(nn.Module):
