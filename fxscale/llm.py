@@ -59,9 +59,10 @@ def _kv_bounds(sm) -> list[float]:
         b = None if ni is None or ni.bound is None or ni.dynamic else float(ni.bound.absmax)
         if b is None or not math.isfinite(b):
             raise ValueError(
-                f"fxscale.llm: no static bound for the K/V value {getattr(n, 'name', n)!r} "
-                "(it depends on run-time measurements, or an op without a rule): a float8 cache "
-                "needs a proven scale. Is the attention input normalised (a pre-norm model)?"
+                f"fxscale.llm: no static bound for the K/V value {getattr(n, 'name', n)!r}: "
+                f"{_unbounded_cause(n)}. A float8 cache needs a proven scale. Transform the model without a "
+                "cache instead: fxscale.transform(lm, (ids,), dynamic_shapes=...), or torch.compile(lm, "
+                "backend='fxscale')"
             )
         bounds.append(b)
     return bounds
@@ -135,6 +136,28 @@ def wrap(lm: nn.Module, *, max_len: int, batch: int = 2, **transform_options: An
         return transform(step, args, dynamic_shapes=shapes, **transform_options)
 
     return FxscaleCausalLM(lm, sm, scales, bounds, max_len=max_len, dtype=dtype, build=build)
+
+
+def _unbounded_cause(n) -> str:
+    """Where a value's missing or run-time bound comes from: the first node on its inputs'
+    path whose bound is missing or dynamic while all its own inputs are static."""
+    def bad(m) -> bool:
+        ni = m.meta.get("fxscale") if isinstance(m, torch.fx.Node) else None
+        return ni is not None and (ni.bound is None or ni.dynamic or not math.isfinite(float(ni.bound.absmax)))
+
+    seen = set()
+    while isinstance(n, torch.fx.Node) and n not in seen:
+        seen.add(n)
+        up = next((a for a in n.all_input_nodes if bad(a)), None)
+        if up is None:
+            break
+        n = up
+    ni = n.meta.get("fxscale") if isinstance(n, torch.fx.Node) else None
+    if ni is None:
+        return "its bound is unknown"
+    what = "has no rule" if ni.bound is None else "is bounded only at run time (a measured amax)"
+    why = f" ({ni.note})" if ni.reasons else ""
+    return f"it follows from node {n.name!r} ({n.target}), which {what}{why}"
 
 
 def _example(lm: nn.Module, batch: int, max_len: int, kind: str = "step") -> tuple[tuple, tuple]:

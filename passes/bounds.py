@@ -178,6 +178,8 @@ def _rms_norm_idiom(n: fx.Node, shapes) -> Step | None:
     """``x * rsqrt(mean(x ** 2, -1, keepdim=True) + eps)``, RMSNorm written out (HF Llama, T5,
     Mistral...): bounded as ``aten.rms_norm`` is, by ``sqrt(D)`` per row, instead of leaving a
     product with an unbounded ``rsqrt`` to be measured at run time. The graph is not changed.
+    A LayerNorm written out (Cohere: ``d = x - mean(x)``, then the RMSNorm of ``d``) is one too,
+    with ``d`` computed once or twice (:func:`_same_value`).
     """
     if n.target is not aten.mul.Tensor or len(n.args) != 2 or not all(isinstance(a, fx.Node) for a in n.args):
         return None
@@ -197,11 +199,24 @@ def _rms_norm_idiom(n: fx.Node, shapes) -> Step | None:
         xv = x.meta.get("val")
         if not (keep and isinstance(xv, Tensor) and list(dims) in ([-1], [xv.dim() - 1])):
             continue
-        if pw.target is not aten.pow.Tensor_Scalar or pw.args[0] is not x or float(pw.args[1]) != 2.0:
+        if pw.target is not aten.pow.Tensor_Scalar or not _same_value(pw.args[0], x) or float(pw.args[1]) != 2.0:
             continue
         d = concrete_shape(xv)[-1]
         return Step(n.name, aten.rms_norm.default, (Ref(x.name), [d], None, float(eps)), {}, shapes)
     return None
+
+
+#: Elementwise ops whose result is the same bits whenever their inputs are (no reduction order).
+_DETERMINISTIC = {aten.sub.Tensor, aten.add.Tensor, aten.mul.Tensor, aten._to_copy.default, aten.to.dtype}
+
+
+def _same_value(a, b) -> bool:
+    """``a`` and ``b`` are one value: one node, or one deterministic elementwise op on the same
+    inputs (Cohere's LayerNorm computes ``x - mean`` twice: once squared, once scaled)."""
+    if a is b:
+        return True
+    return (isinstance(a, fx.Node) and isinstance(b, fx.Node) and a.op == b.op == "call_function"
+            and a.target is b.target and a.target in _DETERMINISTIC and a.args == b.args and a.kwargs == b.kwargs)
 
 
 def _SUM_OVER_DYNAMIC_DIM(*args, **kwargs):  # a marker with no rule: the node's bound is unknown

@@ -441,13 +441,14 @@ def _without_returned_cache(model: nn.Module, args: tuple):
     if not configs or passes_cache:
         yield
         return
-    warnings.warn(
-        f"{type(model).__name__}: config.use_cache is True; captured with use_cache=False (torch.export "
-        "cannot return transformers' key/value cache, and the transformed graph holds none), so its "
-        "outputs carry no past_key_values. To decode with a (float8) cache use fxscale.llm.wrap(model, "
+    if getattr(getattr(model, "config", None), "use_cache", False) is True:  # (a wrapper: its own outputs)
+        warnings.warn(
+            f"{type(model).__name__}: config.use_cache is True; captured with use_cache=False (torch.export "
+            "cannot return transformers' key/value cache, and the transformed graph holds none), so its "
+            "outputs carry no past_key_values. To decode with a (float8) cache use fxscale.llm.wrap(model, "
         "max_len=...); set model.config.use_cache = False to silence this.",
-        stacklevel=4,
-    )
+            stacklevel=4,
+        )
     for c in configs:
         c.use_cache = False
     try:

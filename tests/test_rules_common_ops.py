@@ -15,7 +15,8 @@ aten = torch.ops.aten
 
 
 @pytest.mark.parametrize("op", [aten.hardsigmoid.default, aten.cumsum.default, aten.pad.default,
-                                aten.constant_pad_nd.default, aten.type_as.default])
+                                aten.constant_pad_nd.default, aten.type_as.default,
+                                aten.repeat_interleave.self_int, aten.stack.default])
 def test__common_ops__have_rules(op):
     assert lookup(op) is not None
 
@@ -49,3 +50,26 @@ def test__type_as__keeps_the_bound_up_to_rounding():
     g = torch.Generator().manual_seed(0)
     x = make((3, 5), "randn", g, 3.0)
     check(aten.type_as.default, (x, torch.zeros(2, dtype=torch.float64)))
+
+
+@SETTINGS
+@given(shape=st.lists(dims, min_size=1, max_size=3), kind=st.sampled_from(KINDS), seed=seeds,
+       repeats=st.sampled_from([1, 2, 3]))
+def test__repeat_interleave__never_underestimates(shape, kind, seed, repeats):
+    """GPT-J's rotary sin / cos (repeated along the last dim): every field, every dim."""
+    g = torch.Generator().manual_seed(seed)
+    x = make(shape, kind, g, 2.0)
+    check(aten.repeat_interleave.self_int, (x, repeats))
+    for dim in range(-len(shape), len(shape)):
+        check(aten.repeat_interleave.self_int, (x, repeats, dim))
+
+
+@SETTINGS
+@given(shape=st.lists(dims, min_size=1, max_size=3), kind=st.sampled_from(KINDS), seed=seeds,
+       n=st.sampled_from([1, 2, 3]))
+def test__stack__never_underestimates(shape, kind, seed, n):
+    """Tensors of different magnitudes stacked at every position (a new last dim: rotate_every_two)."""
+    g = torch.Generator().manual_seed(seed)
+    xs = [make(shape, kind, g, 2.0 ** i) for i in range(n)]
+    for dim in range(-len(shape) - 1, len(shape) + 1):
+        check(aten.stack.default, (xs, dim))

@@ -138,9 +138,11 @@ def _cat(c: RuleCall) -> Bound:
     if not xs:
         return Bound.zero()
     nd = len(c.out_shape)
-    dim = int(c.get("dim", 0)) % nd
-    bs = [x.bound for x in xs]
+    return cat_bound([x.bound for x in xs], nd, int(c.get("dim", 0)) % nd)
 
+
+def cat_bound(bs: list[Bound], nd: int, dim: int) -> Bound:
+    """Bound of the concatenation along ``dim`` (of ``nd``) of tensors bounded by ``bs``."""
     def mx(f):
         return fmax(*[getattr(b, f) for b in bs])
 
@@ -157,6 +159,17 @@ def _cat(c: RuleCall) -> Bound:
     return Bound(mx("absmax"), mx("rownorm"), mx("colnorm"), mx("rowsum"), mx("colsum"), mx("spectral"))
 
 
+@register(aten.stack, exact=True)
+def _stack(c: RuleCall) -> Bound:
+    """``stack`` is each tensor unsqueezed at ``dim``, then concatenated there (GPT-J's and
+    Cohere's rotary ``rotate_every_two``: ``stack((-x2, x1), -1)``)."""
+    xs = [x for x in c["tensors"] if isinstance(x, Arg) and math.prod(x.shape) > 0]
+    if not xs:
+        return Bound.zero()
+    nd = len(c.out_shape)
+    dim = int(c.get("dim", 0)) % nd
+    bs = [reshape_bound(x.bound, x.shape, tuple(x.shape[:dim]) + (1,) + tuple(x.shape[dim:])) for x in xs]
+    return cat_bound(bs, nd, dim)
 
 
 register(aten.type_as)(_to)  # x.type_as(y): x cast to y's dtype
@@ -187,3 +200,21 @@ def _scatter(c: RuleCall) -> Bound | None:
 def _fill(c: RuleCall) -> Bound:
     v = c["value"]
     return Bound(v.bound.absmax if isinstance(v, Arg) else abs(float(v)))
+
+
+@register(aten.repeat_interleave, exact=True)
+def _repeat_interleave(c: RuleCall) -> Bound | None:
+    """Each element repeated ``repeats`` times along ``dim`` (all of it flattened without one):
+    a row repeated along the last dim has its norm times ``sqrt(repeats)`` and its sum times
+    ``repeats``; along another dim, rows are rows of the input. GPT-J's rotary sin / cos."""
+    if "self" not in c.args:  # repeat_interleave(repeats): indices, not values
+        return None
+    x, r, dim = c["self"], c.get("repeats"), c.get("dim")
+    b, nd = x.bound, len(x.shape)
+    if dim is None or nd == 0:
+        return Bound(b.absmax)
+    if int(dim) % nd != nd - 1:
+        return Bound(b.absmax, b.rownorm, INF, b.rowsum)
+    if not isinstance(r, int):  # a tensor of counts: each row's norm is not bounded by a constant
+        return Bound(b.absmax)
+    return Bound(b.absmax, fprod(b.rownorm, fsqrt(float(r))), INF, fprod(b.rowsum, float(r)))
