@@ -176,7 +176,7 @@ def main() -> None:
         ch = K.cuda.choices() if K.CUDA_KERNELS else {}
         lines = ["", "autotuner choices (key -> chosen; candidates ms):", ""]
         for key, c in ch.items():
-            if key[4] != K.cuda._bucket(M):
+            if key[4] != K.autotune.bucket(M):
                 continue
             cand = ", ".join(f"{n}={t:.4f}" if t is not None else f"{n}=fail" for n, t in c.timings)
             lines.append(f"- `{key[0]} N={key[5]} K={key[6]} act={key[8]} out={key[9] or key[10]}` -> "

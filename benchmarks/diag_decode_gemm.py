@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/diag_decode_gemm.py [--m 1 16] [--md out.md]
 
 A decode step reads each weight once from HBM, so every time here is measured with the operands
-out of the L2 cache (``fxscale.kernels.cuda._cold_copies``: enough copies that one pass does not
+out of the L2 cache (``fxscale.kernels.autotune.cold_copies``: enough copies that one pass does not
 fit in it). Prints one row per (M, K, N): bf16 ``F.linear``, cuBLAS fp8 ``torch._scaled_mm``, the
 best Triton tiling and the worst, the autotuner's choice timed warm (the same operands over and
 over, how it measured before) and cold, and the achieved weight bandwidth of the cold choice.
@@ -16,7 +16,7 @@ import argparse
 import torch
 from tabulate import tabulate
 
-from fxscale.kernels import cuda
+from fxscale.kernels import autotune, cuda
 
 #: (name, K, N) of the Llama-3-8B decode GEMMs (q, k/v, o share K=4096).
 SHAPES = [("q / o", 4096, 4096), ("k / v", 4096, 1024), ("gate / up", 4096, 14336), ("down", 14336, 4096),
@@ -40,8 +40,8 @@ def candidates_us(m: int, k: int, n: int, cold: bool) -> list[tuple[str, float]]
     """Device time (us) of each candidate of fxscale's scaled_linear for an (m, k) x (k, n) fp8
     GEMM into bf16."""
     args = _operands(m, k, n)
-    saved = cuda._cold_copies
-    cuda._cold_copies = saved if cold else _warm_copies
+    saved = autotune.cold_copies
+    autotune.cold_copies = saved if cold else _warm_copies
     try:
         out = []
         for name, cfg in cuda._candidates(args[0], args[2], None, torch.bfloat16, "none"):
@@ -51,12 +51,12 @@ def candidates_us(m: int, k: int, n: int, cold: bool) -> list[tuple[str, float]]
             try:
                 fn(*args)
                 torch.cuda.synchronize()
-                out.append((cuda._label(name, cfg), 1e3 * cuda._time_ms(fn, args)))
+                out.append((autotune.label(name, cfg), 1e3 * autotune.time_ms(fn, args)))
             except Exception as e:  # noqa: BLE001  (a tiling that does not compile here)
-                out.append((f"{cuda._label(name, cfg)} ({type(e).__name__})", float("nan")))
+                out.append((f"{autotune.label(name, cfg)} ({type(e).__name__})", float("nan")))
         return out
     finally:
-        cuda._cold_copies = saved
+        autotune.cold_copies = saved
 
 
 def sweep(m: int, k: int, n: int, top: int = 4) -> list[tuple[float, str]]:
@@ -77,7 +77,7 @@ def sweep(m: int, k: int, n: int, top: int = 4) -> list[tuple[float, str]]:
                     try:
                         fn(*args)
                         torch.cuda.synchronize()
-                        out.append((1e3 * cuda._time_ms(fn, args), repr(cfg)))
+                        out.append((1e3 * autotune.time_ms(fn, args), repr(cfg)))
                     except Exception:  # noqa: BLE001  (out of shared memory)
                         torch.cuda.synchronize()
     return sorted(out)[:top]
@@ -86,7 +86,7 @@ def sweep(m: int, k: int, n: int, top: int = 4) -> list[tuple[float, str]]:
 def bf16_us(m: int, k: int, n: int) -> float:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-    return 1e3 * cuda._time_ms(torch.nn.functional.linear, (x, w))
+    return 1e3 * autotune.time_ms(torch.nn.functional.linear, (x, w))
 
 
 def main() -> None:

@@ -24,7 +24,8 @@ epilogue (atomics), then chooses the scale and casts in one light second pass.
 bf16 tensor cores with float32 accumulation. ``scaled_conv2d`` and ``quantise`` / ``dequantise`` / ``stats`` keep their
 reference / composite implementations (the latter decompose and fuse under torch.compile).
 
-Nothing here synchronises with the host except the one-time autotuning of a new shape, which
+Nothing here synchronises with the host except the one-time autotuning of a new shape
+(:mod:`fxscale.kernels.autotune`), which
 is skipped while a CUDA graph is being captured (the first candidate that runs is used then),
 so a warmed-up model runs under CUDA graphs. ``FXSCALE_AUTOTUNE=0`` turns autotuning off;
 :func:`force` pins one candidate family (for benchmarks and tests).
@@ -32,17 +33,14 @@ so a warmed-up model runs under CUDA graphs. ``FXSCALE_AUTOTUNE=0`` turns autotu
 
 from __future__ import annotations
 
-import math
-import os
-import statistics
-import warnings
 import weakref
-from dataclasses import dataclass
 
 import torch
 
 from .. import ops as _ops
 from ..formats import Format, get_format
+from . import autotune as _at
+from .autotune import Choice, choices, clear_cache, failures, force, warn_once
 
 try:
     from . import triton_elementwise as _te
@@ -54,62 +52,10 @@ try:
 except Exception:  # noqa: BLE001  (triton or torch.library.triton_op missing: the reference remains)
     _tg = None
 
-__all__ = ["HAS_TRITON", "choices", "clear_cache", "force", "linear_choice"]
+__all__ = ["HAS_TRITON", "Choice", "choices", "clear_cache", "failures", "force", "linear_choice"]
 
 HAS_TRITON = _tk is not None
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-
-
-@dataclass(frozen=True)
-class Choice:
-    """The candidate chosen for one key, and what each candidate measured (ms; None: failed)."""
-
-    name: str
-    cfg: object
-    ms: float | None
-    timings: tuple = ()
-
-    @property
-    def label(self) -> str:
-        return self.name if self.cfg is None else f"{self.name}:{self.cfg!r}"
-
-
-_CHOICES: dict[tuple, Choice] = {}
-_FAILURES: dict[str, str] = {}
-_WARNED: set = set()
-_FORCED: str | None = None
-
-
-def choices() -> dict[tuple, Choice]:
-    """The autotuner's cache: key -> :class:`Choice` (what ran, and every candidate's time)."""
-    return dict(_CHOICES)
-
-
-def failures() -> dict[str, str]:
-    """Candidates that failed to compile or run during autotuning, with the error."""
-    return dict(_FAILURES)
-
-
-def clear_cache() -> None:
-    _CHOICES.clear()
-
-
-def force(name: str | None) -> None:
-    """Pin a candidate family (``"cublas"``, ``"triton"``, ``"intmm"``, ``"reference"``) or
-    ``None`` for automatic choice. Where the pinned family does not apply, the choice is automatic."""
-    global _FORCED
-    _FORCED = name
-    _CHOICES.clear()
-
-
-def _warn_once(key, msg: str) -> None:
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(msg, stacklevel=3)
-
-
-def _autotune_enabled() -> bool:
-    return os.environ.get("FXSCALE_AUTOTUNE", "1") != "0"
 
 
 _DERIVED: dict = {}
@@ -148,7 +94,7 @@ def _on_device(t, device):
     """A scale or bias given on the CPU: copied to the GPU once (cached), with a warning."""
     if t is None or t.device == device:
         return t
-    _warn_once(("cpu", t.dtype), "fxscale: a scale or bias tensor lives on the CPU while the data is on "
+    warn_once(("cpu", t.dtype), "fxscale: a scale or bias tensor lives on the CPU while the data is on "
                f"{device}; it is copied once and cached, but keep scales on the device (module buffers) "
                "to avoid the copy and to allow CUDA graphs")
     return _derived("dev", lambda u: u.to(device), t)
@@ -280,10 +226,10 @@ def _candidates(x2, w, fmt, out_dtype, activation):
     cands.append(("reference", None))
     if (fp8_in or int_in) and not aligned:
         how = "the masked Triton kernel" if tri else "the reference implementation (slow)"
-        _warn_once(("align", K, N), f"fxscale.scaled_linear: K={K} or N={N} is not a multiple of 16, so "
+        warn_once(("align", K, N), f"fxscale.scaled_linear: K={K} or N={N} is not a multiple of 16, so "
                    f"torch._scaled_mm and the TMA kernel do not apply; using {how}")
-    if _FORCED is not None:
-        pinned = [c for c in cands if c[0] == _FORCED]
+    if _at.forced() is not None:
+        pinned = [c for c in cands if c[0] == _at.forced()]
         if pinned:
             cands = [*pinned, ("reference", None)]
     return cands
@@ -296,128 +242,6 @@ def _impl(name, cfg):
     return _triton(cfg) if name == "triton" else _IMPLS[name]
 
 
-def _cold_copies(args) -> list[tuple]:
-    """``args``, and copies of its tensors, enough that one pass over them all does not fit in
-    the L2 cache (twice its size, at most 32 sets and 512 MiB). A model step reads each weight
-    once from HBM; the same 16 MB weight timed over and over is served from the 50 MB L2 of a
-    Hopper, which made decode-sized (M <= 64) GEMMs look faster on cuBLAS than they run."""
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    size = sum(t.numel() * t.element_size() for t in tensors)
-    if not tensors or size == 0:
-        return [args]
-    l2 = getattr(torch.cuda.get_device_properties(tensors[0].device), "L2_cache_size", 0) or 0
-    n = min(32, max(1, math.ceil(2 * l2 / size)), max(1, (512 << 20) // size))
-    sets = [args]
-    for _ in range(n - 1):
-        sets.append(tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
-    return sets
-
-
-def _time_ms(fn, args) -> float:
-    """Device time of one call, with the operands out of the L2 cache (:func:`_cold_copies`):
-    replays of a CUDA graph of several calls (so that launch overhead, which graphs remove, does
-    not decide); plain event timing where capture fails."""
-    sets = _cold_copies(args)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn(*args)
-    end.record()
-    end.synchronize()
-    first = max(start.elapsed_time(end), 1e-3)
-    n = int(max(len(sets), min(20, 2.0 / first)))
-    try:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for i in range(n):
-                fn(*sets[i % len(sets)])
-        g.replay()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(5):
-            start.record()
-            g.replay()
-            end.record()
-            end.synchronize()
-            ts.append(start.elapsed_time(end) / n)
-        del g
-        return statistics.median(ts)
-    except Exception:  # noqa: BLE001  (capture refused: fall back to batched events)
-        torch.cuda.synchronize()
-    ts = []
-    for _ in range(5):
-        start.record()
-        for i in range(n):
-            fn(*sets[i % len(sets)])
-        end.record()
-        end.synchronize()
-        ts.append(start.elapsed_time(end) / n)
-    return statistics.median(ts)
-
-
-def _label(name, cfg) -> str:
-    return name if cfg is None else f"{name}:{cfg!r}"
-
-
-def _dispatch(key, make_cands, args, resolve):
-    """Run the cached choice for ``key``; on a miss, measure the candidates (or, where that is
-    not possible, take the first that runs) and cache the winner."""
-    c = _CHOICES.get(key)
-    if c is not None:
-        return resolve(c.name, c.cfg)(*args)
-    cands = make_cands()
-    capturing = torch.cuda.is_current_stream_capturing()
-    if capturing or not _autotune_enabled() or len(cands) == 1:
-        err = None
-        for name, cfg in cands:
-            try:
-                out = resolve(name, cfg)(*args)
-            except Exception as e:  # this candidate cannot run here: try the next
-                if capturing:
-                    raise
-                _FAILURES[_label(name, cfg)] = f"{type(e).__name__}: {str(e)[:300]}"
-                err = e
-                continue
-            if not capturing:
-                _CHOICES[key] = Choice(name, cfg, None)
-            return out
-        raise err
-    best = None
-    timings = []
-    for name, cfg in cands:
-        if name in ("reference", "unfused") and best is not None:
-            continue  # the slow always-correct path only where nothing faster ran
-        fn = resolve(name, cfg)
-        try:
-            fn(*args)
-            torch.cuda.synchronize()
-            ms = _time_ms(fn, args)
-        except Exception as e:  # noqa: BLE001  (compile failure, out of shared memory, unsupported layout)
-            torch.cuda.synchronize()
-            _FAILURES[_label(name, cfg)] = f"{type(e).__name__}: {str(e)[:300]}"
-            timings.append((_label(name, cfg), None))
-            continue
-        timings.append((_label(name, cfg), ms))
-        if best is None or ms < best[2]:
-            best = (name, cfg, ms)
-    if best is None:
-        raise RuntimeError(f"fxscale: no implementation ran for {key}; see fxscale.kernels.cuda.failures()")
-    if best[0] == "reference":
-        _warn_once(("ref", key), f"fxscale: only the reference implementation runs for {key} (slow); "
-                   "see fxscale.kernels.cuda.failures()")
-    c = Choice(best[0], best[1], best[2], tuple(timings))
-    _CHOICES[key] = c
-    return resolve(c.name, c.cfg)(*args)
-
-
-def _bucket(m: int) -> int:
-    """The rows part of the autotune key: M = 1 (a batch-1 decode step) on its own, then powers
-    of two from 16. On the H200 the best kernel at M = 1 differs from M = 16's (k / v projection,
-    cold L2: cuBLAS fp8 12.5 us at M = 1, 6.2 at M = 16; the split-K Triton tiling 7.2 at M = 1)."""
-    if m == 1:
-        return 1
-    return max(16, 1 << max(0, (m - 1).bit_length()))
-
-
 # ------------------------------------------------------------------------------ op kernels
 def _prologue(x, w, *scalars):
     """``x`` as a contiguous ``(M, K)`` matrix, ``w`` contiguous, the scale / bias tensors on
@@ -428,7 +252,7 @@ def _prologue(x, w, *scalars):
     w = w if w.is_contiguous() else w.contiguous()
     dev = x2.device
     (M, K), N = x2.shape, w.shape[0]
-    key = (dev.index, x2.dtype, w.dtype, _bucket(M), N, K)
+    key = (dev.index, x2.dtype, w.dtype, _at.bucket(M), N, K)
     aligned = x2.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
     return x2, w, [_on_device(t, dev) for t in scalars], x.shape[:-1], key, aligned
 
@@ -452,7 +276,7 @@ def scaled_linear_cuda(x, x_scale, w, w_scale, bias, activation, out_scale, out_
     x2, w, fmt = args[0], args[2], args[7]
     if x2.shape[0] == 0:
         return _IMPLS["reference"](*args).reshape(*lead, w.shape[0])
-    out = _dispatch(key, lambda: _candidates(x2, w, fmt, out_dtype, activation), args, _impl)
+    out = _at.dispatch(key, lambda: _candidates(x2, w, fmt, out_dtype, activation), args, _impl)
     return out.reshape(*lead, w.shape[0])
 
 
@@ -460,9 +284,9 @@ def linear_choice(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, 
     """The implementation :func:`scaled_linear_cuda` runs for these operands' shapes (tuned now if
     new: the inductor lowering asks this at compile time, with random operands of the shape)."""
     key, _, _ = _linear_call(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype, residual)
-    if key not in _CHOICES:
+    if key not in choices():
         scaled_linear_cuda(x, x_scale, w, w_scale, bias, activation, out_scale, out_fmt, out_dtype, residual)
-    return _CHOICES.get(key) or Choice("reference", None, None)
+    return choices().get(key) or Choice("reference", None, None)
 
 
 def _requant_unfused(x2, xs, w, ws, bias, activation, f: Format):
@@ -488,7 +312,7 @@ def scaled_linear_requantise_cuda(x, x_scale, w, w_scale, bias, activation, out_
     def cands():
         fused_ok = (_tk is not None and f.dtype in _FP8 and M > 0
                     and ((x2.dtype in _FP8 and w.dtype in _FP8) or (x2.dtype == w.dtype == torch.int8)))
-        if not fused_ok or _FORCED not in (None, "triton"):
+        if not fused_ok or _at.forced() not in (None, "triton"):
             return [("unfused", None)]
         tma = _tk.tma_ok(x2, w, torch.bfloat16)
         if M <= 64:
@@ -499,7 +323,7 @@ def scaled_linear_requantise_cuda(x, x_scale, w, w_scale, bias, activation, out_
 
     key = ("requant", *shape_key, bias is not None, activation, out_fmt, aligned)
     args = (x2, x_scale, w, w_scale, bias, activation, f)
-    data, scale, st = _dispatch(key, cands, args, _impl_requant)
+    data, scale, st = _at.dispatch(key, cands, args, _impl_requant)
     return data.reshape(*lead, w.shape[0]), scale, st
 
 
@@ -511,7 +335,7 @@ def gated_triton_ok(gate, up, out_fmt: str) -> bool:
     """Can ``fxscale_kernels::gated_requantise`` take these operands (else the reference runs)?"""
     return (_tg is not None and get_format(out_fmt).dtype in _FP8 and gate.dtype == up.dtype
             and gate.dtype in _tg._ROUND and gate.shape == up.shape and gate.dim() >= 1 and gate.numel() > 0
-            and _FORCED != "reference")
+            and _at.forced() != "reference")
 
 
 def gated_requantise_cuda(gate, up, activation, out_fmt):

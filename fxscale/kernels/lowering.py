@@ -37,7 +37,8 @@ import torch
 
 from ..formats import get_format
 from . import cuda as _cuda
-from .cuda import _FP8, _cublas_saturates, _warn_once, scaled_linear_cuda
+from .autotune import warn_once as _warn_once
+from .cuda import _FP8, _cublas_saturates, scaled_linear_cuda
 
 __all__ = ["lowering_enabled", "set_inductor_lowering"]
 
