@@ -297,7 +297,7 @@ def layer_norm(x: Tensor, normalized_shape: list[int], weight: Tensor | None, bi
 
     The same ``d`` feeds the sum of squares and the product, so ``|xhat_i| <= sqrt(D)`` holds up
     to a relative ``(D + 16) u`` whatever the mean's rounding and the summation order (a sum of
-    non-negative terms): the bound that fxscale's rule proves (``fxscale.rules.numeric``),
+    non-negative terms): the bound that fxscale's rule proves (``fxscale.rules.normalisation``),
     which PyTorch's Welford kernel does not satisfy on near-constant rows.
 
     CompositeImplicitAutograd, as ``quantise``: the node keeps its name in the transformed graph

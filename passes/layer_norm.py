@@ -6,7 +6,7 @@ large constant it cancels to ~0 and ``(x - mean) / sqrt(eps)`` comes out far abo
 that grows with the input's bound and ``1 / sqrt(eps)`` (BERT's eps = 1e-12 costs int8 bits).
 ``torch.ops.fxscale.layer_norm`` squares the same ``d = x - mean`` it scales, so its output is
 bounded by ``sqrt(D)`` up to a relative ``(D + 16) u``, whatever the input (see its rule in
-:mod:`fxscale.rules.numeric`). The outputs agree with PyTorch's to float32 rounding.
+:mod:`fxscale.rules.normalisation`). The outputs agree with PyTorch's to float32 rounding.
 
 >>> import torch
 >>> from passes.capture import capture
