@@ -3,10 +3,9 @@
 Registered through the ``torch_dynamo_backends`` entry point (``pyproject.toml``), so it is
 available after ``pip install``. Dynamo hands over a torch-level FX graph per captured
 region (graph breaks are fine: each region is compiled on its own) whose placeholders
-include the module's parameters. The backend turns parameters and buffers back into
-constants (so weight scales are static), materialises example inputs (real ones where
-Dynamo passes real tensors, else ``randn`` / zeros of the same shape and dtype, SymInts at
-their size hints), and runs :func:`fxscale.transform` on the region.
+include the module's parameters. The backend lifts it (:mod:`fxscale.lifting`: parameters and
+buffers back into constants, so weight scales are static; example inputs materialised) and runs
+:func:`fxscale.transform` on the region.
 
 Each transformed region is then compiled by inductor (``torch.compile`` with
 ``options={"freezing": True}``: fused elementwise kernels around the fp8 GEMMs, static scale
@@ -44,9 +43,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from .config import option_names
+from .lifting import Lifted, hint
 
 __all__ = ["BACKEND_OPTIONS", "TRANSFORM_OPTIONS", "fxscale_backend", "reports"]
 
@@ -155,159 +155,6 @@ def _short(e: BaseException, limit: int = 500) -> str:
     return s if len(s) <= limit else s[:limit] + " ..."
 
 
-# ---------------------------------------------------------------------------- lifting
-
-
-def _is_fake(x: Any) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(x, FakeTensor)
-
-
-def _real_value(node: fx.Node, example: Any) -> Any:
-    """The real value behind a placeholder: the example if real, else Dynamo's GraphArg's."""
-    if isinstance(example, torch.Tensor) and not _is_fake(example):
-        return example
-    ga = node.meta.get("grapharg")
-    if ga is not None:
-        try:
-            ex = ga.example
-        except Exception:  # noqa: BLE001  (weakref gone / not recorded)
-            ex = None
-        if isinstance(ex, torch.Tensor) and not _is_fake(ex):
-            return ex
-    return None
-
-
-def _is_constant(node: fx.Node, example: Any, real: Any) -> bool:
-    """Parameters and buffers of the compiled module: quantised once, not per call."""
-    if isinstance(example, nn.Parameter) or isinstance(real, nn.Parameter):
-        return True
-    ga = node.meta.get("grapharg")
-    src = str(getattr(ga, "source", "")) if ga is not None else ""
-    return "ParamBufferSource" in src or "_parameters" in src or "_buffers" in src
-
-
-def _hint(s: Any) -> int:
-    if isinstance(s, int):
-        return s
-    try:
-        from torch.fx.experimental.symbolic_shapes import optimization_hint
-
-        return int(optimization_hint(s, fallback=2))
-    except Exception:  # noqa: BLE001
-        hint = getattr(getattr(s, "node", None), "hint", None)
-        return int(hint) if hint is not None else 2
-
-
-def _size_source(node: fx.Node):
-    """``(base source, dim)`` where a SymInt placeholder is ``tensor.size(dim)``, else None."""
-    ga = node.meta.get("grapharg")
-    src = getattr(ga, "source", None)
-    if src is None or type(src).__name__ != "TensorPropertySource":
-        return None
-    if "SIZE" not in str(getattr(src, "prop", "")):
-        return None
-    return getattr(src, "base", None), getattr(src, "idx", None)
-
-
-def _materialise(t: torch.Tensor) -> torch.Tensor:
-    shape = [_hint(s) for s in t.shape]
-    if t.dtype.is_floating_point or t.dtype.is_complex:
-        return torch.randn(shape, dtype=t.dtype, device=t.device)
-    return torch.zeros(shape, dtype=t.dtype, device=t.device)
-
-
-class _Lifted:
-    """Dynamo's graph with parameters/buffers as ``get_attr`` constants and SymInt inputs
-    recomputed from tensor shapes (or specialised to their value, where Dynamo does not
-    say which tensor they measure). ``module`` takes only the tensor inputs."""
-
-    def __init__(self, gm: fx.GraphModule, example_inputs: list[Any], int_values: dict[int, Any]):
-        phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        if len(phs) != len(example_inputs):
-            raise ValueError(f"graph has {len(phs)} inputs but Dynamo passed {len(example_inputs)}")
-        root = nn.Module()
-        graph = fx.Graph()
-        env: dict[fx.Node, fx.Node] = {}
-        self.input_positions: list[int] = []     # positions of the call's args the module takes
-        self.specialised: dict[int, Any] = {}    # position -> value baked into the graph
-        self.examples: list[Any] = []            # example values for the module's inputs
-        tensor_by_source: dict[str, fx.Node] = {}
-        pending_sizes = []
-        for i, (n, ex) in enumerate(zip(phs, example_inputs)):
-            real = _real_value(n, ex)
-            if isinstance(ex, torch.Tensor) and _is_constant(n, ex, real):
-                if real is None:
-                    raise ValueError(
-                        f"no real value for parameter {n.format_node()}: the fxscale backend needs the "
-                        "module's real weights"
-                    )
-                name = f"_const_{len(root._buffers) + len(root._parameters)}"
-                root.register_buffer(name, real.detach(), persistent=False)
-                env[n] = graph.get_attr(name)
-                env[n].meta.update(n.meta)
-            elif isinstance(ex, torch.Tensor):
-                p = graph.placeholder(n.name)
-                p.meta.update(n.meta)
-                env[n] = p
-                self.input_positions.append(i)
-                self.examples.append(real if real is not None else _materialise(ex))
-                ga = n.meta.get("grapharg")
-                if ga is not None and getattr(ga, "source", None) is not None:
-                    tensor_by_source[str(ga.source)] = p
-            else:
-                pending_sizes.append((i, n, ex))
-        # SymInt / scalar inputs: a size of a tensor input where Dynamo says so, else a constant.
-        for i, n, ex in pending_sizes:
-            ss = _size_source(n)
-            t = tensor_by_source.get(str(ss[0])) if ss is not None else None
-            if t is not None and isinstance(ss[1], int):
-                env[n] = ("size", t, ss[1])
-            else:
-                v = int_values.get(i, ex)
-                v = _hint(v) if isinstance(v, torch.SymInt) else v
-                if isinstance(v, (torch.SymFloat, torch.SymBool)):
-                    raise ValueError(f"unsupported symbolic input {n.format_node()}")
-                self.specialised[i] = v
-                env[n] = ("const", v)
-        sizes: dict[fx.Node, fx.Node] = {}
-
-        def arg(a):
-            if not isinstance(a, fx.Node):
-                return a
-            v = env[a]
-            if isinstance(v, tuple):
-                if v[0] == "const":
-                    return v[1]
-                if a not in sizes:
-                    sizes[a] = graph.call_function(torch.ops.aten.sym_size.int, (v[1], v[2]))
-                return sizes[a]
-            return v
-
-        for n in gm.graph.nodes:
-            if n.op == "placeholder":
-                continue
-            if n.op == "output":
-                graph.output(fx.node.map_arg(n.args[0], arg))
-                continue
-            if n.op in ("get_attr", "call_module"):
-                obj = gm
-                for part in str(n.target).split("."):
-                    obj = getattr(obj, part)
-                name = str(n.target).replace(".", "_")
-                setattr(root, name, obj)
-                new = graph.create_node(n.op, name, fx.node.map_arg(n.args, arg), fx.node.map_arg(n.kwargs, arg))
-            else:
-                new = graph.create_node(
-                    n.op, n.target, fx.node.map_arg(n.args, arg), fx.node.map_arg(n.kwargs, arg), n.name
-                )
-            new.meta.update(n.meta)
-            env[n] = new
-        graph.lint()
-        self.module = fx.GraphModule(root, graph, class_name="FxscaleRegion").eval()
-
-
 class _Compiled:
     """The callable handed back to Dynamo: selects the tensor inputs and runs the transformed
     region. The transform runs on the first call (on its real inputs, outside Dynamo's
@@ -323,7 +170,7 @@ class _Compiled:
         self.example_inputs = list(example_inputs)
         self.opts = opts
         self.cache: dict[Any, Any] = {}
-        self.lifted = _Lifted(gm, self.example_inputs, {})
+        self.lifted = Lifted(gm, self.example_inputs, {})
         self.max_size = max_size
         # Per tensor input: the dims besides the batch that Dynamo made symbolic, by symbol.
         # (Dynamo's fake example values hold the symbols; the example inputs may be real.)
@@ -341,7 +188,7 @@ class _Compiled:
         covered by ``max_size``."""
         dyn = self.dynamic_dims if self.max_size is not None else [{} for _ in ts]
         return tuple(
-            tuple(None if d in dd else _hint(s) for d, s in enumerate(t.shape) if d > 0) for t, dd in zip(ts, dyn)
+            tuple(None if d in dd else hint(s) for d, s in enumerate(t.shape) if d > 0) for t, dd in zip(ts, dyn)
         )
 
     def _dynamic_shapes(self) -> tuple | None:
@@ -359,7 +206,7 @@ class _Compiled:
             spec.append(entry or None)
         return tuple(spec)
 
-    def _transform(self, lifted: _Lifted, examples: list[Any]):
+    def _transform(self, lifted: Lifted, examples: list[Any]):
         from .api import transform
 
         ds = self._dynamic_shapes()
@@ -387,7 +234,7 @@ class _Compiled:
         if fn is None:
             log.debug("fxscale backend: transforming for %s", key)
             try:
-                lifted = lf if spec == lf.specialised else _Lifted(self.gm, self.example_inputs, spec)
+                lifted = lf if spec == lf.specialised else Lifted(self.gm, self.example_inputs, spec)
                 # Copies: export marks its example tensors, and Dynamo's guards check the originals.
                 fn = self._transform(lifted, [t.detach().clone() for t in inputs])
                 if hasattr(fn, "report"):
