@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, kernel timings, FFN and block benchmarks.
 #   STEPS="env tests kernels ffn block" OUT=/tmp/out bash benchmarks/run_gpu.sh
-# (also: llm -- bench_llm.py; zoo -- tests/test_zoo.py on this machine's transformers; ops -- tests/test_triton_ops_gpu.py (triton_op, symbolic M, AOTI); int8norms -- int8 GEMMs, and fp8-out norms: inductor vs hand Triton; diag -- host overhead; gemm -- decode-sized GEMM candidates, cold L2; dattn -- float8 decode attention tests + timings; aoti -- where the AOTI round trip crashes)
+# (also: llm -- bench_llm.py; zoo -- tests/test_zoo.py on this machine's transformers; ops -- tests/test_triton_ops_gpu.py (triton_op, symbolic M, AOTI); int8norms -- int8 GEMMs, and fp8-out norms: inductor vs hand Triton; diag -- host overhead; gemm -- decode-sized GEMM candidates, cold L2; gated -- the gated requantise's statistics pass, tilings and variants; dattn -- float8 decode attention tests + timings; aoti -- where the AOTI round trip crashes)
 # Each step has its own time cap, so a slow step never loses the ones after it.
 # Logs land in $OUT (tests.log, kernels.log, ffn.log, block.log, errors.log).
 # *_ARGS and TEST_ARGS are split on spaces (quotes inside them are not honoured): give --skip
@@ -68,6 +68,10 @@ for s in $STEPS; do
     gemm)  # decode-sized GEMMs, every candidate, cold L2 (benchmarks/diag_decode_gemm.py)
       timeout "${T_GEMM:-200}" python3 benchmarks/diag_decode_gemm.py --md "$OUT/gemm.md" ${GEMM_ARGS:-} > "$OUT/gemm.log" 2>&1
       grep -E "^[|] " "$OUT/gemm.log"; tail -3 "$OUT/gemm.log"
+      ;;
+    gated)  # the gated requantise's statistics pass: tilings and a float32-squares variant (benchmarks/diag_gated.py)
+      timeout "${T_GATED:-150}" python3 benchmarks/diag_gated.py --md "$OUT/gated.md" ${GATED_ARGS:-} > "$OUT/gated.log" 2>&1
+      grep -E "^([|] |###|whole)" "$OUT/gated.log" | head -60; tail -3 "$OUT/gated.log"
       ;;
     diag)
       timeout "${T_DIAG:-150}" python3 benchmarks/diag_overhead.py > "$OUT/diag.log" 2>&1
