@@ -6,7 +6,7 @@ the step module runs under, attending to the cache with the call's new K/V writt
 through ``fxscale_kernels::kv_decode_attention``, which reads the float8 cache in its Triton
 kernel: :mod:`fxscale.kernels.decode_attention`);
 :class:`_Step` is the module that is exported: ``(input_ids, positions, caches[, pad]) -> (logits,
-k_0, v_0, ...)``.
+k_0, v_0, ...)``; :func:`kv_bounds` reads the proven bounds of its K/V outputs (the cache scales).
 
 >>> import torch
 >>> data = torch.tensor([1.0, -2.0]).to(KV_FORMAT.dtype).view(torch.uint8)
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +28,7 @@ from .formats import get_format
 from .kernels.decode_attention import with_new_kv  # (and registers fxscale_kernels::kv_decode_attention)
 from .rules import register
 
-__all__ = ["KV_FORMAT", "kv_read"]
+__all__ = ["KV_FORMAT", "kv_bounds", "kv_read"]
 
 KV_FORMAT = get_format("float8_e4m3fn")
 _IMPL = "fxscale_kv"
@@ -230,3 +231,45 @@ class _Step(nn.Module):
             _ACTIVE.pop()
         kv = [t for i in sorted(ctx.new_kv) for t in ctx.new_kv[i]]
         return (out.logits, *kv)
+
+
+# ---------------------------------------------------------------------------- the K/V bounds
+def kv_bounds(sm) -> list[float]:
+    """Proven max |x| of each graph output after the logits (the new K and V of each layer)."""
+    out = next(n for n in sm.graph.nodes if n.op == "output")
+    leaves = torch.utils._pytree.tree_leaves(out.args[0])
+    bounds = []
+    for n in leaves[1:]:
+        ni = n.meta.get("fxscale") if isinstance(n, torch.fx.Node) else None
+        b = None if ni is None or ni.bound is None or ni.dynamic else float(ni.bound.absmax)
+        if b is None or not math.isfinite(b):
+            raise ValueError(
+                f"fxscale.llm: no static bound for the K/V value {getattr(n, 'name', n)!r}: "
+                f"{_unbounded_cause(n)}. A float8 cache needs a proven scale. Transform the model without a "
+                "cache instead: fxscale.transform(lm, (ids,), dynamic_shapes=...), or torch.compile(lm, "
+                "backend='fxscale')"
+            )
+        bounds.append(b)
+    return bounds
+
+
+def _unbounded_cause(n) -> str:
+    """Where a value's missing or run-time bound comes from: the first node on its inputs'
+    path whose bound is missing or dynamic while all its own inputs are static."""
+    def bad(m) -> bool:
+        ni = m.meta.get("fxscale") if isinstance(m, torch.fx.Node) else None
+        return ni is not None and (ni.bound is None or ni.dynamic or not math.isfinite(float(ni.bound.absmax)))
+
+    seen = set()
+    while isinstance(n, torch.fx.Node) and n not in seen:
+        seen.add(n)
+        up = next((a for a in n.all_input_nodes if bad(a)), None)
+        if up is None:
+            break
+        n = up
+    ni = n.meta.get("fxscale") if isinstance(n, torch.fx.Node) else None
+    if ni is None:
+        return "its bound is unknown"
+    what = "has no rule" if ni.bound is None else "is bounded only at run time (a measured amax)"
+    why = f" ({ni.note})" if ni.reasons else ""
+    return f"it follows from node {n.name!r} ({n.target}), which {what}{why}"

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .kv_attention import KV_FORMAT, _register_attention, _Step
+from .kv_attention import KV_FORMAT, _register_attention, _Step, kv_bounds
 
 __all__ = ["KV_FORMAT", "FxscaleCausalLM", "wrap"]
 
@@ -47,25 +47,6 @@ def _dims(cfg) -> tuple[int, int, int]:
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     return layers, kv_heads, head_dim
-
-
-def _kv_bounds(sm) -> list[float]:
-    """Proven max |x| of each graph output after the logits (the new K and V of each layer)."""
-    out = next(n for n in sm.graph.nodes if n.op == "output")
-    leaves = torch.utils._pytree.tree_leaves(out.args[0])
-    bounds = []
-    for n in leaves[1:]:
-        ni = n.meta.get("fxscale") if isinstance(n, torch.fx.Node) else None
-        b = None if ni is None or ni.bound is None or ni.dynamic else float(ni.bound.absmax)
-        if b is None or not math.isfinite(b):
-            raise ValueError(
-                f"fxscale.llm: no static bound for the K/V value {getattr(n, 'name', n)!r}: "
-                f"{_unbounded_cause(n)}. A float8 cache needs a proven scale. Transform the model without a "
-                "cache instead: fxscale.transform(lm, (ids,), dynamic_shapes=...), or torch.compile(lm, "
-                "backend='fxscale')"
-            )
-        bounds.append(b)
-    return bounds
 
 
 def wrap(lm: nn.Module, *, max_len: int, batch: int = 2, **transform_options: Any) -> FxscaleCausalLM:
@@ -108,7 +89,7 @@ def wrap(lm: nn.Module, *, max_len: int, batch: int = 2, **transform_options: An
             sm = transform(_Step(lm, scales), args, dynamic_shapes=shapes, **bound_options)
         except CaptureError as e:
             raise ValueError(f"{unsupported}. Capture failed: {str(e).splitlines()[0]}") from e
-        bounds = _kv_bounds(sm)
+        bounds = kv_bounds(sm)
         if len(bounds) != 2 * layers:
             raise ValueError(f"{unsupported}: {len(bounds) // 2} of {layers} layers did")
         new = [(KV_FORMAT.scale_for(bounds[2 * i]), KV_FORMAT.scale_for(bounds[2 * i + 1])) for i in range(layers)]
@@ -127,7 +108,7 @@ def wrap(lm: nn.Module, *, max_len: int, batch: int = 2, **transform_options: An
         args, shapes = _example(lm, batch, max_len, kind)
         step = _Step(lm, scales, fresh=kind.startswith("fresh"), last=kind == "fresh_last")
         proof = transform(step, args, dynamic_shapes=shapes, **bound_options)
-        for j, bound in enumerate(_kv_bounds(proof)):
+        for j, bound in enumerate(kv_bounds(proof)):
             if bound > KV_FORMAT.max * scales[j // 2][j % 2]:
                 raise RuntimeError(f"fxscale.llm: the {kind} step's K/V bound {bound:g} (output {j}) exceeds the "
                                    "cache scale proven by the step graph")
@@ -136,28 +117,6 @@ def wrap(lm: nn.Module, *, max_len: int, batch: int = 2, **transform_options: An
         return transform(step, args, dynamic_shapes=shapes, **transform_options)
 
     return FxscaleCausalLM(lm, sm, scales, bounds, max_len=max_len, dtype=dtype, build=build)
-
-
-def _unbounded_cause(n) -> str:
-    """Where a value's missing or run-time bound comes from: the first node on its inputs'
-    path whose bound is missing or dynamic while all its own inputs are static."""
-    def bad(m) -> bool:
-        ni = m.meta.get("fxscale") if isinstance(m, torch.fx.Node) else None
-        return ni is not None and (ni.bound is None or ni.dynamic or not math.isfinite(float(ni.bound.absmax)))
-
-    seen = set()
-    while isinstance(n, torch.fx.Node) and n not in seen:
-        seen.add(n)
-        up = next((a for a in n.all_input_nodes if bad(a)), None)
-        if up is None:
-            break
-        n = up
-    ni = n.meta.get("fxscale") if isinstance(n, torch.fx.Node) else None
-    if ni is None:
-        return "its bound is unknown"
-    what = "has no rule" if ni.bound is None else "is bounded only at run time (a measured amax)"
-    why = f" ({ni.note})" if ni.reasons else ""
-    return f"it follows from node {n.name!r} ({n.target}), which {what}{why}"
 
 
 def _example(lm: nn.Module, batch: int, max_len: int, kind: str = "step") -> tuple[tuple, tuple]:
@@ -288,11 +247,27 @@ class FxscaleCausalLM(*_base_classes()):
             setattr(self, name, self._graph("fresh_last" if last else "fresh"))
         return self._write(positions, *getattr(self, name)(input_ids, positions))
 
+    def prepare(self, padded: bool = True) -> FxscaleCausalLM:
+        """Build now the graphs built otherwise on first use (``step_fresh``'s two, and the
+        padded step's unless ``padded=False``), then let go of the source model: until this,
+        the model keeps the ``lm`` given to :func:`wrap` alive to build them, so ``del lm``
+        alone frees nothing. Afterwards a graph not built raises ``ValueError``. Returns self.
+
+        >>> # flm = fxscale.llm.wrap(lm, max_len=4096).prepare(); del lm   # lm's memory is freed
+        """
+        graphs = [("sm_fresh", "fresh"), ("sm_fresh_last", "fresh_last")] + ([("sm_padded", "padded")] if padded else [])
+        for name, kind in graphs:
+            if getattr(self, name) is None:
+                setattr(self, name, self._graph(kind))
+        self._build = None
+        return self
+
     def _graph(self, kind: str) -> nn.Module:
         """The ``kind`` step graph, holding the step graph's tensors where they are equal (the
         weights are stored once however many graphs run them)."""
         if self._build is None:
-            raise ValueError(f"fxscale.llm: this model was built without a {kind} step graph")
+            raise ValueError(f"fxscale.llm: no {kind} step graph: prepare(padded=False) let the source model go "
+                             "before it was built; wrap the model again and call prepare() (or skip prepare())")
         graph = self._build(kind)
         graph.share_state_with(self.sm)
         return graph

@@ -104,3 +104,32 @@ def test_generate__prefill_computes_the_last_positions_logits_only(llama):
     assert last.shape == (2, 1, 100)
     torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)
     assert torch.equal(out[:, 9], full[:, -1].argmax(-1))
+
+
+@torch.no_grad()
+def test_prepare__builds_every_graph_then_the_source_model_is_freed():
+    """``wrap`` keeps the source model alive to build the fresh / padded graphs on first use;
+    ``prepare()`` builds them and lets it go: after ``del lm`` nothing holds it, and generate()
+    gives the same tokens as before, unpadded and left-padded."""
+    import gc
+    import weakref
+
+    lm = _llama()
+    flm = fxscale.llm.wrap(lm, max_len=64)
+    ids = torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    kw = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    plain, padded = flm.generate(ids, **kw), flm.generate(ids, attention_mask=mask, **kw)
+    fresh = flm(ids).logits
+    assert flm.prepare() is flm
+    alive = weakref.ref(lm)
+    del lm
+    gc.collect()
+    assert alive() is None, [type(r).__name__ for r in gc.get_referrers(alive())]
+    assert torch.equal(flm.generate(ids, **kw), plain)
+    assert torch.equal(flm.generate(ids, attention_mask=mask, **kw), padded)
+    assert torch.equal(flm(ids).logits, fresh)
+    flm.sm_padded = None  # a graph prepare() did not build: a clear error, not a crash
+    with pytest.raises(ValueError, match=r"no padded step graph.*prepare\(\)"):
+        flm.generate(ids, attention_mask=mask, **kw)
