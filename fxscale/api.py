@@ -58,12 +58,6 @@ def _warn_if_nothing_quantised(rows: list, name: str) -> None:
                       + "; ".join(why[:4]) + more, stacklevel=3)
 
 
-def _normalise_inputs(example_inputs: Any) -> tuple:
-    if isinstance(example_inputs, Tensor):
-        return (example_inputs,)
-    return tuple(example_inputs)
-
-
 def transform(
     model: nn.Module,
     example_inputs: Any,
@@ -123,22 +117,20 @@ def transform(
     if c.input_bounds and fork is not None:
         dynamic = passes.resume(fork).gm
     sm = ScaledGraphModule(c.gm, cfg, input_bounds=c.input_bounds, inputs=[p.name for p in c.placeholders],
-                           dynamic=dynamic, pass_times=c.times, signature=_signature(model),
+                           dynamic=dynamic, pass_times=c.times, signature=_signature(model), positional=len(c.example_inputs),
                            input_specs=[_input_spec(p) for p in c.placeholders])
     if c.input_bounds and cfg.on_overflow == "raise":
-        _check_examples(sm, example_inputs)
+        _check_examples(sm, c.example_inputs)
     return sm
 
 
-def _check_examples(sm, example_inputs: Any) -> None:
+def _check_examples(sm, example_inputs: tuple) -> None:
     """A declared bound the example itself breaks: said at transform time (a warning: an example
     may be random data for the shapes), not only at the first call."""
-    from passes.capture import _as_args
-
     from .module import _check_inputs
 
     try:
-        _check_inputs(sm, _as_args(example_inputs), {})
+        _check_inputs(sm, example_inputs, {})
     except ValueError as e:
         warnings.warn(f"the example inputs break their declared bounds: {e}. Calls with such inputs will raise "
                       "(on_overflow='raise'); check input_bounds", stacklevel=3)
@@ -182,7 +174,9 @@ def dynamic_baseline(model: nn.Module, example_inputs: Any, *, format: str | tor
     from passes.precision import decide
 
     fmt = get_format(format)
-    args = _normalise_inputs(example_inputs)
+    from passes.input_names import example_args
+
+    args = example_args(model, example_inputs)
     gm = capture_graph(model, args)
     functionalise(gm)
     fold(gm)

@@ -37,6 +37,7 @@ class ScaledGraphModule(fx.GraphModule):
     _fxscale_clamps: list | None = None   # [declared bound or None] per input: clamp in the graph
     _fxscale_warned: bool = False
     _fxscale_signature: inspect.Signature | None = None  # the model's forward: binds keyword inputs
+    _fxscale_positional: int | None = None  # how many positional arguments the example gave
     _fxscale_inputs: list | None = None   # [(name, rank, shape, dtype)] of each input's example
 
     def __init__(
@@ -50,6 +51,7 @@ class ScaledGraphModule(fx.GraphModule):
         pass_times: dict[str, float] | None = None,
         signature: inspect.Signature | None = None,
         input_specs: list | None = None,
+        positional: int | None = None,
     ) -> None:
         """``gm``: the lowered graph; ``config``: the options as the user passed them;
         ``input_bounds``: the declared bound of each input by name, as enforced (rounded up to
@@ -57,7 +59,9 @@ class ScaledGraphModule(fx.GraphModule):
         module to run where ``on_overflow="requantise"`` applies; ``pass_times``: wall seconds
         of each compiler pass; ``signature``: the model's ``forward`` signature, to bind keyword
         inputs to their positions; ``input_specs``: ``(name, rank, shape, dtype)`` of each input's
-        example, checked on every call (another rank or dtype raises)."""
+        example, checked on every call (another rank or dtype raises); ``positional``: how many
+        of forward's positional arguments the example gave (a keyword call fills the ones it
+        skips with their defaults, as the example did)."""
         from .report import Report
         from .runtime import ScaleFn
 
@@ -83,6 +87,7 @@ class ScaledGraphModule(fx.GraphModule):
         self._fxscale_dynamic = dynamic
         self.pass_times = dict(pass_times or {})
         self._fxscale_signature = signature
+        self._fxscale_positional = positional
         self._fxscale_inputs = ([(shown.get(n, n), *rest) for n, *rest in input_specs]
                                 if input_specs is not None else None)
         self.report = Report.from_graph(self, config.format)
@@ -92,8 +97,10 @@ class ScaledGraphModule(fx.GraphModule):
         if kwargs and sig is not None:
             # Keyword arguments in any order: bound to the model's parameters, so that each
             # input meets its own declared bound (the checks go by position: issue 11 case 7).
+            from passes.input_names import positional_inputs
+
             ba = sig.bind(*args, **kwargs)
-            args, kwargs = ba.args, ba.kwargs
+            args, kwargs = positional_inputs(sig, ba.args, ba.kwargs, upto=self._fxscale_positional)
         if self._fxscale_inputs is not None:
             _check_input_specs(self._fxscale_inputs, args, kwargs)
         if self._fxscale_clamps is not None:

@@ -156,8 +156,11 @@ def run(
     """Apply ``passes`` (default: :data:`PIPELINE`) to ``model``; returns the :class:`Compilation`
     with the lowered graph in ``gm`` and each pass's wall time in ``times``. ``until``: stop
     after the pass of that name (:func:`resume` runs the rest)."""
-    args = _as_tuple(example_inputs)
-    c = Compilation(model, args, config, [args] + [_as_tuple(b) for b in (calibration or [])])
+    from .input_names import example_args
+
+    args = example_args(model, example_inputs)
+    batches = [example_args(model, b, "a calibration batch") for b in (calibration or [])]
+    c = Compilation(model, args, config, [args, *batches])
     return resume(c, passes, until=until)
 
 
@@ -193,8 +196,3 @@ def fork(c: Compilation, config: TransformConfig) -> Compilation:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     return Compilation(c.model, c.example_inputs, config, c.batches, gm, placeholders, times=dict(c.times))
 
-
-def _as_tuple(x: Any) -> tuple:
-    from torch import Tensor
-
-    return (x,) if isinstance(x, Tensor) else tuple(x)

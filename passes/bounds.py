@@ -162,7 +162,7 @@ def build_steps(gm: fx.GraphModule, sizes: str = "max") -> list[Step]:
         if n.target is operator.getitem:
             steps.append(Step(n.name, n.target, (Ref(n.args[0].name),), {}, shapes, getitem=int(n.args[1])))
             continue
-        idiom = _rms_norm_idiom(n, shapes)
+        idiom = _rms_norm_idiom(n, shapes) or _l2_normalise_idiom(n, shapes)
         if idiom is not None:
             steps.append(idiom)
             continue
@@ -204,6 +204,49 @@ def _rms_norm_idiom(n: fx.Node, shapes) -> Step | None:
         d = concrete_shape(xv)[-1]
         return Step(n.name, aten.rms_norm.default, (Ref(x.name), [d], None, float(eps)), {}, shapes)
     return None
+
+
+def _l2_normalise_idiom(n: fx.Node, shapes) -> Step | None:
+    """``x / x.norm(dim=-1, keepdim=True)``, a row scaled to unit L2 norm (CLIP's embeddings):
+    ``div(x, linalg_vector_norm(x, 2, [-1], True))`` (``aten.norm`` too), the norm possibly
+    clamped below by an ``eps >= 0`` and expanded to ``x``'s shape (``F.normalize``): each
+    element is then at most 1 in magnitude, up to the norm kernel's rounding
+    (:data:`fxscale.rules.numeric.L2_NORMALISED`'s rule says how much), instead of a division by
+    a run-time tensor, which has no rule and would be measured at run time. The numerator must
+    be the norm's input (:func:`_same_value`). The graph is not changed.
+    """
+    from fxscale.rules import normalise
+    from fxscale.rules.numeric import L2_NORMALISED
+
+    if n.target is not aten.div.Tensor or len(n.args) != 2 or n.kwargs or not all(isinstance(a, fx.Node) for a in n.args):
+        return None
+    x, d = n.args
+    xv = x.meta.get("val")
+    if not (isinstance(xv, Tensor) and xv.dtype.is_floating_point and xv.dim() >= 1):
+        return None
+    while isinstance(d, fx.Node) and d.op == "call_function":
+        if d.target in (aten.expand_as.default, aten.expand.default):
+            d = d.args[0]  # (the same values, broadcast as the division would)
+        elif d.target is aten.clamp_min.default and not isinstance(d.args[1], fx.Node) and float(d.args[1]) >= 0:
+            d = d.args[0]  # max(norm, eps): the quotient only shrinks
+        else:
+            break
+    if not (isinstance(d, fx.Node) and d.target in (aten.linalg_vector_norm.default, aten.norm.ScalarOpt_dim)):
+        return None
+    a = normalise(d.target, d.args, d.kwargs)
+    p = a.get("ord", a.get("p"))
+    if isinstance(p, fx.Node) or float(2 if p is None else p) != 2.0 or a.get("dtype") is not None:
+        return None
+    dims = a.get("dim")
+    dims = [dims] if isinstance(dims, int) else (list(dims) if dims is not None else None)
+    nd = xv.dim()
+    if nd == 1:
+        ok = dims in (None, [], [0], [-1])  # one row: a 0-d or (1,) norm broadcasts over it
+    else:
+        ok = bool(a.get("keepdim")) and dims in ([-1], [nd - 1])
+    if not ok or not _same_value(a["self"], x):
+        return None
+    return Step(n.name, L2_NORMALISED, (Ref(x.name),), {}, shapes)
 
 
 #: Elementwise ops whose result is the same bits whenever their inputs are (no reduction order).

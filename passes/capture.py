@@ -46,7 +46,7 @@ from .dynamic_dims import (
     warn_if_static_batch,
 )
 from .inline_regions import inline_regions
-from .input_names import name_inputs
+from .input_names import example_args, name_inputs
 
 __all__ = ["METHODS", "CaptureError", "capture"]
 
@@ -89,7 +89,7 @@ def capture(
             f"capture needs an nn.Module, got {type(model).__name__}; wrap a function in an nn.Module "
             f"or use {_TRY_COMPILE}"
         )
-    args = _as_args(example_inputs)
+    args = example_args(model, example_inputs)
     modes = {m: m.training for m in model.modules()}  # each module's own flag: train() would recurse
     try:
         model.eval()
@@ -136,19 +136,6 @@ def own_state(gm: torch.fx.GraphModule) -> None:
 
 
 # ---------------------------------------------------------------------------- export
-
-
-def _as_args(example_inputs: Any) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, list):
-        return tuple(example_inputs)
-    if not isinstance(example_inputs, tuple):
-        raise TypeError(
-            f"example_inputs must be a tuple of the model's positional arguments, got "
-            f"{type(example_inputs).__name__}; e.g. capture(model, (x,))"
-        )
-    return example_inputs
 
 
 def _export(model: nn.Module, args: tuple, dynamic_batch: bool, dynamic_shapes: Any = None) -> torch.fx.GraphModule:
@@ -312,12 +299,14 @@ def _without_returned_cache(model: nn.Module, args: tuple):
     if not configs or passes_cache:
         yield
         return
-    if getattr(getattr(model, "config", None), "use_cache", False) is True:  # (a wrapper: its own outputs)
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "use_cache", False) is True and _returns_cache(model):  # (a wrapper: its own outputs)
+        how = ("To decode with a (float8) cache use fxscale.llm.wrap(model, max_len=...)"
+               if not getattr(cfg, "is_encoder_decoder", False) else "Each call recomputes the decoder's keys")
         warnings.warn(
             f"{type(model).__name__}: config.use_cache is True; captured with use_cache=False (torch.export "
             "cannot return transformers' key/value cache, and the transformed graph holds none), so its "
-            "outputs carry no past_key_values. To decode with a (float8) cache use fxscale.llm.wrap(model, "
-        "max_len=...); set model.config.use_cache = False to silence this.",
+            f"outputs carry no past_key_values. {how}; set model.config.use_cache = False to silence this.",
             stacklevel=4,
         )
     for c in configs:
@@ -327,6 +316,17 @@ def _without_returned_cache(model: nn.Module, args: tuple):
     finally:
         for c in configs:
             c.use_cache = True
+
+
+def _returns_cache(model: nn.Module) -> bool:
+    """Would the model return a key/value cache (a decoder; BERT's config has use_cache too)?"""
+    cfg = getattr(model, "config", None)
+    gen = getattr(model, "can_generate", None)
+    try:
+        generates = bool(gen()) if callable(gen) else False
+    except Exception:  # noqa: BLE001  (a model whose can_generate needs more than itself)
+        generates = False
+    return generates or bool(getattr(cfg, "is_decoder", False) or getattr(cfg, "is_encoder_decoder", False))
 
 
 def _uses_cache(model: nn.Module) -> bool:

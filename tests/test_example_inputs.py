@@ -1,0 +1,63 @@
+"""Example inputs given by name (a dict, or a tokenizer's ``BatchEncoding``) are mapped to
+forward's positions, the optional parameters between filled with their defaults; keyword calls
+of the transformed module skip optional parameters the same way (found by a new-user trial:
+a dict was read as a tuple of its key strings)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxscale
+
+
+class _Optional(nn.Module):
+    """forward(x, mask=None, scale=2.0, y=None, *, shift=0.0): an optional argument between two tensors."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(16, 32)
+
+    def forward(self, x, mask=None, scale=2.0, y=None, *, shift=0.0):
+        h = self.a(x) * scale
+        if mask is not None:
+            h = h * mask
+        return torch.relu(h + self.b(y)) + shift
+
+
+def test_dict_example__named_inputs_go_to_their_positions_with_defaults_between():
+    m, x, y = _Optional().eval(), torch.randn(4, 16), torch.randn(4, 16)
+    sm = fxscale.transform(m, {"y": y, "x": x}, calibration=[{"x": 2 * x, "y": y}])
+    ref = m(x, y=y)
+    assert fxscale.sqnr_db(ref, sm(x, y=y)) > 20
+    assert torch.equal(sm(x, y=y), sm(x, None, 2.0, y))  # the keyword call: the same positions
+    assert torch.equal(sm(y=y, x=x), sm(x, y=y))
+
+
+def test_dict_example__unknown_or_keyword_only_names_say_so():
+    m, x = _Optional().eval(), torch.randn(4, 16)
+    with pytest.raises(TypeError, match=r"has no parameter \['z'\].*positional parameters: \['x', 'mask', 'scale', 'y'\]"):
+        fxscale.transform(m, {"x": x, "y": x, "z": x})
+    with pytest.raises(TypeError, match=r"takes \['shift'\] only by keyword"):
+        fxscale.transform(m, {"x": x, "y": x, "shift": 1.0})
+    with pytest.raises(TypeError, match="no value for 'x'"):
+        fxscale.transform(m, {"y": x, "mask": x.new_ones(4, 32)})
+    with pytest.raises(TypeError, match="tuple of the model's positional arguments"):
+        fxscale.transform(m, x.tolist().__iter__())
+
+
+def test_tokenizer_output__bert_transformed_from_its_batch_encoding_and_called_with_it(recwarn):
+    """(BERT's config has use_cache=True too, but an encoder returns no cache: no warning about it.)"""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64)
+    torch.manual_seed(0)
+    bert = transformers.BertModel(cfg).eval()
+    ids = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(1))
+    enc = transformers.BatchEncoding({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                      "token_type_ids": torch.zeros_like(ids)})
+    sm = fxscale.transform(bert, enc)
+    assert fxscale.sqnr_db(bert(**enc).last_hidden_state, sm(**enc).last_hidden_state) > 20
+    assert not [w for w in recwarn if "use_cache" in str(w.message)]
