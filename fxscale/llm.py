@@ -340,15 +340,33 @@ class FxscaleCausalLM(*_base_classes()):
         """transformers' ``generate()`` (greedy, sampling, ...), on the float8 cache."""
         kwargs.setdefault("use_cache", False)  # the cache is ours; transformers passes all tokens
         ids = args[0] if args else kwargs.get("input_ids")
-        new = kwargs.get("max_new_tokens")
-        if isinstance(ids, Tensor) and ids.dim() == 2 and isinstance(new, int) and ids.shape[1] + new > self.max_len:
-            raise ValueError(f"a prompt of {ids.shape[1]} tokens + max_new_tokens={new} is beyond max_len="
-                             f"{self.max_len} declared to fxscale.llm.wrap")
+        if isinstance(ids, Tensor) and ids.dim() == 2:
+            self._check_length(ids.shape[1], kwargs)
         self._in_generate, self._len = True, 0
         try:
             return super().generate(*args, **kwargs)
         finally:
             self._in_generate = False
+
+    def _check_length(self, prompt: int, kwargs: dict) -> None:
+        """Before generating: the most positions generate() may reach (``max_new_tokens``, else
+        ``max_length``, from the call or the generation config, as transformers resolves them)
+        must be within ``max_len`` (else it would stop with an error midway, its tokens lost)."""
+        gc = kwargs.get("generation_config") or self.generation_config
+        new = kwargs.get("max_new_tokens", getattr(gc, "max_new_tokens", None))
+        length = kwargs.get("max_length", getattr(gc, "max_length", None))
+        if new is None and length is None:  # transformers >= 5.2x: 20 new tokens, within the position table
+            table = getattr(self.config, "max_position_embeddings", None)
+            total = prompt + 20 if table is None else min(prompt + 20, table)
+            how = f"a prompt of {prompt} tokens + transformers' default of 20 new tokens"
+        elif new is not None:
+            total, how = prompt + int(new), f"a prompt of {prompt} tokens + max_new_tokens={new}"
+        else:
+            total = int(length)
+            how = f"max_length={total}" + ("" if "max_length" in kwargs else " (the generation config's)")
+        if total > self.max_len:
+            raise ValueError(f"{how} is beyond max_len={self.max_len} declared to fxscale.llm.wrap: generate fewer "
+                             "tokens (max_new_tokens=...) or wrap with a larger max_len")
 
     def prepare_inputs_for_generation(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                                       logits_to_keep: int = 0, **kwargs: Any):

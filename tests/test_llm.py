@@ -283,6 +283,17 @@ def test_wrap__beyond_max_len_raises():
     flm = fxscale.llm.wrap(lm, max_len=8)
     with pytest.raises(ValueError, match="max_len=8"):
         flm(torch.zeros(1, 9, dtype=torch.long))
+    # generate() checks before it starts however the length is given (was: only max_new_tokens=,
+    # else an error midway that loses the tokens generated; found by a new-user trial)
+    ids = torch.zeros(1, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"max_length=9 is beyond max_len=8"):
+        flm.generate(ids, max_length=9, pad_token_id=0)
+    with pytest.raises(ValueError, match=r"5 tokens \+ transformers' default of 20 new tokens is beyond|max_length=20"):
+        flm.generate(ids, pad_token_id=0)
+    flm.generation_config.max_new_tokens = 4
+    with pytest.raises(ValueError, match=r"5 tokens \+ max_new_tokens=4 is beyond max_len=8"):
+        flm.generate(ids, pad_token_id=0)
+    assert flm.generate(ids, max_new_tokens=3, pad_token_id=0).shape[1] <= 8
 
 
 def test_example_llm_generate_runs_in_a_fresh_process():
