@@ -178,6 +178,7 @@ def _rms_norm_idiom(n: fx.Node, shapes) -> Step | None:
     """``x * rsqrt(mean(x ** 2, -1, keepdim=True) + eps)``, RMSNorm written out (HF Llama, T5,
     Mistral...): bounded as ``aten.rms_norm`` is, by ``sqrt(D)`` per row, instead of leaving a
     product with an unbounded ``rsqrt`` to be measured at run time. The graph is not changed.
+    The rule's conditions apply (``eps >= MIN_EPS``; a last dim of a known maximum).
     A LayerNorm written out (Cohere: ``d = x - mean(x)``, then the RMSNorm of ``d``) is one too,
     with ``d`` computed once or twice (:func:`_same_value`).
     """
@@ -201,6 +202,8 @@ def _rms_norm_idiom(n: fx.Node, shapes) -> Step | None:
             continue
         if pw.target is not aten.pow.Tensor_Scalar or not _same_value(pw.args[0], x) or float(pw.args[1]) != 2.0:
             continue
+        if _unbounded(xv.shape[-1]):
+            return None  # sqrt(D) over the dynamic batch (an RMSNorm of x.T) grows with it: measured
         d = concrete_shape(xv)[-1]
         return Step(n.name, aten.rms_norm.default, (Ref(x.name), [d], None, float(eps)), {}, shapes)
     return None

@@ -104,16 +104,44 @@ def _unbounded(d: Any) -> bool:
     return not isinstance(d, int) and symbolic_upper(d) is None
 
 
+#: Ops whose rule's bound grows with the sizes of the dims they reduce over: the reduced dims
+#: (a dim list / dim argument, all dims where none is given), or for the normalisations the
+#: last ``len(normalized_shape)`` dims (``sqrt(D)``).
+_REDUCES = {
+    aten.sum.dim_IntList: "dim", aten.sum.default: "dim", aten.cumsum.default: "dim",
+    aten.linalg_vector_norm.default: "dim", aten.norm.ScalarOpt_dim: "dim", aten.norm.Scalar: "dim",
+    aten.layer_norm.default: "normalized_shape", aten.rms_norm.default: "normalized_shape",
+    aten.native_layer_norm.default: "normalized_shape",
+}
+
+
+def _reduced_dims(n: fx.Node, x: Tensor) -> list[int]:
+    what = "normalized_shape" if n.target is torch.ops.fxscale.layer_norm.default else _REDUCES.get(n.target)
+    if what is None:
+        return []
+    schema = [a.name for a in n.target._schema.arguments]
+    key = what if what in schema else next((k for k in ("dim", "normalized_shape") if k in schema), None)
+    if key is None:
+        return []
+    i = schema.index(key)
+    arg = n.args[i] if i < len(n.args) else n.kwargs.get(key)
+    if what == "normalized_shape":
+        return list(range(x.dim() - len(arg), x.dim())) if arg is not None else []
+    if arg is None or (isinstance(arg, (list, tuple)) and not arg):
+        return list(range(x.dim()))
+    return [d % x.dim() for d in ([arg] if isinstance(arg, int) else arg)] if x.dim() else []
+
+
 def _sums_over_symbolic_dim(n: fx.Node) -> bool:
-    """A sum over a dimension whose size changes between calls without a declared maximum."""
-    if n.target not in (aten.sum.dim_IntList, aten.sum.default) or not n.args:
+    """A sum, prefix sum, norm or normalisation over a dimension whose size changes between calls
+    without a declared maximum (the dynamic batch): its rule reads the example's size there,
+    which a larger batch exceeds (``cumsum`` over the batch, a LayerNorm of ``x.T``)."""
+    if n.op != "call_function" or not n.args or not isinstance(n.args[0], fx.Node):
         return False
-    x = n.args[0].meta.get("val") if isinstance(n.args[0], fx.Node) else None
+    x = n.args[0].meta.get("val")
     if not isinstance(x, Tensor):
         return False
-    dims = n.args[1] if len(n.args) > 1 and n.args[1] is not None else n.kwargs.get("dim")
-    dims = range(x.dim()) if not dims else [d % x.dim() for d in ([dims] if isinstance(dims, int) else dims)]
-    return any(_unbounded(x.shape[d]) for d in dims)
+    return any(_unbounded(x.shape[d]) for d in _reduced_dims(n, x))
 
 
 def check_maxima(placeholders: list[fx.Node]) -> None:

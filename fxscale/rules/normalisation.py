@@ -46,11 +46,11 @@ def _layer_norm(c: RuleCall) -> Bound:
     ``sqrt(eps)`` (``39.5`` for D=16, x ~ 2^20, against ``sqrt(15) = 3.9``). So
     ``|xhat_i| <= sqrt(D - 1) + 4 u max|x| / sqrt(eps)`` (``u = 2^-24``): negligible for
     ordinary activations, large where the input's bound is (then a requantise measures
-    the output at run time). ``eps = 0`` has no bound (measured).
+    the output at run time). ``eps`` below :data:`MIN_EPS` (0 included) has no bound (measured).
     """
     d = math.prod(c["normalized_shape"])
     eps = float(c.get("eps", 1e-5))
-    if not eps > 0:
+    if not eps >= MIN_EPS:
         return None
     rounding = fprod(c["input"].bound.absmax, _LN_ROUNDING * _KERNEL_U / math.sqrt(eps))
     am = math.sqrt(max(d - 1, 1)) + rounding
@@ -91,8 +91,22 @@ def _two_pass_layer_norm(c: RuleCall) -> Bound:
     return _affine(am, rn, c.get("weight"), c.get("bias"))
 
 
+#: The smallest ``eps`` the ``sqrt(D)`` bounds of RMSNorm and PyTorch's LayerNorm hold for:
+#: float32's smallest normal. A square ``x_j^2`` below it rounds to a subnormal or, on GPUs,
+#: flushes to 0, so the computed mean of squares can fall short of the exact one by up to
+#: that much; an ``eps`` at least as large makes up for it. (eps = 0 and D = 3, one element
+#: 7.9e-23: the kernel returns 2.1 where sqrt(3) = 1.73; found by an adversarial trial.)
+MIN_EPS = 2.0**-126
+
+
 @register(aten.rms_norm)
-def _rms_norm(c: RuleCall) -> Bound:
+def _rms_norm(c: RuleCall) -> Bound | None:
+    """``x_i / sqrt(mean_j x_j^2 + eps)`` is at most ``sqrt(D)`` for ``eps >= MIN_EPS`` (no eps:
+    the dtype's machine epsilon, always above it); a smaller or negative eps has no bound
+    (measured: with ``eps < 0`` the denominator approaches 0, ``400`` for ``D = 16``)."""
+    eps = c.get("eps")
+    if eps is not None and not float(eps) >= MIN_EPS:
+        return None
     d = math.prod(c["normalized_shape"])
     rn = math.sqrt(d) if len(c["normalized_shape"]) == 1 else INF
     return _affine(math.sqrt(d), rn, c.get("weight"), None)

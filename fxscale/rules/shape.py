@@ -87,8 +87,8 @@ def _transpose(c: RuleCall) -> Bound:
     nd = len(x.shape)
     if nd < 2:
         return x.bound
-    d0 = int(c.get("dim0", 0)) % nd
-    d1 = int(c.get("dim1", 1)) % nd
+    d0 = int(c.get("dim0", c.get("axis0", 0))) % nd  # (swapaxes names them axis0 / axis1)
+    d1 = int(c.get("dim1", c.get("axis1", 1))) % nd
     perm = list(range(nd))
     perm[d0], perm[d1] = perm[d1], perm[d0]
     return permute_bound(x.bound, perm)

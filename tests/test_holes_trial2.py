@@ -1,0 +1,131 @@
+"""Five ways an adversarial trial (2026-12-04) broke the never-saturate guarantee with inputs
+inside their declared bounds; each case is the trial's minimal model, attacked as it was:
+
+1. ``cumsum`` over the dynamic batch was bounded at the example's batch size;
+2. a LayerNorm / RMSNorm (and the written-out RMSNorm) over the dynamic batch likewise, by
+   ``sqrt(example batch)``;
+3. ``aten.rms_norm`` with a negative ``eps`` kept its ``sqrt(D)`` bound (value 400 against 4);
+4. RMSNorm with ``eps = 0`` on tiny inputs: squares underflow, the kernel returns 1.2 sqrt(D);
+5. ``aten.swapaxes``' rule read ``dim0`` / ``dim1`` where the op names them ``axis0`` /
+   ``axis1``, so every swapaxes was taken as swapping dims 0 and 1.
+
+Each must now be bounded soundly (or measured at run time): every ``fxscale.audit`` ratio <= 1.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxscale
+
+
+class _Wrap(nn.Module):
+    """``fc(f(x))``: a static scale on ``f(x)``'s store is what would saturate."""
+
+    def __init__(self, f, d_in: int, d_out: int = 8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.f, self.fc = f, nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        return self.fc(self.f(x))
+
+
+def _transform(m, x, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fxscale.transform(m, (x,), **kw)
+
+
+def _worst(sm, *xs) -> float:
+    ratios = [r["ratio"] for x in xs for r in fxscale.audit(sm, x)]
+    return max((r if math.isfinite(r) else math.inf for r in ratios), default=0.0)
+
+
+_REDUCE_OVER_BATCH = {
+    "cumsum over dim 0": (lambda x: torch.cumsum(x, 0), lambda b: torch.ones(b, 8), 8),
+    "cumsum of x.T over -1": (lambda x: x.t().cumsum(-1).t(), lambda b: torch.ones(b, 8), 8),
+    "layer_norm of x.T": (lambda x: F.layer_norm(x.t(), (x.shape[0],)).t(), lambda b: torch.eye(b, 8), 8),
+    "rms_norm of x.T": (lambda x: F.rms_norm(x.t(), (x.shape[0],)).t(), lambda b: torch.eye(b, 8), 8),
+    "written-out rms_norm of x.T": (
+        lambda x: (lambda h: h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))(x.t()).t(),
+        lambda b: torch.eye(b, 8), 8),
+}
+
+
+@pytest.mark.parametrize("fmt", ["float8_e4m3fn", "int8"])
+@pytest.mark.parametrize("case", list(_REDUCE_OVER_BATCH))
+def test_reductions_over_the_dynamic_batch__hold_at_any_batch(case, fmt):
+    """Sums, prefix sums and normalisations over the batch grow with it: no static bound from the
+    example's batch (was: ratio 4.6 at batch 16, 73 at 256 for cumsum; 4.5 for the LayerNorm)."""
+    f, make, d = _REDUCE_OVER_BATCH[case]
+    sm = _transform(_Wrap(f, d), torch.randn(4, d), input_bounds=1.0, format=fmt)
+    big = [make(b) for b in (16, 64, 256)]
+    assert _worst(sm, *big) <= 1.0
+    m = _Wrap(f, d).eval()
+    for x in big:
+        assert fxscale.sqnr_db(m(x), sm(x)) > 15, case
+
+
+@pytest.mark.parametrize("written_out", [False, True])
+@pytest.mark.parametrize("eps", [-1e-4, 0.0, 1e-45])
+def test_rms_norm__eps_below_the_smallest_normal_has_no_static_bound(eps, written_out):
+    """A negative eps lets the denominator approach 0 (one-hot rows with mean(x^2) just above
+    -eps: 400 against sqrt(16) = 4); eps = 0 or subnormal lets squares underflow (D = 3, one
+    element 7.9e-23: 2.1 against sqrt(3)). Either way: measured at run time, ratio <= 1."""
+    d = 16 if eps < 0 else 3
+
+    def norm(h):
+        if written_out:
+            return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return F.rms_norm(h, (d,), eps=eps)
+
+    sm = _transform(_Wrap(norm, d), torch.randn(2, d), input_bounds=1.0)
+    xs = []
+    for t in [*torch.logspace(-19, -23.5, 60).tolist(), math.sqrt(-eps * d) * 1.0001 if eps < 0 else 1.0]:
+        x = torch.zeros(1, d)
+        x[0, 0] = t
+        xs.append(x)
+    ratios = [r["ratio"] for x in xs for r in fxscale.audit(sm, x) if r["static"]]
+    assert all(r <= 1.0 for r in ratios if math.isfinite(r)), max(ratios)
+
+
+def test_rms_norm__ordinary_eps_keeps_its_static_sqrt_d_bound():
+    """The fix costs nothing where eps is an ordinary one (or PyTorch's default)."""
+    for eps in (None, 1e-6, 2.0**-126):
+        sm = _transform(_Wrap(lambda h, e=eps: F.rms_norm(h, (16,), eps=e), 16), torch.randn(4, 16), input_bounds=1.0)
+        rows = {r["node"]: r for r in sm.report.rows}
+        assert any(r["scale_from"] == "static" and r["kind"] != "weight" and r["stores"] for r in rows.values()), eps
+
+
+def test_swapaxes__rows_and_columns_exchange_as_in_transpose():
+    """``softmax(x, -1).swapaxes(-1, -2)`` then two linears, rows one-hot: swapaxes is bounded
+    as transpose is (was: ratio 2.64, SQNR 5.8 dB; transpose 0.57, 32.9 dB)."""
+
+    class M(nn.Module):
+        def __init__(self, swap):
+            super().__init__()
+            torch.manual_seed(0)
+            self.swap, self.a, self.b = swap, nn.Linear(6, 16), nn.Linear(16, 8)
+
+        def forward(self, x):
+            p = torch.softmax(x, -1)
+            p = p.swapaxes(-1, -2) if self.swap else p.transpose(-1, -2)
+            return self.b(self.a(p))
+
+    x = torch.zeros(2, 6, 6)
+    x[:, torch.arange(6), torch.arange(6)] = 30.0  # one-hot rows: softmax ~ identity
+    outs = {}
+    for swap in (True, False):
+        m = M(swap).eval()
+        sm = _transform(m, torch.randn(2, 6, 6), input_bounds=30.0)
+        assert _worst(sm, x, -x, torch.full_like(x, 30.0)) <= 1.0, swap
+        outs[swap] = sm(x)
+        assert fxscale.sqnr_db(m(x), outs[swap]) > 20, swap
+    assert torch.equal(outs[True], outs[False])
