@@ -145,3 +145,16 @@ def test_declared_bound_far_above_the_data__warns_at_transform(fmt, bound, warns
     assert bool(loose) == warns, [str(w.message) for w in ws]
     if warns:
         assert "input 'input'" in str(loose[0].message) and "or none (measured per call)" in str(loose[0].message)
+
+
+def test_model_in_training_mode_with_batchnorm__warns_that_eval_mode_is_captured(recwarn):
+    """A model left in train mode computes BatchNorm from the batch; fxscale's graph uses the
+    running statistics (5.5 dB against the train-mode output, silently before). A model without
+    mode-dependent modules does not warn (an nn.Sequential of Linears is in train mode by default)."""
+    m = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Dropout(0.1), nn.Linear(16, 4))
+    with pytest.warns(UserWarning, match=r"Sequential is in training mode.*BatchNorm1d, Dropout.*model.eval\(\)"):
+        fxscale.transform(m, (torch.randn(8, 8),))
+    assert m.training  # its mode is left as it was
+    fxscale.transform(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), (torch.randn(8, 8),))
+    fxscale.transform(m.eval(), (torch.randn(8, 8),))
+    assert not [w for w in recwarn if "training mode" in str(w.message)]
