@@ -77,6 +77,12 @@ def export_program(sm: nn.Module, example_inputs: Any, *, dynamic_batch: bool = 
     fxscale's ops stay ops in the program (device-independent); compile it with
     ``torch._inductor.aoti_compile_and_package`` (what :func:`save` does).
     """
+    if type(sm).__name__ == "FxscaleCausalLM":
+        raise TypeError(
+            "fxscale.save / export_program package a module from fxscale.transform; an FxscaleCausalLM "
+            "(fxscale.llm.wrap) keeps its float8 cache and generate()'s bookkeeping in Python, which a package "
+            "does not carry. Run it in Python (torch.compile(flm.step, mode='reduce-overhead') for decode), or "
+            "save fxscale.transform(lm, (ids,), dynamic_shapes=...) of the model without a cache")
     args = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     cfg = getattr(sm, "config", None)
     if getattr(sm, "_fxscale_checks", None) is not None and cfg is not None and cfg.on_overflow != "clamp":
@@ -109,8 +115,41 @@ def save(sm: nn.Module, example_inputs: Any, path: str, *, dynamic_batch: bool =
 
 
 def load(path: str):
-    """The callable of a package written by :func:`save` (``torch._inductor.aoti_load_package``)."""
-    return torch._inductor.aoti_load_package(str(path))
+    """The callable of a package written by :func:`save` (``torch._inductor.aoti_load_package``).
+
+    A package of a transformers model returns its ``ModelOutput`` class, which torch rebuilds only
+    once the class's module is imported: it is imported here (otherwise the first call raises
+    ``Deserializing transformers.modeling_outputs.X in pytree is not registered``).
+    """
+    model = torch._inductor.aoti_load_package(str(path))
+    call_spec = getattr(getattr(model, "loader", None), "get_call_spec", None)
+    for spec in (call_spec() if callable(call_spec) else ()):
+        _import_pytree_types(spec)
+    return model
+
+
+def _import_pytree_types(spec: str) -> None:
+    """Import the modules of the classes a serialised pytree spec names, until it loads."""
+    import importlib
+    import re
+
+    from torch.utils import _pytree as pytree
+
+    tried: set[str] = set()
+    while True:
+        try:
+            pytree.treespec_loads(spec)
+            return
+        except NotImplementedError as e:
+            m = re.search(r"Deserializing ([\w.]+)\.(\w+) in pytree is not registered", str(e))
+            if m is None or m.group(1) in tried:
+                raise
+            tried.add(m.group(1))
+            try:
+                importlib.import_module(m.group(1))
+            except ImportError as e2:
+                raise ImportError(f"fxscale.load: the package returns {m.group(1)}.{m.group(2)}; install what "
+                                  f"defines it ({e2})") from e
 
 
 def package_custom_ops(path: str) -> list[str]:

@@ -61,6 +61,13 @@ def wrap(lm: nn.Module, *, max_len: int, batch: int = 2, **transform_options: An
 
     from .api import transform
 
+    cfg = getattr(lm, "config", None)
+    if cfg is None or getattr(cfg, "is_encoder_decoder", False):
+        what = "an encoder-decoder model" if cfg is not None else "not a transformers model (no config)"
+        raise ValueError(
+            f"fxscale.llm.wrap takes a decoder-only transformers ...ForCausalLM; {type(lm).__name__} is {what}. "
+            "Transform it without a cache: fxscale.transform(model, {'input_ids': ids, 'attention_mask': mask, "
+            "'decoder_input_ids': dec}) for its forward, or torch.compile(model, backend='fxscale') under generate()")
     table = next((getattr(lm.config, k) for k in ("max_position_embeddings", "n_positions", "n_ctx")
                   if isinstance(getattr(lm.config, k, None), int)), None)
     if table is not None and max_len > table:

@@ -59,3 +59,30 @@ def test_aoti_package__cpu__round_trip_bit_identical(tmp_path):
         for b in (8, 3, 17):
             xb = torch.randn(b, 64) * 3
             assert torch.equal(run(xb), sm(xb))
+
+
+def test_load__imports_the_output_classes_a_package_returns():
+    """A package of a transformers model returns its ModelOutput, which torch rebuilds only once
+    its module is imported (a fresh process that ran ``fxscale.load`` got ``Deserializing
+    transformers.modeling_outputs.ImageClassifierOutput in pytree is not registered`` at the first
+    call; found by a new-user trial): the spec a package holds loads in a fresh process."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    make = ("import torch; from torch.utils import _pytree as p; from transformers.modeling_outputs import "
+            "ImageClassifierOutput as O; print(p.treespec_dumps(p.tree_flatten(O(logits=torch.zeros(1)))[1]))")
+    spec = subprocess.run([sys.executable, "-c", make], check=True, capture_output=True, text=True).stdout.strip()
+    use = ("import sys, fxscale.deploy as d; assert 'transformers' not in sys.modules; "
+           f"d._import_pytree_types({spec!r}); print('transformers.modeling_outputs' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", use], check=False, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]
+
+
+def test_save__a_wrapped_llm_says_it_is_not_packaged():
+    """fxscale.save(flm, ...) failed inside a nested export with 'Constraints violated'."""
+    from fxscale.llm import FxscaleCausalLM
+
+    fake = FxscaleCausalLM.__new__(FxscaleCausalLM)
+    with pytest.raises(TypeError, match=r"FxscaleCausalLM \(fxscale.llm.wrap\).*Run it in Python"):
+        fxscale.deploy.export_program(fake, (torch.zeros(2, 4, dtype=torch.long),))

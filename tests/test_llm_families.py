@@ -51,3 +51,19 @@ def test_wrap__a_kv_value_without_a_static_bound_is_refused_naming_the_op_withou
         monkeypatch.delitem(RULES, op)
     with pytest.raises(ValueError, match=r"repeat_interleave.*has no rule.*fxscale\.transform"):
         fxscale.llm.wrap(_family("gptj"), max_len=32)
+
+
+def test_wrap__an_encoder_decoder_model_is_refused_saying_what_to_use():
+    """T5 got 'its attention does not run through the attention interface', and advice that fails
+    for T5 (a transform without decoder_input_ids); found by a new-user trial."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+    t5 = transformers.T5ForConditionalGeneration(cfg).eval()
+    with pytest.raises(ValueError, match=r"decoder-only.*T5ForConditionalGeneration is an encoder-decoder model.*"
+                                         r"'decoder_input_ids': dec"):
+        fxscale.llm.wrap(t5, max_len=32)
+    ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    dec = torch.randint(3, 100, (2, 5), generator=torch.Generator().manual_seed(1))
+    sm = fxscale.transform(t5, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "decoder_input_ids": dec})
+    ref = t5(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=dec).logits  # the advice works
+    assert fxscale.sqnr_db(ref, sm(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=dec).logits) > 15
