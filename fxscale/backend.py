@@ -22,7 +22,9 @@ Options go through ``torch.compile(..., options={...})``: any option of ``fxscal
 ``max_size``: the declared maximum of every dim besides the batch that Dynamo makes dynamic
 (a sequence length, after the second length seen or with ``dynamic=True``): the region is
 transformed once, bounds proven at that maximum, and runs at every size up to it (beyond it:
-``ValueError``). Without it, each new size is transformed again. ``calibration`` and
+``ValueError``). Without it, such a dim is proven for the power of two at or above its size (at
+least 64) and transformed again only when a call passes that: once per doubling of a growing
+length (``generate()``), not once per size. ``calibration`` and
 ``input_bounds`` are in terms of the region's tensor inputs in order (for a model called
 as ``model(x)`` with no graph break, the model's inputs). On an internal failure the backend
 warns and runs the original graph (or, where only inductor failed, the transformed graph
@@ -58,6 +60,8 @@ log.addHandler(logging.NullHandler())
 TRANSFORM_OPTIONS = (*option_names(), "calibration")
 #: Options of the backend itself.
 BACKEND_OPTIONS = ("strict", "inductor", "max_size")
+#: The smallest maximum the backend proves a dynamic length for when ``max_size`` is not given.
+MIN_BUCKET = 64
 
 
 def _valid_options() -> tuple[str, ...]:
@@ -181,19 +185,30 @@ class _Compiled:
             if isinstance(v, torch.Tensor) else {}
             for v in vals
         ]
-        self.warned_retransform = False
+
+    def _maximum(self, ts) -> int | None:
+        """The maximum the dims Dynamo made dynamic are proven for: ``max_size`` where declared,
+        else the power of two (at least :data:`MIN_BUCKET`) at or above their largest size now,
+        so that a growing length (``generate()``) is transformed once per doubling rather than
+        once per size; None where no dim but the batch is dynamic."""
+        sizes = [hint(t.shape[d]) for t, dd in zip(ts, self.dynamic_dims) for d in dd]
+        if not sizes:
+            return None
+        if self.max_size is not None:
+            return self.max_size
+        return max(MIN_BUCKET, 1 << (max(sizes) - 1).bit_length())
 
     def _shape_key(self, ts) -> tuple:
-        """Sizes that need a transform of their own: all but the batch, and but the dims
-        covered by ``max_size``."""
-        dyn = self.dynamic_dims if self.max_size is not None else [{} for _ in ts]
-        return tuple(
-            tuple(None if d in dd else hint(s) for d, s in enumerate(t.shape) if d > 0) for t, dd in zip(ts, dyn)
-        )
+        """Sizes that need a transform of their own: all but the batch and the dynamic dims,
+        and the maximum those are proven for."""
+        return (tuple(
+            tuple(None if d in dd else hint(s) for d, s in enumerate(t.shape) if d > 0)
+            for t, dd in zip(ts, self.dynamic_dims)
+        ), self._maximum(ts))
 
-    def _dynamic_shapes(self) -> tuple | None:
+    def _dynamic_shapes(self, maximum: int | None) -> tuple | None:
         """torch.export's ``dynamic_shapes`` for the region's inputs: one Dim per Dynamo symbol."""
-        if self.max_size is None or not any(self.dynamic_dims):
+        if maximum is None:
             return None
         dims: dict[str, Any] = {}
         spec = []
@@ -201,7 +216,7 @@ class _Compiled:
             entry = {}
             for d, sym in dd.items():
                 if sym not in dims:
-                    dims[sym] = torch.export.Dim(f"fxscale_d{len(dims)}", max=self.max_size)
+                    dims[sym] = torch.export.Dim(f"fxscale_d{len(dims)}", max=maximum)
                 entry[d] = dims[sym]
             spec.append(entry or None)
         return tuple(spec)
@@ -209,15 +224,7 @@ class _Compiled:
     def _transform(self, lifted: Lifted, examples: list[Any]):
         from .api import transform
 
-        ds = self._dynamic_shapes()
-        if ds is None and any(self.dynamic_dims) and self.cache and not self.warned_retransform:
-            warnings.warn(
-                "fxscale backend: transforming again for a new input size (fxscale proves bounds per "
-                'size); declare the largest size with options={"max_size": N} to transform once for all '
-                "sizes up to N",
-                stacklevel=3,
-            )
-            self.warned_retransform = True
+        ds = self._dynamic_shapes(self._maximum(examples))
         options = self.opts if ds is None else {**self.opts, "dynamic_shapes": ds}
         with warnings.catch_warnings():
             # Dynamo's first graph has static shapes and it recompiles for another batch: the
@@ -229,6 +236,13 @@ class _Compiled:
         lf = self.lifted
         inputs = [args[i] for i in lf.input_positions]
         spec = {i: args[i] for i in lf.specialised}
+        if self.max_size is not None:
+            big = [(i, d, hint(t.shape[d])) for i, (t, dd) in enumerate(zip(inputs, self.dynamic_dims)) for d in dd
+                   if hint(t.shape[d]) > self.max_size]
+            if big:
+                i, d, n = big[0]
+                raise ValueError(f"fxscale backend: dim {d} of the region's input {i} is {n}, beyond the declared "
+                                 f'max_size={self.max_size}; compile with a larger options={{"max_size": N}}')
         key = (self._shape_key(inputs), tuple(sorted(spec.items())))
         fn = self.cache.get(key)
         if fn is None:

@@ -120,6 +120,32 @@ def test_backend__max_size_transforms_once_for_all_lengths():
 
 
 @torch.no_grad()
+def test_backend__without_max_size_a_growing_length_is_transformed_once_per_doubling():
+    """No flag: a length Dynamo made dynamic is proven for the next power of two (at least 64),
+    so lengths 9..64 share one transform and 65..128 the next (was: one transform per length,
+    with a warning to pass max_size; a new-user trial timed generate() at 124 s for 4 tokens)."""
+    from fxscale import backend
+
+    model = PoolAndAttend().eval()
+    n0 = len(backend.reports())
+    fast = torch.compile(model, backend="fxscale", options={"inductor": False, "strict": True})
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter("always")
+        for s in (8, 9, 20, 33, 64, 65, 100, 3):
+            x = torch.randn(2, s, 16)
+            for ref, out in zip(model(x), fast(x)):
+                assert sqnr_db(ref, out) > 20, s
+    # 8: Dynamo's static first graph; 9..64: one (max 64); 65, 100: one (max 128); 3: in the first.
+    assert len(backend.reports()) - n0 == 3
+    assert not [w for w in ws if "transforming again" in str(w.message)]
+    assert any(r.get("grows_with_max") for r in backend.reports()[-1].rows)  # the pooled sum: proven at 128
+    with pytest.raises(ValueError, match="beyond the declared max_size=32"):
+        bounded = torch.compile(model, backend="fxscale", options={"inductor": False, "strict": True, "max_size": 32})
+        for s in (8, 9, 40):
+            bounded(torch.randn(2, s, 16))
+
+
+@torch.no_grad()
 def test_dynamic_seq__named_dims_the_solver_rejects_are_retried_as_auto_with_the_same_maximum(monkeypatch):
     """torch 2.11 cannot show some model guards hold over a named Dim's whole range (Llama on
     transformers 5.17: 'Constraints violated (seq)'); capture retries with Dim.AUTO over the
