@@ -26,7 +26,8 @@ transformed once, bounds proven at that maximum, and runs at every size up to it
 least 64) and transformed again only when a call passes that: once per doubling of a growing
 length (``generate()``), not once per size. ``calibration`` and
 ``input_bounds`` are in terms of the region's tensor inputs in order (for a model called
-as ``model(x)`` with no graph break, the model's inputs). On an internal failure the backend
+as ``model(x)`` with no graph break, the model's inputs; a region resuming after a graph break
+takes intermediate values, where they are not applied, with a warning). On an internal failure the backend
 warns and runs the original graph (or, where only inductor failed, the transformed graph
 without inductor), unless ``strict=True``, which raises.
 
@@ -99,6 +100,7 @@ def fxscale_backend(
     if max_size is not None and not (isinstance(max_size, int) and max_size >= 1):
         raise ValueError(f"fxscale backend option max_size must be a positive int, got {max_size!r}")
     inductor_options = _inductor_options(mode, inductor)
+    _per_input_options_only_for_the_first_region(opts)
     from .fastpath import decompose_fast_paths
 
     decompose_fast_paths(gm)  # nn.TransformerEncoderLayer's fused op, op by op: its matmuls get quantised
@@ -117,6 +119,38 @@ def fxscale_backend(
         )
         log.debug("fxscale backend failure", exc_info=True)
         return gm.forward
+
+
+def _resumed_region() -> str | None:
+    """The function name where Dynamo is compiling a region that resumes after a graph break
+    (``torch_dynamo_resume_in_forward_at_12``): its inputs are the model's intermediate values."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        name = tx.f_code.co_name if tx is not None else ""
+    except Exception:  # noqa: BLE001  (a private API: without it, every region counts as a first one)
+        return None
+    return name if name.startswith("torch_dynamo_resume_in_") else None
+
+
+def _per_input_options_only_for_the_first_region(opts: dict[str, Any]) -> None:
+    """``input_bounds`` and ``calibration`` describe the model's inputs; a region after a graph
+    break takes intermediate values instead (a scalar bound of 1 applied to ``10 * fc1(x)`` made
+    valid calls raise, or with on_overflow='clamp' run at 1.3 dB; found by an adversarial trial):
+    there they are dropped (the inputs measured at run time, the bits projected from the region's
+    own inputs), saying so."""
+    resumed = _resumed_region()
+    dropped = [k for k in ("input_bounds", "calibration") if opts.get(k) is not None] if resumed else []
+    if dropped:
+        for k in dropped:
+            opts.pop(k)
+        warnings.warn(
+            f"fxscale backend: {' and '.join(dropped)} describe the model's inputs, but a graph break made a region "
+            f"({resumed}) whose inputs are intermediate values: not applied there (its inputs are measured at "
+            "run time). Remove the graph break (torch._dynamo.explain(model)(x) lists them) to keep them static.",
+            stacklevel=3,
+        )
 
 
 def _inductor_options(mode: str | None, inductor: bool) -> dict[str, Any] | None:

@@ -223,3 +223,31 @@ def test__backend__reduce_overhead_mode_runs():
     f = torch.compile(model, backend="fxscale", mode="reduce-overhead")
     with torch.no_grad():
         assert sqnr_db(model(*args), f(*args)) >= 20
+
+
+@torch.no_grad()
+def test_backend__input_bounds_are_not_applied_to_a_region_after_a_graph_break():
+    """The second region's input is an intermediate value (``10 * a(x)``, |h| ~ 9): a scalar
+    ``input_bounds=1.0`` applied to it raised on valid inputs, or with on_overflow='clamp' ran at
+    1.3 dB (found by an adversarial trial). It is dropped there, with a warning."""
+
+    class Broken(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = 10 * self.a(x)
+            torch._dynamo.graph_break()
+            return self.b(h)
+
+    m = Broken().eval()
+    for extra in ({}, {"on_overflow": "clamp"}):
+        torch._dynamo.reset()
+        fast = torch.compile(m, backend="fxscale", options={"input_bounds": 1.0, "inductor": False, "strict": True,
+                                                             **extra})
+        with pytest.warns(UserWarning, match=r"input_bounds describe the model's inputs.*torch_dynamo_resume_in_forward"):
+            fast(torch.rand(4, 8) * 2 - 1)
+        for x in (torch.rand(4, 8) * 2 - 1, torch.ones(4, 8)):
+            assert fxscale.sqnr_db(m(x), fast(x)) > 20, extra
