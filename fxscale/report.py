@@ -3,7 +3,8 @@
 :meth:`Report.from_graph` reads each node's :class:`fxscale.nodeinfo.NodeInfo`
 (``node.meta["fxscale"]``) from a GraphModule, so row names are the graph's (``sm.report`` is
 ``Report.from_graph(sm)``); :meth:`Report.from_rows` takes ``(name, NodeInfo)`` pairs.
-``str(report)`` is a tabulate table (shape-only and plumbing rows left out:
+``str(report)`` is a tabulate table (shape-only and plumbing rows and constants kept in high
+precision left out, long names cut in the middle:
 ``report.table(show_all=True)`` has every row) plus a summary line, ``report._repr_html_()``
 the same for notebooks, ``report.rows`` the raw dicts, and ``report.plot()`` a log2 chart
 (needs matplotlib: ``pip install fxscale[plot]``).
@@ -102,6 +103,22 @@ def _rownorm(b: Any) -> float | None:
     return None
 
 
+#: The widest the text table prints a node name or a source (the rows keep them whole).
+_WIDTH = {"node": 48, "source": 56}
+
+
+def _abbreviate(text: str, width: int) -> str:
+    """``text`` cut in the middle to ``width`` characters (its start and end say the most).
+
+    >>> _abbreviate("text_model_encoder_layers_0_self_attn_q_proj_weight_and_2_siblings_float8_e4m3fn", 48)
+    'text_model_encoder_lay..._siblings_float8_e4m3fn'
+    """
+    if len(text) <= width:
+        return text
+    head = (width - 3) // 2
+    return text[:head] + "..." + text[len(text) - (width - 3 - head):]
+
+
 def _kind(rec: NodeInfo | None, node_op: str) -> str:
     """How the node runs in the graph the report reads (see :data:`fxscale.nodeinfo.KINDS`)."""
     if node_op == "placeholder":
@@ -172,6 +189,8 @@ def _row(name: str, rec: NodeInfo | None, node, unit: str) -> dict[str, Any]:
         "bound_at_example": r.bound_at_example,
     }
     hidden = kind in ("shape", "plumbing") and r.stores is None and not r.requantise and not runtime_amax
+    # a constant kept in high precision (a bias, a norm's weight): nothing to read in the table
+    hidden = hidden or (kind == "weight" and r.stores is None)
     row["shown"] = not hidden
     return row
 
@@ -254,6 +273,8 @@ class Report:
                     cells.append("yes" if v else "")
                 elif key in ("computes", "stores"):
                     cells.append("-" if v is None else str(v))
+                elif key in ("node", "source"):
+                    cells.append(_abbreviate("" if v is None else str(v), _WIDTH[key]))
                 else:
                     cells.append("" if v is None else str(v))
             table.append(cells)
@@ -282,7 +303,7 @@ class Report:
     def _legend(self, show_all: bool) -> str:
         unit = self.rows[0]["unit"] if self.rows else "bits"
         hidden = "" if show_all or not self.summary["hidden"] else (
-            f"{self.summary['hidden']} shape-only / plumbing rows not shown (report.table(show_all=True)); ")
+            f"{self.summary['hidden']} shape-only / plumbing / high-precision constant rows not shown (report.table(show_all=True)); ")
         return (f"{hidden}headroom: {unit} the proven scale leaves unused (wasted) on the calibration data; "
                 "bound (run time): restarted from a run-time measurement, calibration value shown")
 

@@ -94,7 +94,7 @@ class Lowering:
                    if per_group else "quantised once")
             self.weights[key] = self.weight_buffers(
                 node.name, data.contiguous(), scale, wb,
-                f"{node.name} {how} at transform time{' (stored transposed)' if transpose else ''}")
+                f"{how} at transform time{' (stored transposed)' if transpose else ''}")
         return self.weights[key]
 
     def weight_buffers(self, name: str, data: Tensor, scale: float | Tensor, bound, reason: str) -> tuple[fx.Node, fx.Node]:
