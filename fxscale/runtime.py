@@ -117,7 +117,8 @@ def evaluate_step(step: Step, an: Analysis) -> None:
     try:
         args = tuple(_materialise(a, an, i in step.quantised) for i, a in enumerate(step.args))
         kwargs = {k: _materialise(v, an) for k, v in step.kwargs.items()}
-        res = evaluate(step.op, args, kwargs, step.out_shapes, mode=an.mode)
+        why: list[str] = []
+        res = evaluate(step.op, args, kwargs, step.out_shapes, mode=an.mode, why=why)
     except _NoBound as e:
         an.bounds[step.name] = None
         an.failures[step.name] = f"input {e.args[0]} has no bound"
@@ -126,7 +127,8 @@ def evaluate_step(step: Step, an: Analysis) -> None:
     if not any(_has_tensor(b) for b in res):
         an.deps[step.name] = frozenset()  # e.g. after a LayerNorm: no longer depends on measurements
     if res[0] is None and len(res) == 1:
-        an.failures[step.name] = "rule does not apply to these arguments"
+        an.failures[step.name] = (f"its rule has none here: {why[0]}" if why
+                                  else "rule does not apply to these arguments")
 
 
 def _has_tensor(b: Bound | None) -> bool:

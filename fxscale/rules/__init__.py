@@ -25,9 +25,9 @@ from ..bound import Bound
 # The table itself: importing the rule modules registers every rule, once, here.
 from . import normalisation, numeric, parallel, shape  # noqa: F401
 from .helpers import add_bias, as_matrix_lhs, as_matrix_rhs, bcast, const_float, matmul_bound
-from .registry import MARGIN, RULES, Arg, Rule, RuleCall, evaluate, lookup, normalise, register
+from .registry import MARGIN, RULES, Arg, Rule, RuleCall, Unbounded, evaluate, lookup, normalise, register
 
 __all__ = [
-    "MARGIN", "RULES", "Arg", "Bound", "Rule", "RuleCall", "add_bias", "as_matrix_lhs", "as_matrix_rhs",
+    "MARGIN", "RULES", "Arg", "Bound", "Rule", "RuleCall", "Unbounded", "add_bias", "as_matrix_lhs", "as_matrix_rhs",
     "bcast", "const_float", "evaluate", "lookup", "matmul_bound", "normalise", "register",
 ]

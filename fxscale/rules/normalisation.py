@@ -15,7 +15,7 @@ from torch import Tensor
 from .. import ops as _ops  # noqa: F401  (registers torch.ops.fxscale.layer_norm)
 from ..bound import INF, Bound, fprod
 from .helpers import const_float
-from .registry import Arg, RuleCall, register
+from .registry import Arg, RuleCall, Unbounded, register
 
 aten = torch.ops.aten
 
@@ -51,7 +51,7 @@ def _layer_norm(c: RuleCall) -> Bound:
     d = math.prod(c["normalized_shape"])
     eps = float(c.get("eps", 1e-5))
     if not eps >= MIN_EPS:
-        return None
+        raise Unbounded(f"eps={eps:g} is below {MIN_EPS:g} (float32's smallest normal): the variance may vanish")
     rounding = fprod(c["input"].bound.absmax, _LN_ROUNDING * _KERNEL_U / math.sqrt(eps))
     am = math.sqrt(max(d - 1, 1)) + rounding
     rn = math.sqrt(d) + fprod(rounding, math.sqrt(d)) if len(c["normalized_shape"]) == 1 else INF
@@ -106,7 +106,7 @@ def _rms_norm(c: RuleCall) -> Bound | None:
     (measured: with ``eps < 0`` the denominator approaches 0, ``400`` for ``D = 16``)."""
     eps = c.get("eps")
     if eps is not None and not float(eps) >= MIN_EPS:
-        return None
+        raise Unbounded(f"eps={float(eps):g} is below {MIN_EPS:g} (float32's smallest normal): squares may underflow")
     d = math.prod(c["normalized_shape"])
     rn = math.sqrt(d) if len(c["normalized_shape"]) == 1 else INF
     return _affine(math.sqrt(d), rn, c.get("weight"), None)

@@ -15,7 +15,7 @@ from torch import Tensor
 from .. import ops as _ops  # noqa: F401  (registers torch.ops.fxscale.layer_norm)
 from ..bound import INF, Bound, fmax, fmin, fprod, fsqrt
 from .helpers import add_bias, as_matrix_lhs, as_matrix_rhs, bcast, const_float, matmul_bound
-from .registry import Arg, RuleCall, register
+from .registry import Arg, RuleCall, Unbounded, register
 
 aten = torch.ops.aten
 
@@ -98,16 +98,16 @@ def _mul(c: RuleCall) -> Bound:
 def _div(c: RuleCall) -> Bound | None:
     a, d = bcast(c["self"], c.out_shape), c["other"]
     if c.get("rounding_mode") is not None:
-        return None
+        raise Unbounded(f"division with rounding_mode={c.get('rounding_mode')!r}")
     if isinstance(d, Arg):
         if d.value is None:
-            return None  # dividing by a run-time tensor: no bound
+            raise Unbounded("the divisor is a value known only at run time (no lower bound on its |x|)")
         m = const_float(_abs_min, d.value)
         if m == 0:
-            return None
+            raise Unbounded("the constant divisor has a zero element")
         return _keep_norms(a).scaled(1.0 / m)
     if float(d) == 0:
-        return None
+        raise Unbounded("division by 0")
     return a.scaled(1.0 / float(d))
 
 

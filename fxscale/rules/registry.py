@@ -22,7 +22,13 @@ aten = torch.ops.aten
 #: accumulation and bf16/fp16 rounding of the arithmetic the bound describes.
 MARGIN = 2.0**-7
 
-__all__ = ["MARGIN", "RULES", "Arg", "Rule", "RuleCall", "evaluate", "lookup", "normalise", "register"]
+__all__ = ["MARGIN", "RULES", "Arg", "Rule", "RuleCall", "Unbounded", "evaluate", "lookup", "normalise", "register"]
+
+
+class Unbounded(Exception):
+    """Raised by a rule that has no bound for these arguments, saying why (``evaluate`` returns
+    None for it and hands the reason to ``why``): ``raise Unbounded("a divisor known only at run
+    time")`` reads better in a report than a bare ``return None``."""
 
 
 @dataclass
@@ -131,8 +137,11 @@ def _strip(x: Any) -> Any:
     return x
 
 
-def evaluate(op, args: tuple, kwargs: dict, out_shapes: list[tuple[int, ...]], *, mode: str = "rownorm") -> list[Bound]:
-    """Apply ``op``'s rule. Tensor arguments are :class:`Arg`; returns one Bound per output.
+def evaluate(op, args: tuple, kwargs: dict, out_shapes: list[tuple[int, ...]], *, mode: str = "rownorm",
+             why: list[str] | None = None) -> list[Bound]:
+    """Apply ``op``'s rule. Tensor arguments are :class:`Arg`; returns one Bound per output (None
+    where the rule has none: a rule that says why, by raising :class:`Unbounded`, appends the
+    reason to ``why``).
 
     Raises ``KeyError`` if ``op`` has no rule.
     """
@@ -143,7 +152,12 @@ def evaluate(op, args: tuple, kwargs: dict, out_shapes: list[tuple[int, ...]], *
     named = normalise(op, args, kwargs)
     if mode == "absmax":
         named = {k: _strip(v) for k, v in named.items()}
-    res = rule.fn(RuleCall(op, named, [None if s is None else tuple(s) for s in out_shapes], mode))
+    try:
+        res = rule.fn(RuleCall(op, named, [None if s is None else tuple(s) for s in out_shapes], mode))
+    except Unbounded as e:
+        if why is not None:
+            why.append(str(e))
+        return [None for _ in out_shapes]
     res = list(res) if isinstance(res, (tuple, list)) else [res]
     out = []
     for b, shape in zip(res, out_shapes):
