@@ -92,6 +92,18 @@ class ScaledGraphModule(fx.GraphModule):
                                 if input_specs is not None else None)
         self.report = Report.from_graph(self, config.format)
 
+    def __getattr__(self, name: str):
+        if name != "generate":
+            return super().__getattr__(name)
+        try:
+            return super().__getattr__(name)
+        except AttributeError as e:  # a transformers model's generate() is not the graph's
+            raise AttributeError(
+                "a ScaledGraphModule runs the model's forward only, not generate(): for a decoder-only LM "
+                "use fxscale.llm.wrap(lm, max_len=...).generate(...) (a float8 KV cache); otherwise "
+                "model.forward = torch.compile(model.forward, backend='fxscale'), then model.generate(...)"
+            ) from e
+
     def __call__(self, *args, **kwargs):
         sig = self._fxscale_signature
         if kwargs and sig is not None:

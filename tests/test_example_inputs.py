@@ -61,3 +61,11 @@ def test_tokenizer_output__bert_transformed_from_its_batch_encoding_and_called_w
     sm = fxscale.transform(bert, enc)
     assert fxscale.sqnr_db(bert(**enc).last_hidden_state, sm(**enc).last_hidden_state) > 20
     assert not [w for w in recwarn if "use_cache" in str(w.message)]
+
+
+def test_generate_on_a_transformed_module__says_what_to_use():
+    sm = fxscale.transform(nn.Linear(4, 4).eval(), (torch.randn(2, 4),))
+    with pytest.raises(AttributeError, match=r"forward only, not generate\(\).*fxscale.llm.wrap"):
+        sm.generate(torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        sm.nonexistent  # noqa: B018
