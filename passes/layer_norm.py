@@ -28,7 +28,7 @@ __all__ = ["group_norm_as_layer_norm", "two_pass_layer_norm"]
 
 
 def group_norm_as_layer_norm(gm: fx.GraphModule) -> int:
-    """``aten.group_norm(x, G, w, b, eps)`` on ``x`` (N, C, *S) -> ``x.view(-1, G, C // G * prod(S))``,
+    """``aten.group_norm(x, G, w, b, eps)`` on ``x`` (N, C, *S) -> ``x.reshape(-1, G, C // G * prod(S))``,
     a LayerNorm without affine over the last dim, ``.view(x.shape)``, ``* w[c] + b[c]``: the same
     function, through the two-pass LayerNorm's proven bound (GroupNorm has no rule of its own).
     Left as it is where a dimension after the batch is symbolic. Returns how many.
@@ -38,7 +38,7 @@ def group_norm_as_layer_norm(gm: fx.GraphModule) -> int:
     >>> group_norm_as_layer_norm(gm)
     1
     >>> [str(n.target).split(".")[1] for n in gm.graph.nodes if n.op == "call_function"]
-    ['view', 'layer_norm', 'view', 'view', 'mul', 'view', 'add']
+    ['reshape', 'layer_norm', 'view', 'view', 'mul', 'view', 'add']
     """
     aten = torch.ops.aten
     count = 0
@@ -59,7 +59,9 @@ def group_norm_as_layer_norm(gm: fx.GraphModule) -> int:
         ones = [1] * len(rest)
         g = gm.graph
         with g.inserting_before(n):
-            y = g.call_function(aten.view.default, (x, [-1, groups, per]))
+            # reshape, not view: a channels_last or transposed input is not contiguous (a VAE's
+            # attention output: "view size is not compatible with input tensor's size and stride")
+            y = g.call_function(aten.reshape.default, (x, [-1, groups, per]))
             y.meta["val"] = xv.reshape(-1, groups, per)
             ln = g.call_function(aten.layer_norm.default, (y, [per], None, None, eps))
             ln.meta["val"] = aten.layer_norm.default(y.meta["val"], [per], None, None, eps)

@@ -158,3 +158,32 @@ def test_model_in_training_mode_with_batchnorm__warns_that_eval_mode_is_captured
     fxscale.transform(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), (torch.randn(8, 8),))
     fxscale.transform(m.eval(), (torch.randn(8, 8),))
     assert not [w for w in recwarn if "training mode" in str(w.message)]
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+def test_group_norm_of_a_non_contiguous_input__transforms(layout):
+    """GroupNorm's rewrite viewed its input as (N, G, -1), which a channels_last conv output or a
+    transposed attention output cannot be (a diffusers VAE failed to transform: 'view size is not
+    compatible'; found by a new-user trial): a reshape."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv, self.lin = nn.Conv2d(4, 8, 3, padding=1), nn.Linear(8, 8)
+            self.norm, self.out = nn.GroupNorm(2, 8), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            h = self.conv(x)
+            if layout == "transposed":  # (B, HW, C) attention-style, back to (B, C, H, W)
+                b, c, hh, ww = h.shape
+                h = self.lin(h.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, c, hh, ww)
+            return self.out(self.norm(h))
+
+    m = M().eval()
+    x = torch.randn(2, 4, 6, 6)
+    if layout == "channels_last":
+        m, x = m.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    sm = _transform(m, x)
+    assert not [r for r in sm.report.rows if "group_norm" in str(r["op"])]  # rewritten, not a fallback
+    assert fxscale.sqnr_db(m(x), sm(x)) > 20
