@@ -73,3 +73,34 @@ def test__stack__never_underestimates(shape, kind, seed, n):
     xs = [make(shape, kind, g, 2.0 ** i) for i in range(n)]
     for dim in range(-len(shape) - 1, len(shape) + 1):
         check(aten.stack.default, (xs, dim))
+
+
+@SETTINGS
+@given(hw=st.tuples(st.integers(2, 5), st.integers(2, 5)), kind=st.sampled_from(KINDS), seed=seeds,
+       mode=st.sampled_from(["nearest", "nearest-exact", "bilinear", "bilinear-aa", "bilinear-corners"]),
+       scale=st.sampled_from([2.0, 3.0, 0.5, 1.7]), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test__upsample__never_underestimates(hw, kind, seed, mode, scale, dtype):
+    """UNet / VAE upsamplers (F.interpolate, as export captures it): nearest copies elements,
+    (bi)linear mixes them convexly, as PyTorch's kernels compute it in float32 and bf16."""
+    import torch.nn.functional as F
+
+    from passes.capture import capture
+
+    g = torch.Generator().manual_seed(seed)
+    kw = {"mode": mode.split("-")[0] if mode != "nearest-exact" else mode, "scale_factor": scale}
+    if mode == "bilinear-aa":
+        kw["antialias"] = True
+        dtype = torch.float32  # (no bf16 antialias kernel on the CPU)
+    if mode == "bilinear-corners":
+        kw["align_corners"] = True
+
+    x = make((2, 3, *hw), kind, g, 3.0).to(dtype)
+
+    class Up(torch.nn.Module):
+        def forward(self, t):
+            return F.interpolate(t, **kw)
+
+    gm = capture(Up(), (x,), dynamic_batch=False)
+    (node,) = [n for n in gm.graph.nodes if n.op == "call_function"]
+    assert lookup(node.target) is not None, node.target
+    check(node.target, (x, *node.args[1:]), dict(node.kwargs))

@@ -218,3 +218,20 @@ def _repeat_interleave(c: RuleCall) -> Bound | None:
     if not isinstance(r, int):  # a tensor of counts: each row's norm is not bounded by a constant
         return Bound(b.absmax)
     return Bound(b.absmax, fprod(b.rownorm, fsqrt(float(r))), INF, fprod(b.rowsum, float(r)))
+
+
+@register(aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_nearest3d, aten._upsample_nearest_exact1d,
+          aten._upsample_nearest_exact2d, aten._upsample_nearest_exact3d, exact=True)
+def _upsample_nearest(c: RuleCall) -> Bound:
+    """Nearest-neighbour upsampling copies input elements: max |x| stays (rows repeat elements:
+    their norms do not)."""
+    return Bound((c["input"] if "input" in c.args else c["self"]).bound.absmax)
+
+
+@register(aten.upsample_linear1d, aten.upsample_bilinear2d, aten.upsample_trilinear3d,
+          aten._upsample_bilinear2d_aa)
+def _upsample_linear(c: RuleCall) -> Bound:
+    """(Bi/tri)linear upsampling, antialiased too: each output is a convex mix of inputs (weights
+    >= 0 summing to 1), so max |x| stays, up to the arithmetic's rounding (the registry's margin).
+    Bicubic's weights go negative (it overshoots): no rule."""
+    return Bound((c["input"] if "input" in c.args else c["self"]).bound.absmax)
