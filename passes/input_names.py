@@ -21,7 +21,8 @@ _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_O
 def example_args(model: nn.Module, example_inputs: Any, what: str = "example_inputs") -> tuple:
     """``example_inputs`` as the tuple of ``model.forward``'s positional arguments: a tensor, a
     tuple or list of them, or a mapping of parameter names to values (a tokenizer's output, say),
-    whose names are put in their positions and the parameters between filled with their defaults.
+    whose names are put in their positions and the parameters between filled with their defaults
+    (a mapping none of whose names is a parameter of a one-argument forward is that argument).
 
     >>> m = torch.nn.Transformer(d_model=8, nhead=2, num_encoder_layers=1, num_decoder_layers=1)
     >>> src, tgt = torch.zeros(3, 2, 8), torch.zeros(4, 2, 8)
@@ -42,14 +43,25 @@ def example_args(model: nn.Module, example_inputs: Any, what: str = "example_inp
         if sig is None:
             raise TypeError(f"{what} is a mapping, but {type(model).__name__}.forward has no signature to map its "
                             "names to positions; pass a tuple of forward's positional arguments")
+        positional = [p.name for p in sig.parameters.values() if p.kind in _POSITIONAL]
+        if len(positional) == 1 and not any(k in sig.parameters for k in example_inputs):
+            return (example_inputs,)  # forward(features: dict), e.g. a SentenceTransformer's
         args, rest = positional_inputs(sig, (), dict(example_inputs), what=what)
         if rest:
-            positional = [p.name for p in sig.parameters.values() if p.kind in _POSITIONAL]
+            name = type(model).__name__
+            stars = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.VAR_KEYWORD: "**"}
+            varargs = [stars[p.kind] + p.name for p in sig.parameters.values() if p.kind in stars]
             unknown = sorted(k for k in rest if k not in sig.parameters)
+            if unknown and varargs:
+                raise TypeError(
+                    f"{what}: {name}.forward takes {', '.join(varargs)} (a wrapper passing its "
+                    f"inputs on), so the names {unknown} have no position to go to: pass a tuple in the order it "
+                    "passes them on, e.g. (input_ids,), or transform the wrapped model (a peft PeftModel: "
+                    "get_peft_model(..., task_type=...) or model.get_base_model())")
             how = (f"has no parameter {unknown}" if unknown else f"takes {sorted(rest)} only by keyword, and the "
                    "graph is captured with positional inputs")
-            raise TypeError(f"{what}: {type(model).__name__}.forward {how} (its positional parameters: {positional}); "
-                            "leave them out, or wrap the model in a module whose forward takes them by position")
+            raise TypeError(f"{what}: {name}.forward {how} (its positional parameters: {positional}); leave them "
+                            "out, or wrap the model in a module whose forward takes them by position")
         return args
     raise TypeError(
         f"{what} must be a tuple of the model's positional arguments (or a dict of them by name), got "

@@ -69,3 +69,32 @@ def test_generate_on_a_transformed_module__says_what_to_use():
         sm.generate(torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
         sm.nonexistent  # noqa: B018
+
+
+def test_dict_example__a_one_argument_forward_takes_the_dict_itself_and_varargs_say_what_to_do():
+    """SentenceTransformer's forward(features: dict) and peft's PeftModel.forward(*args, **kwargs)
+    (found by a new-user trial: both got 'has no parameter [...]; leave them out')."""
+
+    class Features(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, features):
+            return {"embedding": self.lin(features["x"]) * features["mask"]}
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args, **kwargs):
+            return self.inner(*args, **kwargs)
+
+    feats = {"x": torch.randn(4, 8), "mask": torch.ones(4, 8)}
+    m = Features().eval()
+    sm = fxscale.transform(m, feats)
+    assert fxscale.sqnr_db(m(feats)["embedding"], sm(feats)["embedding"]) > 20
+    with pytest.raises(TypeError, match=r"Wrapper.forward takes \*args, \*\*kwargs.*pass a tuple.*get_base_model"):
+        fxscale.transform(Wrapper(nn.Linear(8, 8)).eval(), {"input": torch.randn(4, 8)})
