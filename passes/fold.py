@@ -30,7 +30,7 @@ from torch import fx
 
 aten = torch.ops.aten
 
-__all__ = ["FOLDABLE", "FOLDABLE_ON_CONSTANTS", "fold"]
+__all__ = ["FOLDABLE", "FOLDABLE_FACTORIES", "FOLDABLE_ON_CONSTANTS", "fold"]
 
 #: Ops folded on constants: they move values without arithmetic (a dtype cast rounds, once).
 FOLDABLE = {
@@ -43,9 +43,22 @@ FOLDABLE = {
 
 
 #: Arithmetic folded where every tensor operand is a constant: the weight a weight-normalised
-#: conv reads (Wav2Vec2's positional conv: ``_weight_norm(v, g, dim)``) is computed once, by the
-#: kernel the call would run, and the conv's weight is quantised once like any other.
-FOLDABLE_ON_CONSTANTS = {aten._weight_norm.default}
+#: conv reads (Wav2Vec2's positional conv: ``_weight_norm(v, g, dim)``), DoRA's column norms of
+#: ``W + s B A`` (peft: ``eye`` through both LoRA linears, ``linalg_norm``, a division of the
+#: magnitude vector), Gemma's ``1 + weight``: computed once, by the kernel the call would run
+#: (the same values), so a matmul reading them reads a weight, quantised once, and no run-time
+#: value is left without a rule (DoRA's made the K/V bound unprovable; found by a user trial).
+FOLDABLE_ON_CONSTANTS = {
+    aten._weight_norm.default, aten.linear.default, aten.mm.default, aten.matmul.default, aten.addmm.default,
+    aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar, aten.mul.Tensor,
+    aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.neg.default, aten.abs.default, aten.sqrt.default,
+    aten.rsqrt.default, aten.reciprocal.default, aten.pow.Tensor_Scalar, aten.linalg_norm.default,
+    aten.linalg_vector_norm.default, aten.norm.ScalarOpt_dim, aten.clamp_min.default, aten.clamp.default,
+}
+#: Factories folded where their arguments are static (DoRA's ``eye(r)``).
+FOLDABLE_FACTORIES = {aten.eye.default, aten.eye.m}
+#: The largest constant folding makes (elements): a folded value is kept as a buffer.
+MAX_FOLDED = 1 << 24
 
 
 def _attr(gm: fx.GraphModule, target: str):
@@ -73,7 +86,8 @@ def fold(gm: fx.GraphModule) -> list[str]:
     g = gm.graph
     done: list[str] = []
     for n in list(g.nodes):
-        if n.op == "call_function" and n.target in FOLDABLE_ON_CONSTANTS and _fold_on_constants(gm, n):
+        if n.op == "call_function" and n.target in (FOLDABLE_ON_CONSTANTS | FOLDABLE_FACTORIES) \
+                and _fold_on_constants(gm, n):
             done.append(n.name)
             continue
         if n.op != "call_function" or n.target not in FOLDABLE or not n.args:
@@ -101,9 +115,14 @@ def fold(gm: fx.GraphModule) -> list[str]:
 
 
 def _fold_on_constants(gm: fx.GraphModule, n: fx.Node) -> bool:
-    """Evaluate ``n`` once if each of its node operands is an unmutated constant."""
+    """Evaluate ``n`` once if each of its node operands is an unmutated constant (a factory: if
+    its arguments are static), and the result is a tensor of at most :data:`MAX_FOLDED` elements."""
     srcs = [a for a in n.args if isinstance(a, fx.Node)]
-    if not srcs or any(a.op != "get_attr" or _mutated(a) for a in srcs) or not _static(tuple(n.kwargs.values())):
+    if not srcs and n.target not in FOLDABLE_FACTORIES:
+        return False
+    if any(a.op != "get_attr" or _mutated(a) for a in srcs) or not _static(tuple(n.kwargs.values())):
+        return False
+    if any(isinstance(v, fx.Node) for v in n.kwargs.values()):
         return False
     if not all(_static(a) for a in n.args if not isinstance(a, fx.Node)):
         return False
@@ -112,6 +131,8 @@ def _fold_on_constants(gm: fx.GraphModule, n: fx.Node) -> bool:
         return False
     with torch.no_grad():
         out = n.target(*[values[a].detach() if isinstance(a, fx.Node) else a for a in n.args], **n.kwargs)
+    if not isinstance(out, torch.Tensor) or out.numel() > MAX_FOLDED:
+        return False
     _replace_by_constant(gm, n, out, srcs)
     return True
 
@@ -119,7 +140,7 @@ def _fold_on_constants(gm: fx.GraphModule, n: fx.Node) -> bool:
 def _replace_by_constant(gm: fx.GraphModule, n: fx.Node, value: torch.Tensor, srcs: list[fx.Node]) -> None:
     """``n`` -> a ``get_attr`` of ``value`` (a buffer named after its first source); sources
     left without users go."""
-    name = f"{srcs[0].target.replace('.', '_')}_{n.name}"
+    name = f"{srcs[0].target.replace('.', '_')}_{n.name}" if srcs else f"_folded_{n.name}"
     while hasattr(gm, name):
         name += "_"
     gm.register_buffer(name, value)
