@@ -64,13 +64,23 @@ def merge_dims(model: nn.Module, args: tuple, dynamic_batch: bool, dynamic_shape
             "per parameter of forward (a dict {dim: torch.export.Dim(...)}, a tuple of them for "
             "*args or a tuple input, or None)"
         )
-    out = []
-    for b, u in zip(base, user):
-        if isinstance(b, dict) and isinstance(u, dict):
-            out.append({**b, **u})
-        else:
-            out.append(u if u is not None else b)
-    return tuple(out)
+    return tuple(_overlay(b, u) for b, u in zip(base, user))
+
+
+def _overlay(base: Any, user: Any) -> Any:
+    """``user``'s spec over ``base``'s, structure by structure: a dim dict (int keys) takes both
+    dicts' dims; a dict input's (``{"input_ids": {1: seq}}``) or a tuple's entries are overlaid
+    one by one, so the batch dims of the entries stay (they were dropped: a dict input got a
+    static batch; found by a user trial on SentenceTransformer's features)."""
+    if user is None:
+        return base
+    if isinstance(base, dict) and isinstance(user, dict):
+        if all(isinstance(k, int) for k in (*base, *user)):
+            return {**base, **user}
+        return {k: _overlay(base.get(k), v) for k, v in user.items()} | {k: v for k, v in base.items() if k not in user}
+    if isinstance(base, (list, tuple)) and isinstance(user, (list, tuple)) and len(base) == len(user):
+        return type(user)(_overlay(b, u) for b, u in zip(base, user))
+    return user
 
 
 def as_auto(spec: Any) -> Any:

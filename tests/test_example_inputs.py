@@ -98,3 +98,27 @@ def test_dict_example__a_one_argument_forward_takes_the_dict_itself_and_varargs_
     assert fxscale.sqnr_db(m(feats)["embedding"], sm(feats)["embedding"]) > 20
     with pytest.raises(TypeError, match=r"Wrapper.forward takes \*args, \*\*kwargs.*pass a tuple.*get_base_model"):
         fxscale.transform(Wrapper(nn.Linear(8, 8)).eval(), {"input": torch.randn(4, 8)})
+
+
+def test_dynamic_shapes_for_a_dict_input__keep_the_batch_dynamic(recwarn):
+    """``dynamic_shapes=({"x": {1: seq}, "mask": {1: seq}},)`` for forward(features: dict) replaced
+    the batch dims of the entries, so the batch came out static (with a warning blaming the
+    model's code; found by a user trial on SentenceTransformer)."""
+    from torch.export import Dim
+
+    class Pool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, features):
+            return self.lin(features["x"]).mean(1) * features["mask"].mean(1, keepdim=True)
+
+    seq = Dim("seq", max=32)
+    m = Pool().eval()
+    feats = {"x": torch.randn(4, 6, 8), "mask": torch.ones(4, 6)}
+    sm = fxscale.transform(m, (feats,), dynamic_shapes=({"x": {1: seq}, "mask": {1: seq}},))
+    assert not [w for w in recwarn if "batch dimension" in str(w.message)]
+    other = {"x": torch.randn(3, 11, 8), "mask": torch.ones(3, 11)}
+    assert fxscale.sqnr_db(m(other), sm(other)) > 20
