@@ -90,6 +90,9 @@ def transform(
             "uninstall the other package named 'passes' or put fxscale's source tree first on sys.path"
         )
 
+    orig = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(orig, nn.Module):
+        model = orig  # torch.compile(m): its forward is (*args, **kwargs); m's is the one to capture
     cfg = TransformConfig(
         format=format,
         threshold=threshold,

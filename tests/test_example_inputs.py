@@ -122,3 +122,12 @@ def test_dynamic_shapes_for_a_dict_input__keep_the_batch_dynamic(recwarn):
     assert not [w for w in recwarn if "batch dimension" in str(w.message)]
     other = {"x": torch.randn(3, 11, 8), "mask": torch.ones(3, 11)}
     assert fxscale.sqnr_db(m(other), sm(other)) > 20
+
+
+def test_transform_of_a_compiled_module__captures_the_module_itself():
+    """``transform(torch.compile(m), ...)``: the compiled wrapper's forward is (*args, **kwargs),
+    so dynamic_shapes' entries were miscounted ('2 entries but the model takes 1 inputs')."""
+    m = _Optional().eval()
+    x, y = torch.randn(4, 16), torch.randn(4, 16)
+    sm = fxscale.transform(torch.compile(m), (x, None, 2.0, y), dynamic_shapes=(None, None, None, None))
+    assert torch.equal(sm(x, None, 2.0, y), fxscale.transform(m, (x, None, 2.0, y))(x, None, 2.0, y))

@@ -48,14 +48,16 @@ def _worst(sm, *xs) -> float:
     return max((r if math.isfinite(r) else math.inf for r in ratios), default=0.0)
 
 
+def _rms_written_out(h):
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
 _REDUCE_OVER_BATCH = {
     "cumsum over dim 0": (lambda x: torch.cumsum(x, 0), lambda b: torch.ones(b, 8), 8),
     "cumsum of x.T over -1": (lambda x: x.t().cumsum(-1).t(), lambda b: torch.ones(b, 8), 8),
     "layer_norm of x.T": (lambda x: F.layer_norm(x.t(), (x.shape[0],)).t(), lambda b: torch.eye(b, 8), 8),
     "rms_norm of x.T": (lambda x: F.rms_norm(x.t(), (x.shape[0],)).t(), lambda b: torch.eye(b, 8), 8),
-    "written-out rms_norm of x.T": (
-        lambda x: (lambda h: h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))(x.t()).t(),
-        lambda b: torch.eye(b, 8), 8),
+    "written-out rms_norm of x.T": (lambda x: _rms_written_out(x.t()).t(), lambda b: torch.eye(b, 8), 8),
 }
 
 
