@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
@@ -90,6 +89,8 @@ def transform(
             "uninstall the other package named 'passes' or put fxscale's source tree first on sys.path"
         )
 
+    from passes.input_names import forward_signature
+
     orig = getattr(model, "_orig_mod", None)
     if type(model).__name__ == "OptimizedModule" and isinstance(orig, nn.Module):
         model = orig  # torch.compile(m): its forward is (*args, **kwargs); m's is the one to capture
@@ -120,7 +121,7 @@ def transform(
     if c.input_bounds and fork is not None:
         dynamic = passes.resume(fork).gm
     sm = ScaledGraphModule(c.gm, cfg, input_bounds=c.input_bounds, inputs=[p.name for p in c.placeholders],
-                           dynamic=dynamic, pass_times=c.times, signature=_signature(model), positional=len(c.example_inputs),
+                           dynamic=dynamic, pass_times=c.times, signature=forward_signature(model), positional=len(c.example_inputs),
                            input_specs=[_input_spec(p) for p in c.placeholders])
     if c.input_bounds and cfg.on_overflow == "raise":
         _check_examples(sm, c.example_inputs)
@@ -147,11 +148,6 @@ def _input_spec(p: fx.Node) -> tuple[str, int | None, tuple | None, torch.dtype 
     return (p.name, v.dim(), tuple(int(d) if isinstance(d, int) else str(d) for d in v.shape), v.dtype)
 
 
-def _signature(model: nn.Module) -> inspect.Signature | None:
-    try:
-        return inspect.signature(model.forward)
-    except (TypeError, ValueError):
-        return None
 
 
 def dynamic_baseline(model: nn.Module, example_inputs: Any, *, format: str | torch.dtype | Format = torch.float8_e4m3fn):

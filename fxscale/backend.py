@@ -224,13 +224,18 @@ class _Compiled:
         """The maximum the dims Dynamo made dynamic are proven for: ``max_size`` where declared,
         else the power of two (at least :data:`MIN_BUCKET`) at or above their largest size now,
         so that a growing length (``generate()``) is transformed once per doubling rather than
-        once per size; None where no dim but the batch is dynamic."""
-        sizes = [hint(t.shape[d]) for t, dd in zip(ts, self.dynamic_dims) for d in dd]
+        once per size; None where no dim but the batch is dynamic. A size beyond ``max_size``
+        raises ``ValueError``."""
+        sizes = [(i, d, hint(t.shape[d])) for i, (t, dd) in enumerate(zip(ts, self.dynamic_dims)) for d in dd]
         if not sizes:
             return None
-        if self.max_size is not None:
-            return self.max_size
-        return max(MIN_BUCKET, 1 << (max(sizes) - 1).bit_length())
+        i, d, n = max(sizes, key=lambda s: s[2])
+        if self.max_size is None:
+            return max(MIN_BUCKET, 1 << (n - 1).bit_length())
+        if n > self.max_size:
+            raise ValueError(f"fxscale backend: dim {d} of the region's input {i} is {n}, beyond the declared "
+                             f'max_size={self.max_size}; compile with a larger options={{"max_size": N}}')
+        return self.max_size
 
     def _shape_key(self, ts) -> tuple:
         """Sizes that need a transform of their own: all but the batch and the dynamic dims,
@@ -270,14 +275,7 @@ class _Compiled:
         lf = self.lifted
         inputs = [args[i] for i in lf.input_positions]
         spec = {i: args[i] for i in lf.specialised}
-        if self.max_size is not None:
-            big = [(i, d, hint(t.shape[d])) for i, (t, dd) in enumerate(zip(inputs, self.dynamic_dims)) for d in dd
-                   if hint(t.shape[d]) > self.max_size]
-            if big:
-                i, d, n = big[0]
-                raise ValueError(f"fxscale backend: dim {d} of the region's input {i} is {n}, beyond the declared "
-                                 f'max_size={self.max_size}; compile with a larger options={{"max_size": N}}')
-        key = (self._shape_key(inputs), tuple(sorted(spec.items())))
+        key = (self._shape_key(inputs), tuple(sorted(spec.items())))  # (raises beyond max_size)
         fn = self.cache.get(key)
         if fn is None:
             log.debug("fxscale backend: transforming for %s", key)

@@ -86,8 +86,8 @@ def fold(gm: fx.GraphModule) -> list[str]:
     g = gm.graph
     done: list[str] = []
     for n in list(g.nodes):
-        if n.op == "call_function" and n.target in (FOLDABLE_ON_CONSTANTS | FOLDABLE_FACTORIES) \
-                and _fold_on_constants(gm, n):
+        by_value = n.target in FOLDABLE_ON_CONSTANTS or n.target in FOLDABLE_FACTORIES
+        if n.op == "call_function" and by_value and _fold_on_constants(gm, n):
             done.append(n.name)
             continue
         if n.op != "call_function" or n.target not in FOLDABLE or not n.args:
@@ -121,9 +121,7 @@ def _fold_on_constants(gm: fx.GraphModule, n: fx.Node) -> bool:
     if not srcs and n.target not in FOLDABLE_FACTORIES:
         return False
     if any(a.op != "get_attr" or _mutated(a) for a in srcs) or not _static(tuple(n.kwargs.values())):
-        return False
-    if any(isinstance(v, fx.Node) for v in n.kwargs.values()):
-        return False
+        return False  # (a node among the kwargs is not static either)
     if not all(_static(a) for a in n.args if not isinstance(a, fx.Node)):
         return False
     values = {a: _attr(gm, a.target) for a in srcs}

@@ -13,9 +13,17 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["example_args", "name_inputs", "positional_inputs", "shown_names"]
+__all__ = ["example_args", "forward_signature", "name_inputs", "positional_inputs", "shown_names"]
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def forward_signature(model: nn.Module) -> inspect.Signature | None:
+    """``model.forward``'s signature (None where Python cannot read one)."""
+    try:
+        return inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
 
 
 def example_args(model: nn.Module, example_inputs: Any, what: str = "example_inputs") -> tuple:
@@ -36,10 +44,7 @@ def example_args(model: nn.Module, example_inputs: Any, what: str = "example_inp
     if isinstance(example_inputs, tuple):
         return example_inputs
     if isinstance(example_inputs, Mapping):
-        try:
-            sig = inspect.signature(model.forward)
-        except (TypeError, ValueError):
-            sig = None
+        sig = forward_signature(model)
         if sig is None:
             raise TypeError(f"{what} is a mapping, but {type(model).__name__}.forward has no signature to map its "
                             "names to positions; pass a tuple of forward's positional arguments")
@@ -102,10 +107,7 @@ def positional_inputs(signature: inspect.Signature | None, args: tuple = (), kwa
 
 def name_inputs(gm: torch.fx.GraphModule, model: nn.Module) -> None:
     """Each input placeholder's ``meta["shown_name"]``: the name messages use for it."""
-    try:
-        sig = inspect.signature(model.forward)
-    except (TypeError, ValueError):
-        sig = None
+    sig = forward_signature(model)
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     shown = shown_names(names, sig)
     for n in gm.graph.nodes:

@@ -71,18 +71,21 @@ def test_generate_on_a_transformed_module__says_what_to_use():
         sm.nonexistent  # noqa: B018
 
 
+class _Features(nn.Module):
+    """forward(features: dict), as a SentenceTransformer's: a masked mean of ``lin(x)`` over the sequence."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, features):
+        return {"embedding": (self.lin(features["x"]) * features["mask"].unsqueeze(-1)).mean(1)}
+
+
 def test_dict_example__a_one_argument_forward_takes_the_dict_itself_and_varargs_say_what_to_do():
     """SentenceTransformer's forward(features: dict) and peft's PeftModel.forward(*args, **kwargs)
     (found by a new-user trial: both got 'has no parameter [...]; leave them out')."""
-
-    class Features(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.lin = nn.Linear(8, 8)
-
-        def forward(self, features):
-            return {"embedding": self.lin(features["x"]) * features["mask"]}
 
     class Wrapper(nn.Module):
         def __init__(self, inner):
@@ -92,8 +95,8 @@ def test_dict_example__a_one_argument_forward_takes_the_dict_itself_and_varargs_
         def forward(self, *args, **kwargs):
             return self.inner(*args, **kwargs)
 
-    feats = {"x": torch.randn(4, 8), "mask": torch.ones(4, 8)}
-    m = Features().eval()
+    feats = {"x": torch.randn(4, 6, 8), "mask": torch.ones(4, 6)}
+    m = _Features().eval()
     sm = fxscale.transform(m, feats)
     assert fxscale.sqnr_db(m(feats)["embedding"], sm(feats)["embedding"]) > 20
     with pytest.raises(TypeError, match=r"Wrapper.forward takes \*args, \*\*kwargs.*pass a tuple.*get_base_model"):
@@ -106,22 +109,13 @@ def test_dynamic_shapes_for_a_dict_input__keep_the_batch_dynamic(recwarn):
     model's code; found by a user trial on SentenceTransformer)."""
     from torch.export import Dim
 
-    class Pool(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.lin = nn.Linear(8, 8)
-
-        def forward(self, features):
-            return self.lin(features["x"]).mean(1) * features["mask"].mean(1, keepdim=True)
-
     seq = Dim("seq", max=32)
-    m = Pool().eval()
+    m = _Features().eval()
     feats = {"x": torch.randn(4, 6, 8), "mask": torch.ones(4, 6)}
     sm = fxscale.transform(m, (feats,), dynamic_shapes=({"x": {1: seq}, "mask": {1: seq}},))
     assert not [w for w in recwarn if "batch dimension" in str(w.message)]
     other = {"x": torch.randn(3, 11, 8), "mask": torch.ones(3, 11)}
-    assert fxscale.sqnr_db(m(other), sm(other)) > 20
+    assert fxscale.sqnr_db(m(other)["embedding"], sm(other)["embedding"]) > 20
 
 
 def test_transform_of_a_compiled_module__captures_the_module_itself():
