@@ -214,12 +214,12 @@ def _l2_normalise_idiom(n: fx.Node, shapes) -> Step | None:
     ``div(x, linalg_vector_norm(x, 2, [-1], True))`` (``aten.norm`` too), the norm possibly
     clamped below by an ``eps >= 0`` and expanded to ``x``'s shape (``F.normalize``): each
     element is then at most 1 in magnitude, up to the norm kernel's rounding
-    (:data:`fxscale.rules.numeric.L2_NORMALISED`'s rule says how much), instead of a division by
+    (:data:`fxscale.rules.reductions.L2_NORMALISED`'s rule says how much), instead of a division by
     a run-time tensor, which has no rule and would be measured at run time. The numerator must
     be the norm's input (:func:`_same_value`). The graph is not changed.
     """
     from fxscale.rules import normalise
-    from fxscale.rules.numeric import L2_NORMALISED
+    from fxscale.rules.reductions import L2_NORMALISED
 
     if n.target is not aten.div.Tensor or len(n.args) != 2 or n.kwargs or not all(isinstance(a, fx.Node) for a in n.args):
         return None

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import fxscale
 from fxscale.bound import Bound
 from fxscale.rules import Arg, evaluate, lookup
-from fxscale.rules.numeric import L2_NORMALISED
+from fxscale.rules.reductions import L2_NORMALISED
 from passes.bounds import build_steps
 from passes.capture import capture
 from tests.test_rules import FIELDS, MODES, REL_TOL, true_stats

@@ -23,7 +23,7 @@ Two strengths (DESIGN decision 3), chosen by ``mode``:
 from ..bound import Bound
 
 # The table itself: importing the rule modules registers every rule, once, here.
-from . import normalisation, numeric, parallel, shape  # noqa: F401
+from . import normalisation, numeric, parallel, reductions, shape  # noqa: F401
 from .helpers import add_bias, as_matrix_lhs, as_matrix_rhs, bcast, const_float, matmul_bound
 from .registry import MARGIN, RULES, Arg, Rule, RuleCall, Unbounded, evaluate, lookup, normalise, register
 
