@@ -15,7 +15,7 @@ buffer per program, which inductor's launchers allocate; for eager calls an allo
 Where the lowering uses it: :mod:`fxscale.kernels.lowering` (the tiling comes from the
 autotuner of :mod:`fxscale.kernels.cuda`, measured once per shape at compile time).
 
->>> # on a GPU: cfg = tiling_args(triton_fp8.CONFIGS_LARGE[0])
+>>> # on a GPU: cfg = tiling_args(tilings.CONFIGS_LARGE[0])
 >>> # y = torch.ops.fxscale_kernels.linear_triton(xq, xs, wq, ws, b, None, hs, "relu", torch.float8_e4m3fn, cfg)
 """
 
@@ -28,7 +28,8 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import triton_fp8 as _tk
-from .triton_fp8 import _FP8_MAX, _OUT_DT, _OUT_KIND, ACT_CODES, Config, _persistent_tiles
+from .tilings import Config
+from .triton_fp8 import _FP8_MAX, _OUT_DT, _OUT_KIND, ACT_CODES, _persistent_tiles
 
 __all__ = ["config_from_args", "linear_triton", "tiling_args"]
 
@@ -36,7 +37,7 @@ _FIELDS = ("bm", "bn", "bk", "stages", "warps", "group_m", "tma", "flatten", "su
 
 
 def tiling_args(cfg: Config) -> list[int]:
-    """A :class:`~fxscale.kernels.triton_fp8.Config` as the ``list[int]`` the op takes."""
+    """A :class:`~fxscale.kernels.tilings.Config` as the ``list[int]`` the op takes."""
     return [int(getattr(cfg, f)) for f in _FIELDS]
 
 
