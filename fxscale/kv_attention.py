@@ -273,3 +273,34 @@ def _unbounded_cause(n) -> str:
     what = "has no rule" if ni.bound is None else "is bounded only at run time (a measured amax)"
     why = f" ({ni.note})" if ni.reasons else ""
     return f"it follows from node {n.name!r} ({n.target}), which {what}{why}"
+
+
+# ---------------------------------------------------------------------------- the step graph's inputs
+def _dims(cfg) -> tuple[int, int, int]:
+    layers = cfg.num_hidden_layers
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return layers, kv_heads, head_dim
+
+
+def _example(lm: nn.Module, batch: int, max_len: int, kind: str = "step") -> tuple[tuple, tuple]:
+    """Example arguments of the step graph (``kind`` "step", "padded", "fresh" or "fresh_last")
+    and their dynamic shapes."""
+    from torch.export import Dim
+
+    layers, kv_heads, head_dim = _dims(lm.config)
+    device = next(lm.parameters()).device
+    seq = min(8, max_len)
+    ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
+    pos = torch.arange(seq, device=device)
+    # The cache length is dynamic too (any length up to max_len): no bound depends on it.
+    s, b, n = Dim("fxscale_seq", max=max_len), Dim("fxscale_batch"), Dim("fxscale_cache", max=max_len)
+    if kind.startswith("fresh"):
+        return (ids, pos), ({0: b, 1: s}, {0: s})
+    caches = tuple(torch.zeros(batch, kv_heads, max_len, head_dim, dtype=torch.uint8, device=device)
+                   for _ in range(2 * layers))
+    shapes = ({0: b, 1: s}, {0: s}, tuple({0: b, 2: n} for _ in caches))
+    if kind == "step":
+        return (ids, pos, caches), shapes
+    return (ids, pos, caches, torch.zeros(batch, dtype=torch.long, device=device)), (*shapes, {0: b})

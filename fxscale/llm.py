@@ -35,20 +35,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .kv_attention import KV_FORMAT, _register_attention, _Step, kv_bounds
+from .kv_attention import KV_FORMAT, _dims, _example, _register_attention, _Step, kv_bounds
 
 __all__ = ["KV_FORMAT", "FxscaleCausalLM", "wrap"]
 
 
 # ---------------------------------------------------------------------------- wrap
-def _dims(cfg) -> tuple[int, int, int]:
-    layers = cfg.num_hidden_layers
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return layers, kv_heads, head_dim
-
-
 def wrap(lm: nn.Module, *, max_len: int, batch: int = 2, **transform_options: Any) -> FxscaleCausalLM:
     """Transform a transformers ``...ForCausalLM`` for inference with a float8 KV cache.
 
@@ -124,28 +116,6 @@ def wrap(lm: nn.Module, *, max_len: int, batch: int = 2, **transform_options: An
         return transform(step, args, dynamic_shapes=shapes, **transform_options)
 
     return FxscaleCausalLM(lm, sm, scales, bounds, max_len=max_len, dtype=dtype, build=build)
-
-
-def _example(lm: nn.Module, batch: int, max_len: int, kind: str = "step") -> tuple[tuple, tuple]:
-    """Example arguments of the step graph (``kind`` "step", "padded", "fresh" or "fresh_last")
-    and their dynamic shapes."""
-    from torch.export import Dim
-
-    layers, kv_heads, head_dim = _dims(lm.config)
-    device = next(lm.parameters()).device
-    seq = min(8, max_len)
-    ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
-    pos = torch.arange(seq, device=device)
-    # The cache length is dynamic too (any length up to max_len): no bound depends on it.
-    s, b, n = Dim("fxscale_seq", max=max_len), Dim("fxscale_batch"), Dim("fxscale_cache", max=max_len)
-    if kind.startswith("fresh"):
-        return (ids, pos), ({0: b, 1: s}, {0: s})
-    caches = tuple(torch.zeros(batch, kv_heads, max_len, head_dim, dtype=torch.uint8, device=device)
-                   for _ in range(2 * layers))
-    shapes = ({0: b, 1: s}, {0: s}, tuple({0: b, 2: n} for _ in caches))
-    if kind == "step":
-        return (ids, pos, caches), shapes
-    return (ids, pos, caches, torch.zeros(batch, dtype=torch.long, device=device)), (*shapes, {0: b})
 
 
 def _base_classes() -> tuple[type, ...]:
@@ -236,19 +206,38 @@ class FxscaleCausalLM(*_base_classes()):
 
     def _step(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         """Run ``input_ids`` (B, S) at ``positions`` (S,) and write their K/V into the cache."""
+        self._check_step(input_ids, positions)
         return self._write(positions, *self.sm(input_ids, positions, tuple(self.caches)))
+
+    def _check_step(self, input_ids: Tensor, positions: Tensor) -> None:
+        """Shapes only (a check of the positions' values would sync the host and stop CUDA graphs:
+        they must be below the cache's length, ``cache_len``)."""
+        if not self.cache_len:
+            raise RuntimeError("fxscale.llm: no K/V cache yet: call flm.allocate(batch) before flm.step "
+                               "(flm(...) and generate() allocate it themselves)")
+        if input_ids.dim() != 2 or positions.dim() != 1 or positions.shape[0] != input_ids.shape[1]:
+            raise ValueError(f"fxscale.llm: step takes input_ids (B, S) and positions (S,), got {tuple(input_ids.shape)} "
+                             f"and {tuple(positions.shape)}")
+        if input_ids.shape[0] != self.cache_0.shape[0]:
+            raise ValueError(f"fxscale.llm: a batch of {input_ids.shape[0]} rows, but the cache holds "
+                             f"{self.cache_0.shape[0]}: call flm.allocate({input_ids.shape[0]}) first")
+        if input_ids.shape[1] > self.cache_len:
+            raise ValueError(f"fxscale.llm: {input_ids.shape[1]} positions, beyond the cache's {self.cache_len} "
+                             f"(max_len={self.max_len} declared to fxscale.llm.wrap)")
 
     def _step_padded(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         """:meth:`_step` for left-padded rows (``pad``: each row's count of pad slots)."""
         if self.sm_padded is None:
             raise RuntimeError("fxscale.llm: the padded step graph is built on the first padded prompt "
                                "(call flm(input_ids, attention_mask=...) or generate() with its attention_mask)")
+        self._check_step(input_ids, positions)
         return self._write(positions, *self.sm_padded(input_ids, positions, tuple(self.caches), self.pad))
 
     def _step_fresh(self, input_ids: Tensor, positions: Tensor, last: bool = False) -> Tensor:
         """:meth:`_step` for a new unpadded sequence at ``positions`` ``0..S-1``: attends to its
         own keys (causal SDPA) without reading the cache, and writes them into it. ``last``: the
         logits of the last position only (``(B, 1, vocab)``; a graph of its own, ``sm_fresh_last``)."""
+        self._check_step(input_ids, positions)
         name = "sm_fresh_last" if last else "sm_fresh"
         if getattr(self, name) is None:
             setattr(self, name, self._graph("fresh_last" if last else "fresh"))

@@ -278,6 +278,24 @@ def test_step__compiled_graph_reads_the_cache_in_fused_aten_ops_and_never_copies
             assert n.args[1].meta["val"].shape[1] == 2, n.args[1].meta["val"].shape
 
 
+@torch.no_grad()
+def test_step__called_directly_with_the_wrong_shapes_says_what_to_do():
+    """flm.step is public (the CUDA-graph recipe compiles it): before a cache, with another batch
+    or past the cache's length it names the fix (was: "the inputs hold 2 values where the example
+    held 4", or a guard message saying to widen a Dim and transform again)."""
+    flm = fxscale.llm.wrap(_gpt2(), max_len=8)
+    ids = torch.zeros(2, 1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"call flm.allocate\(batch\) before flm.step"):
+        flm.step(ids, torch.arange(1))
+    flm.allocate(2)
+    with pytest.raises(ValueError, match=r"call flm.allocate\(3\) first"):
+        flm.step(torch.zeros(3, 1, dtype=torch.long), torch.arange(1))
+    with pytest.raises(ValueError, match=r"9 positions, beyond the cache's 8 \(max_len=8"):
+        flm.step(torch.zeros(2, 9, dtype=torch.long), torch.arange(9))
+    with pytest.raises(ValueError, match=r"positions \(S,\)"):
+        flm.step(ids, torch.arange(2))
+    assert flm.step(ids, torch.arange(1)).shape == (2, 1, 100)
+
 def test_wrap__beyond_max_len_raises():
     lm = _gpt2()
     flm = fxscale.llm.wrap(lm, max_len=8)
