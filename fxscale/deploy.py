@@ -24,17 +24,24 @@ Example (CPU; compiling C++ takes a minute)::
     path = fxscale.save(sm, (x,), "/tmp/ffn.pt2")
     run = fxscale.load(path)
     y = run(torch.randn(5, x.shape[1]))   # any batch size
+
+The package takes the inputs by position (a dict example, e.g. a tokenizer's output, is saved
+in ``forward``'s order: ``run(*fxscale.deploy.example_args(sm, batch))``); sizes other than the
+dynamic ones (the batch, the dims declared to :func:`fxscale.transform`) are the example's, and
+the package checks every input's sizes, dtype and strides against them (:func:`load`).
 """
 
 from __future__ import annotations
 
+import os
+import re
 import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["export_program", "load", "package_custom_ops", "save"]
+__all__ = ["example_args", "export_program", "load", "package_custom_ops", "save"]
 
 
 class _Deployable(nn.Module):
@@ -54,20 +61,80 @@ class _Deployable(nn.Module):
         return torch.fx.GraphModule.__call__(self.sm, *args)
 
 
-def _batch_shapes(args: tuple, dynamic_batch: bool, max_batch: int | None):
-    """One dynamic ``batch`` Dim for dim 0 of every tensor input whose dim 0 is the first input's."""
-    if not dynamic_batch:
-        return None
-    tensors = [a for a in args if isinstance(a, Tensor) and a.dim() >= 1]
-    if not tensors:
-        return None
-    b0 = tensors[0].shape[0]
-    if b0 < 2:
-        raise ValueError(f"dynamic_batch needs an example batch of at least 2 (got {b0}): export "
-                         "specialises sizes 0 and 1; pass a larger example or dynamic_batch=False")
-    batch = torch.export.Dim("batch", min=1, max=max_batch or (1 << 20))
+def _dynamic_shapes(sm: nn.Module, args: tuple, dynamic_batch: bool, max_batch: int | None):
+    """The dynamic dims of the transformed module's inputs, as ``torch.export`` dynamic shapes for
+    ``forward(*args)``: every input dim that is symbolic in ``sm``'s graph (the batch, and the dims
+    declared to :func:`fxscale.transform`), with the range its bounds were proven for; one
+    ``Dim`` per symbol, so inputs sharing a size share it in the package too. Every other dim is
+    the example's: the package runs only those sizes (and :func:`load` makes it check them)."""
+    from torch.utils import _pytree as pytree
+
+    leaves, spec = pytree.tree_flatten(args)
+    vals = [n.meta.get("val") for n in sm.graph.nodes if n.op == "placeholder"]
+    if len(vals) != len(leaves):
+        raise ValueError(f"fxscale.save: the example has {len(leaves)} input values where the transformed module "
+                         f"has {len(vals)}: pass the example_inputs given to fxscale.transform")
+    batch_dims = [v.shape[0] for v, a in zip(vals, leaves) if isinstance(a, Tensor) and a.dim() >= 1
+                  and isinstance(v, Tensor) and v.dim() >= 1]
+    if dynamic_batch and not any(isinstance(d, torch.SymInt) for d in batch_dims):
+        b0 = next((a.shape[0] for a in leaves if isinstance(a, Tensor) and a.dim() >= 1), None)
+        if b0 is None:
+            return None
+        why = (f"the example batch is {b0}: export specialises sizes 0 and 1; transform and save with a larger "
+               "example" if b0 < 2 else "the transformed module's batch is fixed (a warning at transform time said why)")
+        raise ValueError(f"fxscale.save: dynamic_batch needs a dynamic batch dimension, but {why}; or pass "
+                         "dynamic_batch=False")
+    dims: dict = {}
+
+    def dim(size, axis: int):
+        if not isinstance(size, torch.SymInt):
+            return None
+        expr = size.node.expr
+        if axis == 0 and not dynamic_batch:
+            return None
+        if not expr.is_Symbol:
+            return torch.export.Dim.AUTO  # a size derived from another (export relates them itself)
+        if expr not in dims:
+            vr = size.node.shape_env.var_to_range.get(expr)
+            lo, hi = _int_or_none(vr.lower if vr is not None else None), _int_or_none(vr.upper if vr is not None else None)
+            lo = 1 if lo is None else lo
+            if axis == 0 and max_batch is not None:
+                hi = max_batch if hi is None else min(hi, max_batch)
+            # (export reports a lower bound of 2 for a dim it kept symbolic; 1 runs too)
+            dims[expr] = torch.export.Dim(f"fxscale_{expr}", min=1 if lo <= 2 else lo, max=hi if hi is not None else 1 << 20)
+        return dims[expr]
+
+    shapes = [({i: dim(d, i) for i, d in enumerate(v.shape) if dim(d, i) is not None} or None)
+              if isinstance(a, Tensor) and isinstance(v, Tensor) else None for v, a in zip(vals, leaves)]
     # forward(*args): one entry, the tuple of the arguments' specs
-    return (tuple({0: batch} if isinstance(a, Tensor) and a.dim() >= 1 and a.shape[0] == b0 else None for a in args),)
+    return (pytree.tree_unflatten(shapes, spec),)
+
+
+def example_args(sm: nn.Module, example_inputs: Any) -> tuple:
+    """The example as the tuple of positional inputs the package takes (a mapping by name, a
+    tokenizer's output say, is put in forward's positions as :func:`fxscale.transform` did)."""
+    from collections.abc import Mapping
+
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,)
+    if not isinstance(example_inputs, Mapping):
+        return tuple(example_inputs)
+    from passes.input_names import positional_inputs
+
+    sig = getattr(sm, "_fxscale_signature", None)
+    args, rest = positional_inputs(sig, (), dict(example_inputs), upto=getattr(sm, "_fxscale_positional", None))
+    if sig is None or rest:
+        raise ValueError(f"fxscale.save: cannot put the example's {sorted(rest or example_inputs)} in positions of the "
+                         "transformed module's inputs: pass example_inputs as the tuple of its positional inputs")
+    return args
+
+
+def _int_or_none(x) -> int | None:
+    """A range end as an int; None for an infinite (sympy) or missing one."""
+    try:
+        return int(x)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return None
 
 
 def export_program(sm: nn.Module, example_inputs: Any, *, dynamic_batch: bool = True,
@@ -83,14 +150,14 @@ def export_program(sm: nn.Module, example_inputs: Any, *, dynamic_batch: bool = 
             "(fxscale.llm.wrap) keeps its float8 cache and generate()'s bookkeeping in Python, which a package "
             "does not carry. Run it in Python (torch.compile(flm.step, mode='reduce-overhead') for decode), or "
             "save fxscale.transform(lm, (ids,), dynamic_shapes=...) of the model without a cache")
-    args = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    args = example_args(sm, example_inputs)
     cfg = getattr(sm, "config", None)
     if getattr(sm, "_fxscale_checks", None) is not None and cfg is not None and cfg.on_overflow != "clamp":
         warnings.warn(f"fxscale.save: the package does not check inputs against input_bounds "
                       f"(on_overflow={cfg.on_overflow!r} is a host-side check); transform with "
                       "on_overflow='clamp' to keep the bound inside the package", stacklevel=3)
     with torch.no_grad():
-        return torch.export.export(_Deployable(sm), args, dynamic_shapes=_batch_shapes(args, dynamic_batch, max_batch),
+        return torch.export.export(_Deployable(sm), args, dynamic_shapes=_dynamic_shapes(sm, args, dynamic_batch, max_batch),
                                    strict=False)
 
 
@@ -99,7 +166,8 @@ def save(sm: nn.Module, example_inputs: Any, path: str, *, dynamic_batch: bool =
     """Compile ``sm`` (from :func:`fxscale.transform`) into an AOTInductor package at ``path``
     (a ``.pt2`` file) for the device of ``example_inputs``; returns the path.
 
-    ``dynamic_batch``: dim 0 of the inputs (``max_batch`` at most) may change at run time; the
+    ``dynamic_batch``: dim 0 of the inputs (``max_batch`` at most) may change at run time, as may
+    the dims declared in ``fxscale.transform(..., dynamic_shapes=...)`` (within their range); the
     other sizes are the example's (bounds were proven for them). The GEMM tilings are tuned now,
     on this machine, at the example's batch.
     """
@@ -108,8 +176,12 @@ def save(sm: nn.Module, example_inputs: Any, path: str, *, dynamic_batch: bool =
     # static scales) as scalars, which torch 2.11's inductor cannot pass to a user Triton kernel
     # ("'<=' not supported between 'Constant' and 'int'", seen on the H200): keep them tensors.
     # Constant folding is off so that the package computes what torch.compile (no freezing) does.
-    configs = {"always_keep_tensor_constants": True, "joint_graph_constant_folding": False,
-               **(inductor_configs or {})}
+    configs = {"always_keep_tensor_constants": True, "joint_graph_constant_folding": False}
+    if hasattr(torch._inductor.config.aot_inductor, "check_lowerbound"):
+        # export reports a lower bound of 2 for a dynamic dim, and sizes of 1 run too (an older
+        # torch without this flag refuses them with load's ValueError)
+        configs["aot_inductor.check_lowerbound"] = False
+    configs.update(inductor_configs or {})
     with torch.no_grad():
         return torch._inductor.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=configs)
 
@@ -121,17 +193,49 @@ def load(path: str):
     once the class's module is imported: it is imported here (otherwise the first call raises
     ``Deserializing transformers.modeling_outputs.X in pytree is not registered``).
     """
+    # AOTInductor checks a call's input sizes, dtypes and strides against the package only when
+    # this is set (read once per package, at its first call); unchecked, a longer sequence than the
+    # example's ran on the example's size and returned a wrong shape, a shorter one read past its
+    # end (found by trying a saved dynamic-length model). The check costs < 1 us a call.
+    os.environ.setdefault("AOTI_RUNTIME_CHECK_INPUTS", "1")
     model = torch._inductor.aoti_load_package(str(path))
     call_spec = getattr(getattr(model, "loader", None), "get_call_spec", None)
     for spec in (call_spec() if callable(call_spec) else ()):
         _import_pytree_types(spec)
-    return model
+    return _Package(model, str(path))
+
+
+class _Package:
+    """A loaded package: calls go to AOTInductor's model; its input check's error (``input_handles[0]:
+    dim value is too large at 1, ...``) becomes a ValueError that says what the sizes are."""
+
+    def __init__(self, model, path: str):
+        self.model, self.path = model, path
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return self.model(*args, **kwargs)
+        except RuntimeError as e:
+            m = re.match(r"input_handles\[(\d+)\]: (.*)", str(e).strip())
+            if m is None:
+                raise
+            what = m.group(2)
+            if "stride" in what:
+                fix = "the package takes each input with the example's strides: pass x.contiguous()"
+            elif "dtype" in what:
+                fix = "pass the example's dtype"
+            else:
+                fix = ("the package runs the sizes fxscale.transform proved its bounds for: the example's, except the "
+                       "batch and the dims declared in dynamic_shapes (within their range)")
+            raise ValueError(f"fxscale package {self.path}: input {m.group(1)} (by position): {what}; {fix}") from None
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
 
 
 def _import_pytree_types(spec: str) -> None:
     """Import the modules of the classes a serialised pytree spec names, until it loads."""
     import importlib
-    import re
 
     from torch.utils import _pytree as pytree
 
@@ -155,7 +259,6 @@ def _import_pytree_types(spec: str) -> None:
 def package_custom_ops(path: str) -> list[str]:
     """The custom ops a package written by :func:`save` still calls through the dispatcher (Python
     kernels: the loading process must import fxscale), read from its generated C++ wrapper."""
-    import re
     import zipfile
 
     found: list[str] = []

@@ -61,6 +61,67 @@ def test_aoti_package__cpu__round_trip_bit_identical(tmp_path):
             assert torch.equal(run(xb), sm(xb))
 
 
+
+def test_export_program__keeps_the_dims_declared_to_transform_dynamic():
+    """The package took the batch as its only dynamic dim: a model transformed for any sequence
+    length up to 32 was packaged at the example's 16, and the package (which checked no input)
+    returned 16 rows for 32 or 40 and read past the end of 8 (found by a trial of the README's
+    dynamic-length recipe)."""
+    from torch.export import Dim
+
+    m, x = _mlp3(), torch.randn(2, 16, 64)
+    sm = fxscale.transform(m, (x,), dynamic_shapes=({1: Dim("seq", max=32)},))
+    ep = fxscale.deploy.export_program(sm, (x,))
+    _b, s = (d.node.expr for d in next(n for n in ep.graph.nodes if n.op == "placeholder" and "val" in n.meta
+                                      and n.meta["val"].dim() == 3).meta["val"].shape[:2])
+    assert ep.range_constraints[s].upper == 32 and ep.range_constraints[s].lower <= 2
+    for shape in ((1, 8, 64), (3, 32, 64)):
+        xb = torch.randn(shape)
+        assert torch.equal(ep.module()(xb), sm(xb))
+    with pytest.raises(ValueError, match="dynamic_batch=False"):  # the batch fixed at 1 cannot be made dynamic
+        fxscale.deploy.export_program(fxscale.transform(m, (x[:1],)), (x[:1],))
+
+
+def test_export_program__a_dict_example_is_put_in_forwards_positions():
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(64, 32), torch.nn.Linear(64, 32)
+
+        def forward(self, x, mask=None, y=None):
+            return self.a(x) + self.b(y)
+
+    m, x, y = Two().eval(), torch.randn(4, 64), torch.randn(4, 64)
+    sm = fxscale.transform(m, {"x": x, "y": y})
+    assert fxscale.deploy.example_args(sm, {"y": y, "x": x})[1] is None
+    ep = fxscale.deploy.export_program(sm, {"y": y, "x": x})
+    assert torch.equal(ep.module()(x, None, y), sm(x=x, y=y))
+
+
+@pytest.mark.slow
+def test_aoti_package__checks_input_sizes_and_runs_the_declared_range(tmp_path):
+    from torch.export import Dim
+
+    m, x = _mlp3(), torch.randn(2, 16, 64)
+    sm = fxscale.transform(m, (x,), dynamic_shapes=({1: Dim("seq", max=32)},))
+    run = fxscale.load(fxscale.save(sm, (x,), tmp_path / "seq.pt2",
+                                   inductor_configs={"aot_inductor.compile_wrapper_opt_level": "O0"}))
+    with torch.no_grad():
+        for shape in ((2, 16, 64), (1, 8, 64), (3, 32, 64), (2, 1, 64)):
+            xb = torch.randn(shape)
+            assert torch.equal(run(xb), sm(xb)), shape
+        with pytest.raises(ValueError, match=r"input 0 \(by position\): dim value is too large at 1.*<= 32.*40"):
+            run(torch.randn(2, 40, 64))
+        with pytest.raises(ValueError, match="x.contiguous()"):
+            run(torch.randn(2, 64, 8).transpose(1, 2))
+        with pytest.raises(ValueError, match="dtype"):
+            run(torch.randn(2, 8, 64, dtype=torch.float64))
+
+
+def _mlp3():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64)).eval()
+
 def test_load__imports_the_output_classes_a_package_returns():
     """A package of a transformers model returns its ModelOutput, which torch rebuilds only once
     its module is imported (a fresh process that ran ``fxscale.load`` got ``Deserializing
