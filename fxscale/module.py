@@ -7,6 +7,7 @@ compiler (``passes``).
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import re
@@ -31,8 +32,7 @@ class ScaledGraphModule(fx.GraphModule):
     graph): beyond the bound, ``on_overflow`` decides. NaN/Inf inputs propagate or raise.
     """
 
-    # Class-level defaults: a copy (``copy.deepcopy`` re-initialises as a plain GraphModule)
-    # still runs, unguarded, instead of failing on a missing attribute.
+    # Class-level defaults (``__deepcopy__`` copies the instance's own values over them).
     _fxscale_checks: list | None = None   # [(input name, declared bound or None)]: host-side check
     _fxscale_clamps: list | None = None   # [declared bound or None] per input: clamp in the graph
     _fxscale_warned: bool = False
@@ -132,18 +132,18 @@ class ScaledGraphModule(fx.GraphModule):
                     "time; torch.export bakes such values into the graph. Transform again with this value, "
                     "or pass it as a tensor."
                 ) from e
-            if "size()[0]" in str(e):
-                raise ValueError(
-                    f"{e}: the batch dimension (dim 0) of this input was fixed to the example's size when "
-                    "the model was captured (a warning at transform time said why). Transform again with an "
-                    "example of this batch size, or use torch.compile(model, backend='fxscale')."
-                ) from e
             fixed = re.search(r"(\w+)\.size\(\)\[(\d+)\] (==|>=|<=|<|>) (\d+)", str(e))
             if fixed and fixed.group(3) != "==":
                 raise ValueError(
                     f"{e}: dim {fixed.group(2)} of input {fixed.group(1)!r} is outside the range declared for it "
                     f"in dynamic_shapes (it must be {fixed.group(3)} {fixed.group(4)}); widen the Dim's min/max "
                     "and transform again."
+                ) from e
+            if fixed and fixed.group(2) == "0":
+                raise ValueError(
+                    f"{e}: the batch dimension (dim 0) of this input was fixed to the example's size when "
+                    "the model was captured (a warning at transform time said why). Transform again with an "
+                    "example of this batch size, or use torch.compile(model, backend='fxscale')."
                 ) from e
             head = (f"dim {fixed.group(2)} of input {fixed.group(1)!r} is fixed at {fixed.group(4)}, the example's "
                     "size. If it is a feature size of the model, pass inputs of that size. If it varies between "
@@ -222,13 +222,45 @@ class ScaledGraphModule(fx.GraphModule):
             freed += t.numel() * t.element_size()
         return freed
 
+    def __deepcopy__(self, memo):
+        """``copy.deepcopy(sm)``: a ScaledGraphModule with the same guards, report and config
+        (GraphModule's own copy keeps only the graph and the tensors it names)."""
+        res = super().__deepcopy__(memo)
+        state = copy.deepcopy(self.__dict__, memo)  # the memo hands back the copies taken above
+        for k, v in state.items():
+            res.__dict__.setdefault(k, v)
+        for k, v in state["_modules"].items():  # the run-time-scale twin, ScaleFns: not in the graph
+            res._modules.setdefault(k, v)
+        return res
+
+    def _apply(self, fn, recurse: bool = True):
+        """Moves between devices pass; a dtype conversion (``sm.half()``, ``sm.to(torch.bfloat16)``,
+        ``sm.float()``) raises: it would turn the float8 / int8 data and the float32 scales into
+        another dtype (small scales underflow to 0 in float16) while the graph still runs the
+        bounds proven for the old ones."""
+        seen = set()
+        for name, t in [*self.named_buffers(), *self.named_parameters()]:
+            if (t.dtype, t.device) in seen or t.device.type == "meta":
+                continue
+            seen.add((t.dtype, t.device))
+            probe = fn(torch.empty(0, dtype=t.dtype, device=t.device))
+            if isinstance(probe, Tensor) and probe.dtype != t.dtype:
+                raise TypeError(
+                    f"a transformed module cannot change its dtype ({name} is {t.dtype}, the conversion would "
+                    f"make it {probe.dtype}): its quantised weights and scales were proven for their formats. "
+                    "To run in another dtype, convert the original model and its example inputs and transform "
+                    "again, e.g. fxscale.transform(model.bfloat16(), (x.bfloat16(),)); .to(device) works."
+                )
+        return super()._apply(fn, recurse)
+
     def __reduce__(self):
         raise TypeError(
             "a transformed module cannot be pickled (torch.save(sm)): its graph calls torch.export's "
             "input guard and fxscale's run-time scale functions, which pickle cannot store by name. "
-            "Save it as a program: torch.export.save(torch.export.export(sm, example_inputs), path) "
-            "(torch.export.load(path).module() runs it, fxscale imported for its ops), or save "
-            "sm.state_dict() and load it into fxscale.transform(model, example_inputs) of the same model."
+            "Save it as a program with a dynamic batch: torch.export.save(fxscale.deploy.export_program(sm, "
+            "example_inputs), path) (torch.export.load(path).module() runs it, fxscale imported for its ops), "
+            "or as an AOTInductor package: fxscale.save(sm, example_inputs, path); or save sm.state_dict() "
+            "and load it into fxscale.transform(model, example_inputs) of the same model."
         )
 
 
@@ -337,9 +369,9 @@ def _check_inputs(sm: ScaledGraphModule, args, kwargs):
         if amax_f <= a and (r is None or rn_f <= r):
             continue
         what = (
-            f"max |x| = {amax_f:.6g} beyond its declared bound {a:.6g}"
+            f"max |x| = {amax_f:.9g} beyond its declared bound {a:.9g}"
             if amax_f > a
-            else f"max row norm = {rn_f:.6g} beyond its declared bound {r:.6g}"
+            else f"max row norm = {rn_f:.9g} beyond its declared bound {r:.9g}"
         )
         if cfg.on_overflow == "raise":
             raise ValueError(
