@@ -27,6 +27,7 @@ import contextlib
 import copy
 import logging
 import os
+import re
 import traceback
 import warnings
 from typing import Any
@@ -368,6 +369,12 @@ def _capture_error(model: nn.Module, e: BaseException, what: str) -> CaptureErro
             "The model returns a key/value cache (e.g. transformers' DynamicCache), which export "
             "cannot return: set model.config.use_cache = False before transforming it."
         )
+    if re.search(r"ConstraintViolation|not in range", f"{type(e).__name__}: {msg}") and "range" in msg:
+        lines.append(
+            "An example input's size lies outside the range its Dim declares in dynamic_shapes: pass an "
+            "example within every Dim's [min, max], or widen the Dim."
+        )
+        return CaptureError("\n".join(lines))
     tries = [_TRY_COMPILE]
     if what == "torch.export":
         tries.append(_TRY_FX)

@@ -57,7 +57,7 @@ def merge_dims(model: nn.Module, args: tuple, dynamic_batch: bool, dynamic_shape
     """The batch dims (where ``dynamic_batch``) overlaid with the user's ``dynamic_shapes``
     (one entry per parameter of ``forward``, as torch.export takes them)."""
     base = batch_dims(model, args) if dynamic_batch else tuple(None for _ in args)
-    user = tuple(dynamic_shapes.values()) if isinstance(dynamic_shapes, dict) else tuple(dynamic_shapes)
+    user = _by_position(model, len(base), dynamic_shapes)
     if len(user) != len(base):
         raise ValueError(
             f"dynamic_shapes has {len(user)} entries but the model takes {len(base)} inputs; give one "
@@ -65,6 +65,27 @@ def merge_dims(model: nn.Module, args: tuple, dynamic_batch: bool, dynamic_shape
             "*args or a tuple input, or None)"
         )
     return tuple(_overlay(b, u) for b, u in zip(base, user))
+
+
+def _by_position(model: nn.Module, n: int, dynamic_shapes: Any) -> tuple:
+    """The user's spec, one entry per positional input: a dict keyed by forward's parameter names
+    (torch.export's form) is matched by name, in any order, absent names None (its values were
+    taken in order: a spec for GPT-2's input_ids and attention_mask missed the parameters between
+    them, and keys out of forward's order put the dims on the wrong input; found by a user trial)."""
+    if not isinstance(dynamic_shapes, dict):
+        return tuple(dynamic_shapes)
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        params = []
+    if not dynamic_shapes or not set(dynamic_shapes) <= set(params):
+        return tuple(dynamic_shapes.values())  # not keyed by parameter names
+    names = params[:n]
+    late = [k for k in dynamic_shapes if k not in names and dynamic_shapes[k] is not None]
+    if late:
+        raise ValueError(f"dynamic_shapes names {late}, which the example inputs do not give (they fill "
+                         f"forward's first {n} parameters: {', '.join(names)}); pass those inputs too")
+    return tuple(dynamic_shapes.get(k) for k in names)
 
 
 def _overlay(base: Any, user: Any) -> Any:

@@ -50,14 +50,15 @@ def self_check(n: fx.Node, step, an: Analysis, skip: set[str]) -> None:
 
 
 def beyond_declared(gm: fx.GraphModule, input_bounds: dict) -> set[str]:
-    """Nodes that depend on an example input beyond its declared bound (whose proofs assume it)."""
+    """Nodes that depend on an example input beyond its declared bound (whose proofs assume it),
+    or on a bounded input calibration does not measure (an integer input: position ids)."""
     tainted: set[str] = set()
     for m in gm.graph.nodes:
         if m.op == "placeholder" and m.name in input_bounds:
             d = input_bounds[m.name]
             a, r = d if isinstance(d, tuple) else (d, None)
             o = info(m).observed
-            if o is not None and (o[0] > a or (r is not None and o[1] > r)):
+            if o is None or o[0] > a or (r is not None and o[1] > r):
                 tainted.add(m.name)
         elif any(i.name in tainted for i in m.all_input_nodes):
             tainted.add(m.name)

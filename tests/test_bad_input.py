@@ -379,3 +379,74 @@ def test_a_list_where_the_example_had_a_tensor__type_error_names_the_input():
     sm = transform(torch.nn.Sequential(torch.nn.Linear(4, 2)).eval(), (torch.randn(3, 4),))
     with pytest.raises(TypeError, match="example held 1"):
         sm(torch.randn(3, 4).tolist())
+
+
+def test_user_trial_dec7__messages_name_the_real_cause():
+    """A batch beyond its declared Dim's max is said to be outside the range (was: "fixed to the
+    example's size ... a warning said why", none had); an example outside a Dim's range is said
+    to be so (was: advice about graph breaks); 1.0000001 against a bound of 1 shows its digits."""
+    from torch.export import Dim
+
+    import fxscale
+    from passes.capture import CaptureError
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)).eval()
+    x = torch.randn(2, 16, 32)
+    sm = fxscale.transform(m, (x,), dynamic_shapes=({0: Dim("b", max=4), 1: Dim("seq", max=64)},))
+    with pytest.raises(ValueError, match=r"dim 0 of input 'input' is outside the range declared .* <= 4"):
+        sm(torch.randn(5, 8, 32))
+    with pytest.raises(CaptureError, match="outside the range its Dim declares"):
+        fxscale.transform(m, (x,), dynamic_shapes=({1: Dim("seq", max=8)},))
+    sm = fxscale.transform(m, (x.clamp(-1, 1),), input_bounds=1.0)
+    with pytest.raises(ValueError, match=r"max \|x\| = 1.0000001\d* beyond its declared bound 1"):
+        sm(torch.full((2, 16, 32), 1.0000001))
+
+
+def test_user_trial_dec7__a_one_input_pair_is_max_abs_and_row_norm():
+    import fxscale
+
+    m = torch.nn.Linear(16, 16)
+    x = torch.rand(4, 16) * 2 - 1
+    assert (fxscale.transform(m, (x,), input_bounds=(1.0, 8.0)).input_bounds
+            == fxscale.transform(m, (x,), input_bounds=[(1.0, 8.0)]).input_bounds)
+
+
+def test_user_trial_dec7__an_integer_input_beyond_its_bound_warns_as_a_float_one_does():
+    """Was a SelfCheckError blaming the aten.to rule ("a compiler bug")."""
+    import fxscale
+
+    class E(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lin = torch.nn.Embedding(50, 16), torch.nn.Linear(17, 16)
+
+        def forward(self, ids, pos):
+            return self.lin(torch.cat([self.emb(ids), pos[..., None].float()], -1))
+
+    torch.manual_seed(0)
+    ids, pos = torch.randint(0, 50, (2, 6)), torch.arange(6).expand(2, 6).contiguous()
+    with pytest.warns(UserWarning, match="break their declared bounds"):
+        sm = fxscale.transform(E().eval(), (ids, pos), input_bounds=[None, 3])
+    assert sm(ids, pos.clamp(max=3)).shape == (2, 6, 16)
+
+
+def test_user_trial_dec7__dynamic_shapes_keyed_by_parameter_name_in_any_order():
+    """torch.export's dict form: matched by name (its values were taken in order, so a spec for
+    GPT-2's input_ids and attention_mask missed the parameters between them)."""
+    from torch.export import Dim
+
+    import fxscale
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x, unused=None, y=None):
+            return self.lin(x) + y
+
+    seq = Dim("seq", max=32)
+    ex = {"x": torch.randn(2, 6, 8), "y": torch.randn(2, 6, 8)}
+    sm = fxscale.transform(M(), ex, dynamic_shapes={"y": {1: seq}, "x": {1: seq}})
+    assert sm(torch.randn(3, 20, 8), y=torch.randn(3, 20, 8)).shape == (3, 20, 8)
