@@ -46,7 +46,7 @@ def wrap(lm: nn.Module, *, max_len: int, batch: int = 2, **transform_options: An
 
     ``max_len``: the most positions (prompt + generated tokens) a sequence may have; every
     bound that depends on the length is proven at it. ``batch``: the example batch (any batch
-    runs). Other keyword arguments go to :func:`fxscale.transform`. Returns a
+    runs; an example of 1 would fix it, so at least 2 are traced). Other keyword arguments go to :func:`fxscale.transform`. Returns a
     :class:`FxscaleCausalLM`, whose ``generate()`` is transformers' (greedy and sampling).
     """
     from passes.capture import CaptureError
@@ -69,6 +69,7 @@ def wrap(lm: nn.Module, *, max_len: int, batch: int = 2, **transform_options: An
     lm = lm.eval()
     layers = _dims(lm.config)[0]
     dtype = next(lm.parameters()).dtype
+    batch = max(int(batch), 2)  # torch.export specialises a dimension of size 1
     args, shapes = _example(lm, batch, max_len)
     # The K/V bounds are proven without requantise points (all static: they follow from the
     # token embedding and the weights, not from run-time measurements, which would make them
@@ -162,6 +163,7 @@ class FxscaleCausalLM(*_base_classes()):
         self.register_buffer("pad", None, persistent=False)
         self._len = 0
         self._in_generate = False
+        self._need = 0  # the positions the running generate() may reach (a shorter cache is reallocated)
         self._padded = False  # is the sequence in the cache left-padded?
         self._build, self.sm_padded, self.sm_fresh, self.sm_fresh_last = build, None, None, None
         self.step = self._step
@@ -287,7 +289,9 @@ class FxscaleCausalLM(*_base_classes()):
             fresh = True  # a row whose history the cache does not hold: prefill again
         if fresh:
             self._len = 0
-            self.allocate(b, self.cache_len if self.cache_len and self.cache_0.shape[0] == b else None)
+        if self._len == 0:  # a new sequence: the cache fits its batch and every position generate() may reach
+            keep = self.cache_len and self.cache_0.shape[0] == b and self.cache_len >= max(t, self._need)
+            self.allocate(b, self.cache_len if keep else None)
         if t > self.cache_len:
             raise ValueError(f"input of {t} positions is beyond the cache's {self.cache_len}: allocate(batch, length)")
         if self._len == 0:  # a new sequence: one check per prompt
@@ -336,18 +340,22 @@ class FxscaleCausalLM(*_base_classes()):
         """transformers' ``generate()`` (greedy, sampling, ...), on the float8 cache."""
         kwargs.setdefault("use_cache", False)  # the cache is ours; transformers passes all tokens
         ids = args[0] if args else kwargs.get("input_ids")
-        if isinstance(ids, Tensor) and ids.dim() == 2:
-            self._check_length(ids.shape[1], kwargs)
-        self._in_generate, self._len = True, 0
+        other = [k for k in ("inputs_embeds", "token_type_ids", "position_ids", "past_key_values") if k in kwargs]
+        if other:
+            raise ValueError(f"fxscale.llm generates from token ids (input_ids, attention_mask) only, not {other}: "
+                             "its step graphs take ids and compute positions from the left padding")
+        need = self._check_length(ids.shape[1], kwargs) if isinstance(ids, Tensor) and ids.dim() == 2 else 0
+        self._in_generate, self._len, self._need = True, 0, need
         try:
             return super().generate(*args, **kwargs)
         finally:
-            self._in_generate = False
+            self._in_generate, self._need = False, 0
 
-    def _check_length(self, prompt: int, kwargs: dict) -> None:
+    def _check_length(self, prompt: int, kwargs: dict) -> int:
         """Before generating: the most positions generate() may reach (``max_new_tokens``, else
         ``max_length``, from the call or the generation config, as transformers resolves them)
-        must be within ``max_len`` (else it would stop with an error midway, its tokens lost)."""
+        must be within ``max_len`` (else it would stop with an error midway, its tokens lost).
+        Returns it (a cache allocated shorter is reallocated for it)."""
         gc = kwargs.get("generation_config") or self.generation_config
         new = kwargs.get("max_new_tokens", getattr(gc, "max_new_tokens", None))
         length = kwargs.get("max_length", getattr(gc, "max_length", None))
@@ -363,6 +371,7 @@ class FxscaleCausalLM(*_base_classes()):
         if total > self.max_len:
             raise ValueError(f"{how} is beyond max_len={self.max_len} declared to fxscale.llm.wrap: generate fewer "
                              "tokens (max_new_tokens=...) or wrap with a larger max_len")
+        return total
 
     def prepare_inputs_for_generation(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                                       logits_to_keep: int = 0, **kwargs: Any):

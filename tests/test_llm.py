@@ -407,3 +407,19 @@ def test_wrap__a_model_with_its_own_attention_code_is_refused_saying_what_to_use
     flm.step(ids[:, :12], flm.positions[:12])
     steps = torch.cat([flm.step(ids[:, t:t + 1], flm.positions[t:t + 1]) for t in range(12, 16)], 1)
     assert fxscale.sqnr_db(ref[:, 12:], steps) > want - 2.0, family
+
+
+@torch.no_grad()
+def test_generate__a_cache_allocated_shorter_is_reallocated_before_generating():
+    """flm.allocate(batch, 10) then generate() to 14 positions: was a ValueError after the 11th
+    (the tokens lost), and the short cache stuck for the next call (found by a user trial)."""
+    lm = _llama()
+    flm = fxscale.llm.wrap(lm, max_len=24, batch=1)  # batch=1 was traced as a fixed batch
+    ids = torch.randint(0, 100, (2, 6))
+    flm.allocate(2, 10)
+    out = flm.generate(ids, max_new_tokens=8, do_sample=False)
+    assert out.shape == (2, 14)
+    assert flm.generate(ids, max_length=24, do_sample=False).shape == (2, 24)
+    assert flm.generate(ids[:1], max_new_tokens=2, do_sample=False).shape == (1, 8)  # any batch
+    with pytest.raises(ValueError, match=r"token ids .* only, not \['inputs_embeds'\]"):
+        flm.generate(inputs_embeds=lm.model.embed_tokens(ids), max_new_tokens=2)
