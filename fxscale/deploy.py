@@ -25,10 +25,13 @@ Example (CPU; compiling C++ takes a minute)::
     run = fxscale.load(path)
     y = run(torch.randn(5, x.shape[1]))   # any batch size
 
-The package takes the inputs by position (a dict example, e.g. a tokenizer's output, is saved
-in ``forward``'s order: ``run(*fxscale.deploy.example_args(sm, batch))``); sizes other than the
+The package takes the inputs by position in ``forward``'s order or by name as ``forward``'s
+parameters (a dict example, e.g. a tokenizer's output: ``run(**batch)``); the names, and each
+input's rank, dtype, device and contiguity, are recorded in the package's metadata
+(:mod:`fxscale.deploy_checks`) and checked on the host before each call. Sizes other than the
 dynamic ones (the batch, the dims declared to :func:`fxscale.transform`) are the example's, and
-the package checks every input's sizes, dtype and strides against them (:func:`load`).
+the package checks every input's sizes and strides against them (:func:`load`). A wrong input
+raises a ValueError naming it and saying what the package takes.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from . import deploy_checks
 
 __all__ = ["example_args", "export_program", "load", "package_custom_ops", "save"]
 
@@ -150,15 +155,39 @@ def export_program(sm: nn.Module, example_inputs: Any, *, dynamic_batch: bool = 
             "(fxscale.llm.wrap) keeps its float8 cache and generate()'s bookkeeping in Python, which a package "
             "does not carry. Run it in Python (torch.compile(flm.step, mode='reduce-overhead') for decode), or "
             "save fxscale.transform(lm, (ids,), dynamic_shapes=...) of the model without a cache")
+    if not isinstance(sm, torch.fx.GraphModule):
+        wrapped = " (a torch.compile'd module: pass the module it wraps, m._orig_mod)" if hasattr(sm, "_orig_mod") else ""
+        raise TypeError(f"fxscale.save / export_program take the module fxscale.transform returned, got a "
+                        f"{type(sm).__name__}{wrapped}: sm = fxscale.transform(model, example_inputs), then "
+                        "fxscale.save(sm, example_inputs, path)")
     args = example_args(sm, example_inputs)
     cfg = getattr(sm, "config", None)
     if getattr(sm, "_fxscale_checks", None) is not None and cfg is not None and cfg.on_overflow != "clamp":
         warnings.warn(f"fxscale.save: the package does not check inputs against input_bounds "
                       f"(on_overflow={cfg.on_overflow!r} is a host-side check); transform with "
                       "on_overflow='clamp' to keep the bound inside the package", stacklevel=3)
-    with torch.no_grad():
-        return torch.export.export(_Deployable(sm), args, dynamic_shapes=_dynamic_shapes(sm, args, dynamic_batch, max_batch),
-                                   strict=False)
+    shapes = _dynamic_shapes(sm, args, dynamic_batch, max_batch)
+    try:
+        with torch.no_grad():
+            return torch.export.export(_Deployable(sm), args, dynamic_shapes=shapes, strict=False)
+    except Exception:
+        _raise_if_refused(sm, args)
+        raise
+
+
+def _raise_if_refused(sm: nn.Module, args: tuple) -> None:
+    """After export failed on the example: the error calling ``sm`` on it gives, if it refuses it
+    (export runs the graph's guards without ``sm``'s input check and its messages: another size
+    failed with a bare ``AssertionError: Guard failed``). Runs on this failure path only."""
+    try:
+        with torch.no_grad():
+            sm(*args)
+    except (ValueError, TypeError) as err:
+        if type(err) not in (ValueError, TypeError):
+            raise
+        raise type(err)(f"fxscale.save: the example is not an input the transformed module runs: {err}") from None
+    except Exception:  # noqa: BLE001 -- not refused by the module's checks: export's own error stands
+        return
 
 
 def save(sm: nn.Module, example_inputs: Any, path: str, *, dynamic_batch: bool = True, max_batch: int | None = None,
@@ -182,6 +211,13 @@ def save(sm: nn.Module, example_inputs: Any, path: str, *, dynamic_batch: bool =
         # torch without this flag refuses them with load's ValueError)
         configs["aot_inductor.check_lowerbound"] = False
     configs.update(inductor_configs or {})
+    # forward's names and each input's rank / dtype / device, read back by load (_Package)
+    args = example_args(sm, example_inputs)
+    specs = deploy_checks.input_specs(deploy_checks.input_names(getattr(sm, "_fxscale_signature", None), len(args)),
+                                      args, ep)
+    metadata = dict(configs.get("aot_inductor.metadata") or {})
+    metadata[deploy_checks.METADATA_KEY] = deploy_checks.dumps(specs)
+    configs["aot_inductor.metadata"] = metadata
     with torch.no_grad():
         return torch._inductor.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=configs)
 
@@ -193,26 +229,40 @@ def load(path: str):
     once the class's module is imported: it is imported here (otherwise the first call raises
     ``Deserializing transformers.modeling_outputs.X in pytree is not registered``).
     """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"fxscale.load: no package at {path!r} (fxscale.save(sm, example_inputs, path) "
+                                "writes one)")
     # AOTInductor checks a call's input sizes, dtypes and strides against the package only when
     # this is set (read once per package, at its first call); unchecked, a longer sequence than the
     # example's ran on the example's size and returned a wrong shape, a shorter one read past its
     # end (found by trying a saved dynamic-length model). The check costs < 1 us a call.
     os.environ.setdefault("AOTI_RUNTIME_CHECK_INPUTS", "1")
-    model = torch._inductor.aoti_load_package(str(path))
+    model = torch._inductor.aoti_load_package(path)
     call_spec = getattr(getattr(model, "loader", None), "get_call_spec", None)
     for spec in (call_spec() if callable(call_spec) else ()):
         _import_pytree_types(spec)
-    return _Package(model, str(path))
+    get_metadata = getattr(model, "get_metadata", None)
+    specs = deploy_checks.loads(get_metadata()) if callable(get_metadata) else None
+    return _Package(model, path, specs)
 
 
 class _Package:
-    """A loaded package: calls go to AOTInductor's model; its input check's error (``input_handles[0]:
-    dim value is too large at 1, ...``) becomes a ValueError that says what the sizes are."""
+    """A loaded package: the inputs, by position or by forward's names, are bound and checked
+    against the ones recorded at save time (``specs``; None for a package without them: inputs by
+    position, unchecked here), then go to AOTInductor's model; its input check's error
+    (``input_handles[0]: dim value is too large at 1, ...``) becomes a ValueError that says what
+    the sizes are."""
 
-    def __init__(self, model, path: str):
-        self.model, self.path = model, path
+    def __init__(self, model, path: str, specs: list[dict] | None = None):
+        self.model, self.path, self.specs = model, path, specs
 
     def __call__(self, *args, **kwargs):
+        if self.specs is not None:
+            args, kwargs = deploy_checks.bind_inputs(self.specs, args, kwargs, f"fxscale package {self.path}"), {}
+        elif kwargs:
+            raise ValueError(f"fxscale package {self.path}: this package records no input names (saved by an "
+                             "older fxscale): pass its inputs by position, in forward's order, or save it again")
         try:
             return self.model(*args, **kwargs)
         except RuntimeError as e:
@@ -227,7 +277,9 @@ class _Package:
             else:
                 fix = ("the package runs the sizes fxscale.transform proved its bounds for: the example's, except the "
                        "batch and the dims declared in dynamic_shapes (within their range)")
-            raise ValueError(f"fxscale package {self.path}: input {m.group(1)} (by position): {what}; {fix}") from None
+            name = deploy_checks.handle_name(self.specs, int(m.group(1)))
+            raise ValueError(f"fxscale package {self.path}: {name}input {m.group(1)} (by position): {what}; "
+                             f"{fix}") from None
 
     def __getattr__(self, name: str):
         return getattr(self.model, name)
