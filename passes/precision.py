@@ -201,6 +201,11 @@ def decide(gm: fx.GraphModule, fmt: Format) -> dict[str, str]:
 
     high: dict[str, str] = {}
     for n in nodes:
+        if n.op == "call_function" and "conv_transpose" in str(n.target):  # said, not silently left
+            why = "high precision: no float8 kernel for a transposed convolution yet (its bound is proven)"
+            info(n).precision, info(n).precision_why = "high", why
+            high[n.name] = why
+            continue
         if n.op != "call_function" or not operand_positions(n):
             continue
         ni = info(n)

@@ -104,3 +104,28 @@ def test__upsample__never_underestimates(hw, kind, seed, mode, scale, dtype):
     (node,) = [n for n in gm.graph.nodes if n.op == "call_function"]
     assert lookup(node.target) is not None, node.target
     check(node.target, (x, *node.args[1:]), dict(node.kwargs))
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test__conv_transpose__bound_holds_at_the_worst_input_and_the_report_says_why_it_is_high(dims):
+    """nn.ConvTranspose1d/2d export as aten.conv_transpose1d/2d, which had no rule: unbounded,
+    and the next layer needed a run-time amax (found by a user trial). The worst input of the
+    box |x| <= 1 for output channel o takes sign(w[:, o]) at every tap it reads."""
+    import fxscale
+
+    torch.manual_seed(0)
+    conv = (torch.nn.ConvTranspose1d if dims == 1 else torch.nn.ConvTranspose2d)(4, 8, 3, stride=2, padding=1)
+    m = torch.nn.Sequential(conv, torch.nn.ReLU()).eval()
+    x = torch.rand(2, 4, *([6] * dims)) * 2 - 1
+    sm = fxscale.transform(m, (x,), input_bounds=1.0)
+    row = next(r for r in sm.report.rows if "conv_transpose" in r["node"])
+    assert "no float8 kernel for a transposed convolution" in row["note"]
+    worst = torch.ones_like(x).requires_grad_()  # gradient ascent on max |y| inside the box
+    opt = torch.optim.Adam([worst], lr=0.1)
+    for _ in range(60):
+        opt.zero_grad()
+        (-conv(worst.clamp(-1, 1)).abs().max()).backward()
+        opt.step()
+    with torch.no_grad():
+        seen = conv(worst.clamp(-1, 1)).abs().max().item()
+    assert 0 < seen <= row["bound"]

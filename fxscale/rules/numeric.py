@@ -55,11 +55,12 @@ def _addmm(c: RuleCall) -> Bound:
     return add_bias(out, c["self"] if beta != 0 else None, c.out_shape, beta)
 
 
-@register(aten.conv1d, aten.conv2d, aten.convolution)
+@register(aten.conv1d, aten.conv2d, aten.convolution, aten.conv_transpose1d, aten.conv_transpose2d,
+          aten.conv_transpose3d)
 def _conv(c: RuleCall) -> Bound:
     """``|y| <= max|x| * max_o ||W_o||_1 + max|b|`` (K = C_in/groups * kernel size)."""
     x, w = c["input"], c["weight"]
-    transposed = bool(c.get("transposed", False))
+    transposed = bool(c.get("transposed", False)) or "conv_transpose" in str(c.op)
     if w.value is not None:
         l1 = const_float(_conv_t_l1 if transposed else _conv_l1, w.value)
     else:
