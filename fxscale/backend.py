@@ -49,7 +49,7 @@ import torch
 from torch import fx
 
 from .config import option_names
-from .lifting import Lifted, hint
+from .lifting import Lifted, hint, scalar_value
 
 __all__ = ["BACKEND_OPTIONS", "TRANSFORM_OPTIONS", "fxscale_backend", "reports"]
 
@@ -209,6 +209,9 @@ class _Compiled:
         self.opts = opts
         self.cache: dict[Any, Any] = {}
         self.lifted = Lifted(gm, self.example_inputs, {})
+        # Dynamo drops its placeholders' GraphArgs after compiling; lifting again (another value of
+        # a baked-in scalar) reads them: which input is a wrapped float, which size measures what.
+        self._graphargs = {n: n.meta["grapharg"] for n in gm.graph.nodes if "grapharg" in n.meta}
         self.max_size = max_size
         # Per tensor input: the dims besides the batch that Dynamo made symbolic, by symbol.
         # (Dynamo's fake example values hold the symbols; the example inputs may be real.)
@@ -269,17 +272,23 @@ class _Compiled:
             # Dynamo's first graph has static shapes and it recompiles for another batch: the
             # capture's "batch specialised, other batch sizes will fail" does not apply here.
             warnings.filterwarnings("ignore", message=r".*batch dimension of input\(s\)")
+            # Nor does "dynamic_shapes declares dim d ... dynamic, but the model's code fixed it": here
+            # Dynamo made the dim symbolic (dynamic=True marks every dim), not the user (a Linear's
+            # feature size, say); a call of another size of it fails in the model itself.
+            warnings.filterwarnings("ignore", message=r".*dynamic_shapes declares dim")
             return transform(lifted.module, tuple(examples), **options)
 
     def __call__(self, *args: Any) -> Any:
         lf = self.lifted
         inputs = [args[i] for i in lf.input_positions]
-        spec = {i: args[i] for i in lf.specialised}
+        spec = {i: scalar_value(args[i]) for i in lf.specialised}
         key = (self._shape_key(inputs), tuple(sorted(spec.items())))  # (raises beyond max_size)
         fn = self.cache.get(key)
         if fn is None:
             log.debug("fxscale backend: transforming for %s", key)
             try:
+                for n, ga in self._graphargs.items():
+                    n.meta.setdefault("grapharg", ga)
                 lifted = lf if spec == lf.specialised else Lifted(self.gm, self.example_inputs, spec)
                 # Copies: export marks its example tensors, and Dynamo's guards check the originals.
                 fn = self._transform(lifted, [t.detach().clone() for t in inputs])

@@ -53,6 +53,16 @@ def _is_constant(node: fx.Node, example: Any, real: Any) -> bool:
     return "ParamBufferSource" in src or "_parameters" in src or "_buffers" in src
 
 
+def _wrapped_scalar(node: fx.Node) -> bool:
+    """A Python scalar Dynamo passes as a 0-d tensor (unspecialised float)."""
+    return bool(getattr(node.meta.get("grapharg"), "pass_arg_as_tensor", False))
+
+
+def scalar_value(x: Any) -> Any:
+    """The call's value of a specialised input: a wrapped scalar's Python number (a host tensor)."""
+    return x.item() if isinstance(x, torch.Tensor) and x.dim() == 0 else x
+
+
 def hint(s: Any) -> int:
     if isinstance(s, int):
         return s
@@ -112,6 +122,13 @@ class Lifted:
                 root.register_buffer(name, real.detach(), persistent=False)
                 env[n] = graph.get_attr(name)
                 env[n].meta.update(n.meta)
+            elif isinstance(ex, torch.Tensor) and _wrapped_scalar(n) and (i in int_values or real is not None):
+                # A Python float Dynamo passes as a 0-d tensor (dynamic=True: LayerNorm's eps, a
+                # ``* self.alpha``): baked in as a constant, another value transforms again (its
+                # ``.item()`` was data-dependent to export: the region ran unquantised).
+                v = int_values[i] if i in int_values else real.item()
+                self.specialised[i] = v
+                env[n] = ("const", v)
             elif isinstance(ex, torch.Tensor):
                 p = graph.placeholder(n.name)
                 p.meta.update(n.meta)
@@ -152,6 +169,9 @@ class Lifted:
 
         for n in gm.graph.nodes:
             if n.op == "placeholder":
+                continue
+            if n.op == "call_method" and n.target == "item" and isinstance(env.get(n.args[0]), tuple):
+                env[n] = env[n.args[0]]  # the baked-in scalar itself
                 continue
             if n.op == "output":
                 graph.output(fx.node.map_arg(n.args[0], arg))

@@ -251,3 +251,30 @@ def test_backend__input_bounds_are_not_applied_to_a_region_after_a_graph_break()
             fast(torch.rand(4, 8) * 2 - 1)
         for x in (torch.rand(4, 8) * 2 - 1, torch.ones(4, 8)):
             assert fxscale.sqnr_db(m(x), fast(x)) > 20, extra
+
+
+@torch.no_grad()
+def test__backend__dynamic_true_quantises_a_model_with_python_floats_and_a_new_value_transforms_again():
+    """dynamic=True: Dynamo passes LayerNorm's eps (a Python float) as a 0-d tensor whose .item()
+    export could not trace: the region ran unquantised in float32, one warning (SQNR inf where
+    it is 25 dB without dynamic=True; found by a user trial). The float is baked in per value."""
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln, self.a, self.alpha = torch.nn.LayerNorm(32), torch.nn.Linear(32, 64), 0.5
+
+        def forward(self, x):
+            return self.a(self.ln(x)) * self.alpha
+
+    torch.manual_seed(0)
+    m, x = M().eval(), torch.randn(4, 32)
+    torch._dynamo.reset()
+    c = torch.compile(m, backend="fxscale", dynamic=True, options={"inductor": False, "strict": True})
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        y = c(x)
+    assert not [str(i.message) for i in w if "runs it unchanged" in str(i.message) or "declares dim" in str(i.message)]
+    assert 20 < sqnr_db(m(x), y) < 60  # quantised: not float32's inf
+    m.alpha = 2.0
+    assert 20 < sqnr_db(m(x), c(x)) < 60
