@@ -91,6 +91,10 @@ def transform(
 
     from passes.input_names import forward_signature
 
+    _warn_if_autocast()
+    if (isinstance(input_bounds, tuple) and len(input_bounds) == 2 and all(isinstance(v, (int, float)) for v in input_bounds)
+            and sum(isinstance(t, torch.Tensor) for t in torch.utils._pytree.tree_leaves(example_inputs)) == 1):
+        input_bounds = [input_bounds]  # one input: the tuple is its (max |x|, max row norm); a list is per input
     orig = getattr(model, "_orig_mod", None)
     if type(model).__name__ == "OptimizedModule" and isinstance(orig, nn.Module):
         model = orig  # torch.compile(m): its forward is (*args, **kwargs); m's is the one to capture
@@ -126,6 +130,21 @@ def transform(
     if c.input_bounds and cfg.on_overflow == "raise":
         _check_examples(sm, c.example_inputs)
     return sm
+
+
+def _warn_if_autocast() -> None:
+    """Under torch.autocast the captured graph holds autocast's casts: the transformed module
+    computes (and returns) those dtypes at every call, under autocast or not; and autocast at call
+    time does not change it (found by a user trial)."""
+    on = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+    if on:
+        warnings.warn(
+            f"fxscale.transform under torch.autocast ({', '.join(on)}, {torch.get_autocast_dtype(on[0])}): its casts are "
+            "part of the transformed graph, which returns their dtypes at every call, with autocast or without. "
+            "Transform outside autocast for the model's own dtypes (autocast at call time does not change a "
+            "transformed module either: it runs the precision it was transformed for).",
+            stacklevel=3,
+        )
 
 
 def _check_examples(sm, example_inputs: tuple) -> None:

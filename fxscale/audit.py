@@ -105,5 +105,11 @@ def audit(sm: fx.GraphModule, *inputs: Any) -> list[dict[str, Any]]:
     args = leaves if len(leaves) == len(placeholders) else list(inputs)
     interp = _Auditor(sm)
     with torch.no_grad():
-        interp.run(*args)
+        try:
+            interp.run(*args)
+        except AssertionError as e:  # export's input guard: the module's own call says what is off
+            if "Guard failed" not in str(e):
+                raise
+            sm(*inputs)
+            raise
     return interp.rows

@@ -252,8 +252,11 @@ def wasted_bits(data: torch.Tensor, maxval: torch.Tensor | float | None = None) 
 
     Floats: binades of headroom, ``log2(format max / max |data|)``. Headroom costs precision
     only for values pushed below the smallest normal; :func:`underflow_fraction` tells how
-    many. All-zero data wastes every bit: ``bits`` is returned.
+    many. All-zero data wastes every bit: ``bits`` is returned. A ``ScaledTensor`` or
+    ``ScaledTensorData`` is measured on its stored data.
     """
+    data = getattr(data, "st", data)  # ScaledTensor -> ScaledTensorData (its logical dtype is float32)
+    data = getattr(data, "data", data) if not isinstance(data, torch.Tensor) else data
     fmt = get_format(data.dtype)
     if maxval is None:
         maxval = data.to(torch.float32).abs().max() if data.numel() else torch.tensor(0.0)

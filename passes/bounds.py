@@ -326,8 +326,6 @@ def input_bounds_by_name(placeholders: list[fx.Node], input_bounds) -> dict[str,
     if isinstance(input_bounds, (int, float)):
         return {p.name: _declared(input_bounds, p) for p in floats}
     seq = list(input_bounds)
-    if len(placeholders) == 1 and len(seq) == 2 and all(isinstance(v, (int, float)) for v in seq):
-        seq = [tuple(seq)]  # one input: (max |x|, max row norm) is the pair, not two inputs' bounds
     if len(seq) != len(placeholders):
         raise ValueError(
             f"input_bounds has {len(seq)} entries but the model takes {len(placeholders)} tensor inputs "

@@ -450,3 +450,13 @@ def test_user_trial_dec7__dynamic_shapes_keyed_by_parameter_name_in_any_order():
     ex = {"x": torch.randn(2, 6, 8), "y": torch.randn(2, 6, 8)}
     sm = fxscale.transform(M(), ex, dynamic_shapes={"y": {1: seq}, "x": {1: seq}})
     assert sm(torch.randn(3, 20, 8), y=torch.randn(3, 20, 8)).shape == (3, 20, 8)
+
+
+def test_user_trial_dec7__transform_under_autocast_says_its_casts_are_baked_in():
+    import fxscale
+
+    m = torch.nn.Sequential(torch.nn.Linear(16, 16)).eval()
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(UserWarning, match="under torch.autocast"):
+        sm = fxscale.transform(m, (x,))
+    assert sm(x).dtype == torch.bfloat16  # as said: outside autocast too

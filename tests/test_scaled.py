@@ -264,3 +264,20 @@ def test_eager_options__validates_and_restores():
     from fxscale.scaled import _OPTIONS
 
     assert _OPTIONS.get().rules == "rownorm"
+
+
+def test_wasted_bits__of_a_scaled_tensor_measures_its_stored_data():
+    """Was "unsupported format dtype torch.float32" (a ScaledTensor's logical dtype)."""
+    import fxscale
+
+    st = fxscale.quantise(torch.tensor([1.0, 2.0, -16.0]), torch.int8)
+    assert fxscale.wasted_bits(st) == fxscale.wasted_bits(st.st) == fxscale.wasted_bits(st.st.data)
+
+
+def test_audit__an_input_of_another_size_gets_the_modules_message():
+    import fxscale
+
+    m = torch.nn.Sequential(torch.nn.Linear(64, 64)).eval()
+    sm = fxscale.transform(m, (torch.randn(8, 64),))
+    with pytest.raises(ValueError, match="dim 1 of input"):
+        fxscale.audit(sm, torch.randn(8, 32))
