@@ -10,7 +10,7 @@ Ops that stay Python custom ops inside the package (called through the dispatche
 loading process must ``import fxscale``): on CUDA, ``scaled_linear`` calls that the lowering
 hands to the custom op's kernels (int8 through ``torch._int_mm``, unaligned K/N, layouts the
 Triton kernels do not take), ``scaled_linear_requantise`` (run-time output scale), and the
-activation-by-activation ``scaled_matmul`` and ``scaled_conv2d``; on the CPU, every fxscale
+activation-by-activation ``scaled_matmul``, ``scaled_conv2d`` and ``scaled_conv_transpose2d``; on the CPU, every fxscale
 GEMM (the reference implementations). :func:`package_custom_ops` lists them for a package.
 
 What the package does not carry: the host-side input check of ``input_bounds`` with

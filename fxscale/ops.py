@@ -263,6 +263,37 @@ def _(x, x_scale, w, w_scale, bias, stride, padding, dilation, groups, out_dtype
     return x.new_empty((*x.shape[:-3], w.shape[0], oh, ow), dtype=out_dtype)
 
 
+@torch.library.custom_op("fxscale::scaled_conv_transpose2d", mutates_args=())
+def scaled_conv_transpose2d(
+    x: Tensor,
+    x_scale: Tensor,
+    w: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    output_padding: list[int],
+    groups: int,
+    dilation: list[int],
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """Transposed 2-D convolution (weight ``(C_in, C_out/groups, kh, kw)``) of scaled input and
+    weight, accumulated in float32 (reference only), as ``aten.conv_transpose2d``."""
+    acc = F.conv_transpose2d(_upcast(x), _upcast(w), None, stride, padding, output_padding, groups,
+                             dilation).to(torch.float32)
+    y = acc * (x_scale * w_scale)
+    if bias is not None:
+        y = y + bias.to(torch.float32).reshape(1, -1, 1, 1)
+    return y.to(out_dtype)
+
+
+@scaled_conv_transpose2d.register_fake
+def _(x, x_scale, w, w_scale, bias, stride, padding, output_padding, groups, dilation, out_dtype):
+    size = [(n - 1) * s - 2 * p + d * (k - 1) + op + 1
+            for n, s, p, d, k, op in zip(x.shape[-2:], stride, padding, dilation, w.shape[-2:], output_padding)]
+    return x.new_empty((*x.shape[:-3], w.shape[1] * groups, *size), dtype=out_dtype)
+
+
 @torch.library.custom_op("fxscale::scaled_grouped_mm", mutates_args=())
 def scaled_grouped_mm(x: Tensor, x_scale: Tensor, w: Tensor, w_scales: Tensor, offs: Tensor,
                       out_dtype: torch.dtype) -> Tensor:

@@ -57,6 +57,7 @@ _SCALE_FROM = {"amax": "run-time amax", "rules": "rules at run time"}
 _FX_OPERANDS = {
     "fxscale.scaled_linear": (0, 2), "fxscale.scaled_linear_requantise": (0, 2),
     "fxscale.scaled_matmul": (0, 2), "fxscale.scaled_conv2d": (0, 2),
+    "fxscale.scaled_conv_transpose2d": (0, 2),
 }
 
 

@@ -85,8 +85,13 @@ QUANTISED_OPERANDS: dict[Any, tuple[str, ...]] = {
     aten.baddbmm.default: ("batch1", "batch2"),
     aten.conv2d.default: ("input", "weight"),
     aten.conv1d.default: ("input", "weight"),
+    aten.conv_transpose2d.input: ("input", "weight"),
+    aten.conv_transpose1d.default: ("input", "weight"),
     aten._grouped_mm.default: ("self", "mat2"),
 }
+
+#: The convolutions among them (their contraction is over channels and taps, never a dynamic dim).
+CONVS = (aten.conv2d.default, aten.conv1d.default, aten.conv_transpose2d.input, aten.conv_transpose1d.default)
 
 #: Matmul-like ops of other libraries, by schema name (fxscale does not import them):
 #: transformers' MoE experts (``grouped_mm_fallback``: x (S, K) @ w[e] (K, N) per group of rows).
@@ -273,7 +278,7 @@ def _contracts_over_symbolic_dim(n: fx.Node) -> bool:
     """A matmul whose contraction length changes between calls without a declared maximum
     (``x.T @ x`` over the batch); with a maximum, the bound at the maximum holds."""
     names = operand_names(n.target)
-    if names is None or n.target in (aten.conv2d.default, aten.conv1d.default):
+    if names is None or n.target in CONVS:
         return False
     schema = [a.name for a in n.target._schema.arguments]
     first = n.args[schema.index(names[0])] if schema.index(names[0]) < len(n.args) else None

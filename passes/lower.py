@@ -211,6 +211,29 @@ class Lowering:
                     conv = self.g.call_function(target, args)
                 info(conv).kind = "plumbing"
                 target, args = aten.squeeze.dim, (conv, -2)
+        elif t in (aten.conv_transpose2d.input, aten.conv_transpose1d.default):
+            args = list(n.args) + [None] * (8 - len(n.args))
+            _, _, cbias, stride, padding, out_pad, groups, dilation = args
+            if not const_b:
+                info(n).reasons.append("transposed convolution with a run-time weight: high precision")
+                return
+            xd, xs = self.operand(a)
+            wd, ws = self.weight(b, False)
+            one_d = t is aten.conv_transpose1d.default
+            geo = [stride or 1, padding or 0, out_pad or 0, dilation or 1]
+            if one_d:  # as conv1d: over a height of 1, (.., C, L) -> (.., C, 1, L)
+                geo = [[k, _pair(v)[0]] for k, v in zip((1, 0, 0, 1), geo)]
+                with self.g.inserting_before(n):
+                    xd = self.g.call_function(aten.unsqueeze.default, (xd, -2))
+                    wd = self.g.call_function(aten.unsqueeze.default, (wd, -2))
+            stride, padding, out_pad, dilation = (_pair(v) for v in geo)
+            target = fxops.scaled_conv_transpose2d.default
+            args = (xd, xs, wd, ws, cbias, stride, padding, out_pad, int(groups or 1), dilation, dtype)
+            if one_d:
+                with self.g.inserting_before(n):
+                    conv = self.g.call_function(target, args)
+                info(conv).kind = "plumbing"
+                target, args = aten.squeeze.dim, (conv, -2)
         elif wt is not None and const_b and not const_a:
             xd, xs = self.operand(a)
             wd, ws = self.weight(b, wt)

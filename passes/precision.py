@@ -98,10 +98,13 @@ def matmul_k(node: fx.Node) -> int | None:
     i = schema.index(names[0])
     a = node.args[i] if i < len(node.args) else None
     shape = concrete_shape(a.meta.get("val")) if isinstance(a, fx.Node) else None
-    if node.target is aten.conv2d.default:
+    if node.target in (aten.conv2d.default, aten.conv_transpose2d.input, aten.conv_transpose1d.default):
         w = node.args[1] if len(node.args) > 1 else None
         ws = concrete_shape(w.meta.get("val")) if isinstance(w, fx.Node) else None
-        return math.prod(ws[1:]) if ws else None
+        if not ws:
+            return None
+        # (C_out, C_in/g, k...); transposed (C_in, C_out/g, k...): every input channel, all taps (at most)
+        return math.prod(ws[1:]) if node.target is aten.conv2d.default else ws[0] * math.prod(ws[2:])
     return shape[-1] if shape else None
 
 
@@ -201,8 +204,8 @@ def decide(gm: fx.GraphModule, fmt: Format) -> dict[str, str]:
 
     high: dict[str, str] = {}
     for n in nodes:
-        if n.op == "call_function" and "conv_transpose" in str(n.target):  # said, not silently left
-            why = "high precision: no float8 kernel for a transposed convolution yet (its bound is proven)"
+        if n.op == "call_function" and "conv_transpose3d" in str(n.target):  # said, not silently left
+            why = "high precision: no float8 kernel for a 3-D transposed convolution yet (its bound is proven)"
             info(n).precision, info(n).precision_why = "high", why
             high[n.name] = why
             continue
