@@ -140,7 +140,9 @@ def _to_ref(a: Any, sizes: str = "max") -> Any:
 def operand_positions(node: fx.Node) -> tuple[int, ...]:
     """Positions in ``node.args`` of its low-precision matmul operands (empty if none)."""
     names = operand_names(node.target)
-    if names is None or node.kwargs or node.meta.get("fxscale") is not None and node.meta["fxscale"].precision == "high":
+    scaled_sum = node.target in (aten.addmm.default, aten.baddbmm.default) and set(node.kwargs) <= {"alpha", "beta"}
+    if (names is None or (node.kwargs and not scaled_sum)
+            or node.meta.get("fxscale") is not None and node.meta["fxscale"].precision == "high"):
         return ()  # (the precision pass keeps it in high precision)
     schema = node.target._schema
     pos = tuple(i for i, a in enumerate(schema.arguments) if a.name in names and i < len(node.args))

@@ -182,6 +182,9 @@ class Lowering:
             wt = True
         else:
             wt = None
+        alpha, beta = float(n.kwargs.get("alpha", 1)), float(n.kwargs.get("beta", 1))  # addmm / baddbmm
+        if (alpha, beta) != (1.0, 1.0):
+            wt = None  # beta * bias + alpha * product: the product, then the sum (below)
         if is_grouped(t):
             offs = n.args[2] if len(n.args) > 2 else None
             if not const_b or const_a or offs is None or (len(n.args) > 3 and n.args[3] is not None):
@@ -252,9 +255,17 @@ class Lowering:
                 # the product, then the bias added in high precision: ``n`` (its name and record) stays the sum
                 with self.g.inserting_before(n):
                     mm = self.g.call_function(target, args)
-                mm.meta["val"] = n.meta["val"]
-                info(mm).kind = "plumbing"
-                target, args = aten.add.Tensor, (mm, n.args[0])
+                    mm.meta["val"] = n.meta["val"]
+                    info(mm).kind = "plumbing"
+                    if alpha != 1.0:
+                        mm = self.g.call_function(aten.mul.Tensor, (mm, alpha))
+                        mm.meta["val"], info(mm).kind = n.meta["val"], "plumbing"
+                    addend = n.args[0]
+                    if beta not in (0.0, 1.0):
+                        addend = self.g.call_function(aten.mul.Tensor, (addend, beta))
+                        addend.meta["val"], info(addend).kind = n.args[0].meta["val"], "plumbing"
+                # beta = 0: the bias is not read (as torch: even NaN or Inf in it)
+                target, args = (aten.add.Tensor, (mm, addend)) if beta != 0.0 else (aten.mul.Tensor, (mm, 1.0))
         # Rewritten in place: the node keeps its name, its meta (shapes, source) and its record.
         n.target, n.args, n.kwargs = target, args, {}
         rec = info(n)

@@ -87,6 +87,13 @@ _LOG_SOFTMAX = {aten.log_softmax.int, aten._log_softmax.default}
 _ADDITIVE = {aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar,
              aten.rsub.Tensor, aten._to_copy.default, aten.to.dtype, aten.type_as.default}
 _DIV = {aten.div.Tensor, aten.div.Scalar}
+#: 1-Lipschitz selections: what passes through is the input itself, so an error in it passes at
+#: most as large (a ``masked_fill(mask, finfo.min)`` output's max |x| is the fill: the relative
+#: rule below made attention scores tolerate 1e-41 and kept every DeBERTa score matmul in float32)
+_SELECTION = {aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self, aten.where.ScalarOther,
+              aten.where.ScalarSelf, aten.clamp.default, aten.clamp.Tensor, aten.clamp_min.default,
+              aten.clamp_max.default, aten.maximum.default, aten.minimum.default, aten.relu.default,
+              aten.hardtanh.default}
 
 
 def matmul_k(node: fx.Node) -> int | None:
@@ -135,7 +142,7 @@ def _tolerance(n: fx.Node, a: fx.Node, e_out: float, fmt: Format) -> tuple[float
     if t is operator.getitem:
         return e_out, ""
     rule = lookup(t)
-    if t in _ADDITIVE or (rule is not None and rule.exact):
+    if t in _ADDITIVE or t in _SELECTION or (rule is not None and rule.exact):
         return e_out, ""
     if t in _PERIODIC:
         return e_out, "periodic"
@@ -214,6 +221,8 @@ def decide(gm: fx.GraphModule, fmt: Format) -> dict[str, str]:
         ni = info(n)
         k = matmul_k(n)
         amax = _amax(n)
+        if amax is not None and not math.isfinite(amax):
+            amax = None  # -inf from a mask added in the op (baddbmm): the product's own rounding is finite
         e = err.get(n, math.inf)
         if k == 1:
             why = ("high precision: an outer product (K=1) never pays: nothing to reduce, and the operands' "

@@ -210,3 +210,38 @@ def test__gated_product__asks_its_factors_for_the_relative_step(fmt):
     _, high, d = _demands(m, (x,), fmt)
     assert not high
     assert d["linear_1"] == pytest.approx(get_format(fmt).rel_rounding, rel=1e-6)
+
+
+class _MaskedAttention(nn.Module):
+    """Scores masked by masked_fill (DeBERTa's form) or by a -inf bias inside baddbmm (WavLM's)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.q, self.k, self.v, self.how = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64), how
+
+    def forward(self, x, mask):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.how == "baddbmm":
+            bias = torch.zeros(mask.shape[0], 1, mask.shape[1]).masked_fill(mask[:, None, :] == 0, -math.inf)
+            s = torch.baddbmm(bias.expand(-1, x.shape[1], -1), q, k.transpose(1, 2), alpha=0.125)
+        else:
+            s = (torch.bmm(q, k.transpose(1, 2)) / 8.0).masked_fill(mask[:, None, :] == 0, torch.finfo(torch.float32).min)
+        return torch.bmm(s.softmax(-1), v)
+
+
+@pytest.mark.parametrize("how", ["masked_fill", "baddbmm"])
+def test_decide__scores_masked_by_a_huge_fill_or_minus_inf_are_quantised_and_stay_accurate(how):
+    """The relative-error rule divided by the masked output's max |x| (the fill, 3.4e38, or inf):
+    the scores matmul 'tolerated' 1e-41 and stayed float32 in every DeBERTa layer (user trial)."""
+    from fxscale.metrics import sqnr_db
+
+    torch.manual_seed(0)
+    m = _MaskedAttention(how).eval()
+    x, mask = 0.3 * torch.randn(2, 16, 64), torch.ones(2, 16, dtype=torch.long)
+    mask[1, 11:] = 0
+    sm = fxscale.transform(m, (x, mask))
+    scores = next(r for r in sm.report.rows if r["node"] == ("baddbmm" if how == "baddbmm" else "bmm"))
+    assert scores["computes"] == "float8_e4m3fn", scores["note"]
+    x2 = 0.3 * torch.randn(2, 16, 64)
+    with torch.no_grad():
+        assert sqnr_db(m(x2, mask), sm(x2, mask)) > 20
