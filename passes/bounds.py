@@ -85,13 +85,16 @@ QUANTISED_OPERANDS: dict[Any, tuple[str, ...]] = {
     aten.baddbmm.default: ("batch1", "batch2"),
     aten.conv2d.default: ("input", "weight"),
     aten.conv1d.default: ("input", "weight"),
+    aten.conv2d.padding: ("input", "weight"),  # padding="same" / "valid"
+    aten.conv1d.padding: ("input", "weight"),
     aten.conv_transpose2d.input: ("input", "weight"),
     aten.conv_transpose1d.default: ("input", "weight"),
     aten._grouped_mm.default: ("self", "mat2"),
 }
 
 #: The convolutions among them (their contraction is over channels and taps, never a dynamic dim).
-CONVS = (aten.conv2d.default, aten.conv1d.default, aten.conv_transpose2d.input, aten.conv_transpose1d.default)
+CONVS = (aten.conv2d.default, aten.conv1d.default, aten.conv2d.padding, aten.conv1d.padding,
+         aten.conv_transpose2d.input, aten.conv_transpose1d.default)
 
 #: Matmul-like ops of other libraries, by schema name (fxscale does not import them):
 #: transformers' MoE experts (``grouped_mm_fallback``: x (S, K) @ w[e] (K, N) per group of rows).

@@ -193,15 +193,20 @@ class Lowering:
             xd, xs = self.operand(a)
             wd, ws = self.weight(b, False)
             target, args = fxops.scaled_grouped_mm.default, (xd, xs, wd, ws, offs, dtype)
-        elif t in (aten.conv2d.default, aten.conv1d.default):
+        elif t in (aten.conv2d.default, aten.conv1d.default, aten.conv2d.padding, aten.conv1d.padding):
             args = list(n.args) + [None] * (7 - len(n.args))
             _, _, cbias, stride, padding, dilation, groups = args
+            if t in (aten.conv2d.padding, aten.conv1d.padding):
+                padding = _explicit_padding(padding or "valid", b.meta["val"].shape[2:], dilation or 1)
+                if padding is None:
+                    info(n).reasons.append('padding="same" with an even kernel (padded more on one side): high precision')
+                    return
             if isinstance(padding, str) or not const_b:
                 info(n).reasons.append(f"{t.__name__.split('.')[0]} with string padding or a run-time weight: high precision")
                 return
             xd, xs = self.operand(a)
             wd, ws = self.weight(b, False)
-            one_d = t is aten.conv1d.default
+            one_d = t in (aten.conv1d.default, aten.conv1d.padding)
             if one_d:  # conv1d(x, w) = conv2d over a height of 1: (.., C, L) -> (.., C, 1, L)
                 stride, padding, dilation = ([k, _pair(v)[0]] for k, v in ((1, stride or 1), (0, padding or 0), (1, dilation or 1)))
                 with self.g.inserting_before(n):
@@ -299,6 +304,16 @@ def _floats(b: Any) -> Any:
 def _scalar(v: float, device) -> Tensor:
     """A static scale: a 0-d float32 buffer on the device the graph runs on."""
     return torch.tensor(v, dtype=torch.float32, device=device)
+
+
+def _explicit_padding(padding: str, kernel, dilation) -> list[int] | None:
+    """``padding="valid"`` / ``"same"`` as the symmetric padding per dim, or None where "same"
+    pads one side more (an even ``dilation * (kernel - 1)``-free total: torch pads the end)."""
+    if padding == "valid":
+        return [0] * len(kernel)
+    dil = [int(dilation)] * len(kernel) if isinstance(dilation, int) else [int(d) for d in dilation]
+    total = [d * (int(k) - 1) for d, k in zip(dil, kernel)]
+    return None if padding != "same" or any(t % 2 for t in total) else [t // 2 for t in total]
 
 
 def _pair(v) -> list[int]:

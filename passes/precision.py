@@ -105,13 +105,14 @@ def matmul_k(node: fx.Node) -> int | None:
     i = schema.index(names[0])
     a = node.args[i] if i < len(node.args) else None
     shape = concrete_shape(a.meta.get("val")) if isinstance(a, fx.Node) else None
-    if node.target in (aten.conv2d.default, aten.conv_transpose2d.input, aten.conv_transpose1d.default):
+    if node.target in (aten.conv2d.default, aten.conv2d.padding, aten.conv_transpose2d.input,
+                       aten.conv_transpose1d.default):
         w = node.args[1] if len(node.args) > 1 else None
         ws = concrete_shape(w.meta.get("val")) if isinstance(w, fx.Node) else None
         if not ws:
             return None
         # (C_out, C_in/g, k...); transposed (C_in, C_out/g, k...): every input channel, all taps (at most)
-        return math.prod(ws[1:]) if node.target is aten.conv2d.default else ws[0] * math.prod(ws[2:])
+        return math.prod(ws[1:]) if "transpose" not in str(node.target) else ws[0] * math.prod(ws[2:])
     return shape[-1] if shape else None
 
 

@@ -135,3 +135,24 @@ def test__conv_transpose__quantised_close_to_float32_and_its_bound_holds_at_the_
     with torch.no_grad():
         seen = conv(worst.clamp(-1, 1)).abs().max().item()
     assert 0 < seen <= row["bound"]
+
+
+@pytest.mark.parametrize("dims,padding,kernel", [(2, "same", 3), (2, "valid", 3), (1, "same", 5), (2, "same", 4)])
+def test__conv_string_padding__quantised_where_symmetric_else_says_why(dims, padding, kernel):
+    """nn.Conv2d(padding="same") exports as aten.conv2d.padding, which was never quantised and
+    gave no reason (SigLIP's patch embedding, every EfficientNet conv; found by a user trial)."""
+    import fxscale
+    from fxscale.metrics import sqnr_db
+
+    torch.manual_seed(0)
+    conv = (torch.nn.Conv1d if dims == 1 else torch.nn.Conv2d)(8, 16, kernel, padding=padding)
+    m = torch.nn.Sequential(conv, torch.nn.ReLU()).eval()
+    x = torch.randn(2, 8, *([9] * dims))
+    sm = fxscale.transform(m, (x,))
+    row = next(r for r in sm.report.rows if r["node"].startswith("conv") and r["kind"] != "plumbing")
+    if kernel % 2:
+        assert row["computes"] == "float8_e4m3fn"
+        with torch.no_grad():
+            assert sqnr_db(m(x), sm(x)) > 22
+    else:
+        assert 'padding="same" with an even kernel' in row["note"]
