@@ -210,3 +210,26 @@ def test_run_time_scales__opaque_to_dynamo():
     calls = [n for g in graphs for n in g.graph.nodes
              if n.op == "call_function" and getattr(n.target, "__name__", "").startswith("fxscale_scale")]
     assert len(calls) >= 1
+
+
+@torch.no_grad()
+def test_run_time_scale_through_an_integer_indexed_gather_runs_and_matches_float32():
+    """Longformer's global-attention gather, reduced: a zeros buffer filled by index_put from
+    v[indices], then a matmul. Transform worked; every call raised "cannot choose a scale for
+    non-finite max |x| = inf": the run-time scale function had no shape for the integer
+    indices, so no (unknown) bound for them (found by a new-user trial)."""
+
+    class GlobalGather(torch.nn.Module):
+        def forward(self, probs, v, bi, si):
+            z = v.new_zeros(v.shape[0], 4, *v.shape[2:])
+            z[bi, si] = v[bi, si]
+            return torch.matmul(probs.transpose(1, 2).clone(), z.transpose(1, 2).clone())
+
+    torch.manual_seed(0)
+    probs, v = torch.rand(2, 32, 4, 4), torch.randn(2, 32, 4, 16)
+    bi, si = torch.arange(2).repeat_interleave(4), torch.arange(4).repeat(2)
+    m = GlobalGather().eval()
+    sm = fxscale.transform(m, (probs, v, bi, si))
+    assert sqnr_db(m(probs, v, bi, si), sm(probs, v, bi, si)) > 20
+    v3 = 3 * torch.randn(2, 32, 4, 16)
+    assert sqnr_db(m(probs, v3, bi, si), sm(probs, v3, bi, si)) > 20
