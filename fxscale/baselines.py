@@ -122,8 +122,10 @@ def linear_only_baseline(
     Warns where nothing is quantised (a model without such modules, or whose linear layers
     are called functionally, as ``nn.MultiheadAttention``'s in-projection is).
     """
+    from passes.input_names import example_args
+
     fmt = get_format(format)
-    args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    args = example_args(model, example_inputs)  # a dict (a tokenizer's output) as transform takes it
     candidates = {
         name: m
         for name, m in model.named_modules()

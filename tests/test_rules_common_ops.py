@@ -156,3 +156,22 @@ def test__conv_string_padding__quantised_where_symmetric_else_says_why(dims, pad
             assert sqnr_db(m(x), sm(x)) > 22
     else:
         assert 'padding="same" with an even kernel' in row["note"]
+
+
+@SETTINGS
+@given(shape=st.lists(dims, min_size=1, max_size=3), kind=st.sampled_from(KINDS), seed=seeds,
+       mag=st.sampled_from([1e-3, 1.0, 50.0]))
+def test__sqrt_rsub_glu__never_underestimate(shape, kind, seed, mag):
+    """Rules added after a user trial (a written-out LayerNorm's sqrt, ``1.0 - mask``, GLU
+    subsamplers): on the op as PyTorch computes it, aligned signs and spikes included."""
+    g = torch.Generator().manual_seed(seed)
+    x = make(shape, kind, g, mag)
+    y = make(shape, kind, g, mag)
+    check(aten.sqrt.default, (x.abs(),))
+    for alpha in (1, 2.5):
+        check(aten.rsub.Tensor, (x, y), {"alpha": alpha})
+        check(aten.rsub.Scalar, (x, 1.0), {"alpha": alpha})
+    for dim in range(-len(shape), len(shape)):
+        if shape[dim] % 2 == 0:
+            check(aten.glu.default, (x, dim))
+            check(aten.glu.default, (-x, dim))

@@ -223,6 +223,27 @@ def _sigmoid(c: RuleCall) -> Bound:
     return Bound(1.0)
 
 
+@register(aten.sqrt)
+def _sqrt(c: RuleCall) -> Bound:
+    """``sqrt(|x|) <= sqrt(max |x|)`` (NaN below 0; a written-out LayerNorm's ``sqrt(var + eps)``)."""
+    return Bound(c["self"].bound.absmax ** 0.5)
+
+
+@register(aten.rsub)
+def _rsub(c: RuleCall) -> Bound:
+    """``other - alpha * self`` (``1.0 - mask``)."""
+    a, b = _binary_inputs(c)
+    return b.plus(a.scaled(float(c.get("alpha", 1))))
+
+
+@register(aten.glu)
+def _glu(c: RuleCall) -> Bound:
+    """``a * sigmoid(b)`` of the two halves along ``dim``: ``|a| sigmoid(b) <= |a|``, elementwise, so
+    every row of the output is at most as long as a row of the input."""
+    b = c["self"].bound
+    return Bound(b.absmax, b.rownorm)
+
+
 @register(aten.pow)
 def _pow(c: RuleCall) -> Bound | None:
     x, p = c.get("self"), c.get("exponent")
