@@ -25,12 +25,14 @@ weight where the op is one: no copy). A buffer that the graph mutates is left al
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx
 
 aten = torch.ops.aten
 
-__all__ = ["FOLDABLE", "FOLDABLE_FACTORIES", "FOLDABLE_ON_CONSTANTS", "fold"]
+__all__ = ["FOLDABLE", "FOLDABLE_FACTORIES", "FOLDABLE_ON_CONSTANTS", "FOLDABLE_SPLITS", "fold"]
 
 #: Ops folded on constants: they move values without arithmetic (a dtype cast rounds, once).
 FOLDABLE = {
@@ -55,6 +57,11 @@ FOLDABLE_ON_CONSTANTS = {
     aten.rsqrt.default, aten.reciprocal.default, aten.pow.Tensor_Scalar, aten.linalg_norm.default,
     aten.linalg_vector_norm.default, aten.norm.ScalarOpt_dim, aten.clamp_min.default, aten.clamp.default,
 }
+#: Splits of a constant, folded where each part is taken by index: ``nn.MultiheadAttention``'s
+#: ``in_proj_weight`` split into q / k / v when query, key and value differ (cross-attention,
+#: attention pooling: its projections read run-time weights, in float32; found by a user trial).
+FOLDABLE_SPLITS = {aten.split_with_sizes.default, aten.split.Tensor, aten.chunk.default, aten.unbind.int,
+                   aten.tensor_split.sections, aten.tensor_split.indices}
 #: Factories folded where their arguments are static (DoRA's ``eye(r)``).
 FOLDABLE_FACTORIES = {aten.eye.default, aten.eye.m}
 #: The largest constant folding makes (elements): a folded value is kept as a buffer.
@@ -90,6 +97,9 @@ def fold(gm: fx.GraphModule) -> list[str]:
         if n.op == "call_function" and by_value and _fold_on_constants(gm, n):
             done.append(n.name)
             continue
+        if n.op == "call_function" and n.target in FOLDABLE_SPLITS and _fold_split(gm, n):
+            done.append(n.name)
+            continue
         if n.op != "call_function" or n.target not in FOLDABLE or not n.args:
             continue
         src = n.args[0]
@@ -112,6 +122,28 @@ def fold(gm: fx.GraphModule) -> list[str]:
         g.lint()
         gm.recompile()
     return done
+
+
+def _fold_split(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """Each ``getitem`` of a split of an unmutated constant becomes a constant (a view of it)."""
+    src = n.args[0] if n.args else None
+    if not (isinstance(src, fx.Node) and src.op == "get_attr") or _mutated(src):
+        return False
+    if not (_static(n.args[1:]) and _static(tuple(n.kwargs.values()))) or not n.users:
+        return False
+    if not all(u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int) for u in n.users):
+        return False
+    value = _attr(gm, src.target)
+    if not isinstance(value, torch.Tensor):
+        return False
+    with torch.no_grad():
+        parts = n.target(value.detach(), *n.args[1:], **n.kwargs)
+    for u in list(n.users):
+        _replace_by_constant(gm, u, parts[u.args[1]], [src])
+    gm.graph.erase_node(n)
+    if not src.users:
+        gm.graph.erase_node(src)
+    return True
 
 
 def _fold_on_constants(gm: fx.GraphModule, n: fx.Node) -> bool:

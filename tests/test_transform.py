@@ -233,3 +233,26 @@ def test_run_time_scale_through_an_integer_indexed_gather_runs_and_matches_float
     assert sqnr_db(m(probs, v, bi, si), sm(probs, v, bi, si)) > 20
     v3 = 3 * torch.randn(2, 32, 4, 16)
     assert sqnr_db(m(probs, v3, bi, si), sm(probs, v3, bi, si)) > 20
+
+
+@torch.no_grad()
+def test_multihead_attention_as_cross_attention_quantises_its_split_in_projection():
+    """query is not key: nn.MultiheadAttention splits in_proj_weight into q / k / v at run time,
+    which left those linears reading run-time weights, in float32 (SigLIP's pooling head; found
+    by a user trial). The split of a constant folds into three constant weights."""
+    torch.manual_seed(0)
+
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(32, 4, batch_first=True)
+
+        def forward(self, q, kv):
+            return self.mha(q, kv, kv, need_weights=False)[0]
+
+    m = Cross().eval()
+    q, kv = torch.randn(2, 3, 32), torch.randn(2, 10, 32)
+    sm = fxscale.transform(m, (q, kv))
+    linears = [r for r in sm.report.rows if r["node"].startswith("linear")]
+    assert len(linears) >= 3 and all(r["computes"] == "float8_e4m3fn" for r in linears), linears
+    assert sqnr_db(m(q, kv), sm(q, kv)) > 20
