@@ -88,8 +88,9 @@ _ADDITIVE = {aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar,
              aten.rsub.Tensor, aten._to_copy.default, aten.to.dtype, aten.type_as.default}
 _DIV = {aten.div.Tensor, aten.div.Scalar}
 #: 1-Lipschitz selections: what passes through is the input itself, so an error in it passes at
-#: most as large (a ``masked_fill(mask, finfo.min)`` output's max |x| is the fill: the relative
-#: rule below made attention scores tolerate 1e-41 and kept every DeBERTa score matmul in float32)
+#: most as large; they tolerate the larger of that and the relative rule (a ``masked_fill(mask,
+#: finfo.min)`` output's max |x| is the fill: the relative rule alone made attention scores
+#: tolerate 1e-41 and kept every DeBERTa score matmul in float32)
 _SELECTION = {aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self, aten.where.ScalarOther,
               aten.where.ScalarSelf, aten.clamp.default, aten.clamp.Tensor, aten.clamp_min.default,
               aten.clamp_max.default, aten.maximum.default, aten.minimum.default, aten.relu.default,
@@ -143,7 +144,7 @@ def _tolerance(n: fx.Node, a: fx.Node, e_out: float, fmt: Format) -> tuple[float
     if t is operator.getitem:
         return e_out, ""
     rule = lookup(t)
-    if t in _ADDITIVE or t in _SELECTION or (rule is not None and rule.exact):
+    if t in _ADDITIVE or (rule is not None and rule.exact):
         return e_out, ""
     if t in _PERIODIC:
         return e_out, "periodic"
@@ -158,7 +159,10 @@ def _tolerance(n: fx.Node, a: fx.Node, e_out: float, fmt: Format) -> tuple[float
     # Everything else keeps the relative error: tolerance(in) = tolerance(out) * max|in| / max|out|.
     if math.isinf(e_out):
         return e_out, ""
-    return _div(e_out * (_amax(a) or 0.0), _amax(n)), ""
+    relative = _div(e_out * (_amax(a) or 0.0), _amax(n))
+    if t in _SELECTION:  # what passes through is the input: its error passes at most as large
+        return max(relative, e_out), ""
+    return relative, ""
 
 
 def _operands(n: fx.Node) -> list[fx.Node]:
