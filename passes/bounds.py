@@ -190,12 +190,17 @@ def _rms_norm_idiom(n: fx.Node, shapes) -> Step | None:
     product with an unbounded ``rsqrt`` to be measured at run time. The graph is not changed.
     The rule's conditions apply (``eps >= MIN_EPS``; a last dim of a known maximum).
     A LayerNorm written out (Cohere: ``d = x - mean(x)``, then the RMSNorm of ``d``) is one too,
-    with ``d`` computed once or twice (:func:`_same_value`).
+    with ``d`` computed once or twice (:func:`_same_value`). ``x / sqrt(...)`` (DeBERTa's) is one
+    too: a correctly rounded sqrt and division err less than the rsqrt the rule allows for.
     """
-    if n.target is not aten.mul.Tensor or len(n.args) != 2 or not all(isinstance(a, fx.Node) for a in n.args):
+    if n.target not in (aten.mul.Tensor, aten.div.Tensor) or len(n.args) != 2 or n.kwargs:
         return None
-    for x, r in (n.args, n.args[::-1]):
-        if r.target is not aten.rsqrt.default or not isinstance(r.args[0], fx.Node):
+    if not all(isinstance(a, fx.Node) for a in n.args):
+        return None
+    pairs = (n.args, n.args[::-1]) if n.target is aten.mul.Tensor else (n.args,)
+    root = aten.rsqrt.default if n.target is aten.mul.Tensor else aten.sqrt.default
+    for x, r in pairs:
+        if r.target is not root or not isinstance(r.args[0], fx.Node):
             continue
         add = r.args[0]
         if add.target not in (aten.add.Tensor, aten.add.Scalar) or len(add.args) != 2 or float(add.kwargs.get("alpha", 1)) != 1:

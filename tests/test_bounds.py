@@ -153,3 +153,33 @@ def test_matmul_over_the_dynamic_batch__is_measured_not_proven_for_the_example_s
 
     assert all(r["ratio"] <= 1.0 for r in audit(sm, x))
     assert sqnr_db(model(x), sm(x)) > 20
+
+
+class _LayerNormBySqrt(nn.Module):
+    """DeBERTa v1's LayerNorm: ``(x - mean) / sqrt(var + eps)``, d computed twice."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        mean = x.mean(-1, keepdim=True)
+        var = (x - mean).pow(2).mean(-1, keepdim=True)
+        return self.fc((x - mean) / torch.sqrt(var + 1e-7))
+
+
+@torch.no_grad()
+def test_layer_norm_written_with_sqrt__static_bound_that_holds_at_its_worst_case():
+    """``x / sqrt(...)`` was a division by a run-time value: each such LayerNorm's output needed a
+    run-time amax (4 in DebertaModel; found by a user trial). A one-hot-like row (one spike) meets
+    the bound sqrt(D) up to the eps."""
+    from fxscale import audit, sqnr_db
+
+    model = _LayerNormBySqrt(64).eval()
+    sm = transform(model, (torch.randn(4, 64),))
+    assert sm.report.summary["runtime_amax"] <= 1, sm.report  # the input's own amax only
+    spikes = torch.zeros(3, 64)
+    spikes[torch.arange(3), torch.tensor([0, 7, 63])] = torch.tensor([1e-1, -5.0, 1e4])
+    assert all(r["ratio"] <= 1.0 for r in audit(sm, spikes))
+    x = torch.randn(5, 64) * 3
+    assert sqnr_db(model(x), sm(x)) > 20
