@@ -187,3 +187,17 @@ def test__einsum__never_underestimates(kind, seed, mag):
     for eq, ops in [("bhqd,bhkd->bhqk", (a, b)), ("...qd,...kd->...qk", (a, b)), ("bhqd,bhkd", (a, b)),
                     ("bhqd->bq", (a,)), ("i,j->ij", (a[0, 0, 0], b[0, 0, 0])), ("bhqd,bhqd->", (a, a))]:
         check(aten.einsum.default, (eq, list(ops)))
+
+
+@SETTINGS
+@given(shape=st.lists(dims, min_size=1, max_size=3), kind=st.sampled_from(KINDS), seed=seeds)
+def test__index_select_gather_repeat__never_underestimate(shape, kind, seed):
+    """Rules added after a user trial (DeBERTa's relative positions, Speech2Text's subsampler)."""
+    g = torch.Generator().manual_seed(seed)
+    x = make(shape, kind, g, 3.0)
+    for dim in range(len(shape)):
+        idx = torch.randint(0, shape[dim], (5,), generator=g)
+        check(aten.index_select.default, (x, dim, idx))
+        gidx = torch.randint(0, shape[dim], tuple(shape), generator=g)
+        check(aten.gather.default, (x, dim, gidx))
+    check(aten.repeat.default, (x, [2] + [1] * (len(shape) - 1) + [3]))

@@ -235,3 +235,19 @@ def _upsample_linear(c: RuleCall) -> Bound:
     >= 0 summing to 1), so max |x| stays, up to the arithmetic's rounding (the registry's margin).
     Bicubic's weights go negative (it overshoots): no rule."""
     return Bound((c["input"] if "input" in c.args else c["self"]).bound.absmax)
+
+
+@register(aten.index_select, exact=True)
+def _index_select(c: RuleCall) -> Bound:
+    """Entries selected along ``dim``: max |x| stays; off the last dim each output row is an
+    input row, so the row norms and sums stay too."""
+    b, nd = c["self"].bound, len(c["self"].shape)
+    if nd and int(c["dim"]) % nd != nd - 1:
+        return Bound(b.absmax, b.rownorm, INF, b.rowsum)
+    return Bound(b.absmax)
+
+
+@register(aten.gather, aten.take_along_dim, aten.repeat, exact=True)
+def _gathered(c: RuleCall) -> Bound:
+    """Entries moved (``gather``, ``take_along_dim``) or copied (``repeat``): max |x| stays."""
+    return Bound(c["self"].bound.absmax)
