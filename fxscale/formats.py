@@ -255,8 +255,7 @@ def wasted_bits(data: torch.Tensor, maxval: torch.Tensor | float | None = None) 
     many. All-zero data wastes every bit: ``bits`` is returned. A ``ScaledTensor`` or
     ``ScaledTensorData`` is measured on its stored data.
     """
-    data = getattr(data, "st", data)  # ScaledTensor -> ScaledTensorData (its logical dtype is float32)
-    data = getattr(data, "data", data) if not isinstance(data, torch.Tensor) else data
+    data = getattr(data, "st", data).data  # a ScaledTensor's logical dtype is float32: its stored data
     fmt = get_format(data.dtype)
     if maxval is None:
         maxval = data.to(torch.float32).abs().max() if data.numel() else torch.tensor(0.0)

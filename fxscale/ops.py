@@ -247,8 +247,13 @@ def scaled_conv2d(
     out_dtype: torch.dtype,
 ) -> Tensor:
     """2-D convolution of scaled input and weight, accumulated in float32 (reference only)."""
-    acc = F.conv2d(_upcast(x), _upcast(w), None, stride, padding, dilation, groups).to(torch.float32)
-    y = acc * (x_scale * w_scale)
+    acc = F.conv2d(_upcast(x), _upcast(w), None, stride, padding, dilation, groups)
+    return _conv_epilogue(acc, x_scale * w_scale, bias, out_dtype)
+
+
+def _conv_epilogue(acc: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """A reference convolution's float32 result: scaled, the per-channel bias added, cast."""
+    y = acc.to(torch.float32) * scale
     if bias is not None:
         y = y + bias.to(torch.float32).reshape(1, -1, 1, 1)
     return y.to(out_dtype)
@@ -279,12 +284,8 @@ def scaled_conv_transpose2d(
 ) -> Tensor:
     """Transposed 2-D convolution (weight ``(C_in, C_out/groups, kh, kw)``) of scaled input and
     weight, accumulated in float32 (reference only), as ``aten.conv_transpose2d``."""
-    acc = F.conv_transpose2d(_upcast(x), _upcast(w), None, stride, padding, output_padding, groups,
-                             dilation).to(torch.float32)
-    y = acc * (x_scale * w_scale)
-    if bias is not None:
-        y = y + bias.to(torch.float32).reshape(1, -1, 1, 1)
-    return y.to(out_dtype)
+    acc = F.conv_transpose2d(_upcast(x), _upcast(w), None, stride, padding, output_padding, groups, dilation)
+    return _conv_epilogue(acc, x_scale * w_scale, bias, out_dtype)
 
 
 @scaled_conv_transpose2d.register_fake

@@ -177,7 +177,7 @@ class ScaleFn(nn.Module):
         # Shapes of what the steps read too: an input with no bound (integer indices) is then
         # "unknown", as in the analysis (without its shape, a gather's scale raised at every call).
         reads = {r.name for s in steps for r in refs(s.args) + refs(s.kwargs)}
-        self.shapes = {k: an.shapes[k] for k in set(an.shapes) & (set(static) | set(sources) | {s.name for s in steps} | reads)}
+        self.shapes = {k: an.shapes[k] for k in set(an.shapes) & (set(sources) | {s.name for s in steps} | reads)}
         self.consts = {k: v for k, v in an.consts.items() if k in static}
 
     def forward(self, *stats: Tensor) -> Tensor:

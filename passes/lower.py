@@ -163,6 +163,45 @@ class Lowering:
             self.lowp[a.name] = (q, sc)
         return self.lowp[a.name]
 
+    def conv(self, n: fx.Node, a: fx.Node, b: fx.Node, dtype: torch.dtype) -> tuple[Any, tuple] | None:
+        """``(target, args)`` of the fxscale op of convolution ``n`` (transposed or not, constant
+        weight ``b``), or None with the reason recorded. A 1-D one is the 2-D op over a height of
+        1, ``(.., C, L) -> (.., C, 1, L)``, then back: ``n`` (its name and record) stays the result."""
+        t = n.target
+        transposed = t in (aten.conv_transpose2d.input, aten.conv_transpose1d.default)
+        args = list(n.args) + [None] * (8 - len(n.args))
+        if transposed:
+            _, _, cbias, stride, padding, out_pad, groups, dilation = args
+        else:
+            _, _, cbias, stride, padding, dilation, groups, out_pad = args
+        if t in (aten.conv2d.padding, aten.conv1d.padding):
+            padding = _explicit_padding(padding or "valid", b.meta["val"].shape[2:], dilation or 1)
+            if padding is None:
+                info(n).reasons.append('padding="same" with an even kernel (padded more on one side): high precision')
+                return None
+        xd, xs = self.operand(a)
+        wd, ws = self.weight(b, False)
+        geo = [stride or 1, padding or 0, dilation or 1, out_pad or 0]
+        one_d = t in (aten.conv1d.default, aten.conv1d.padding, aten.conv_transpose1d.default)
+        if one_d:  # the height's stride, padding, dilation, output padding: 1, 0, 1, 0
+            geo = [[h, _pair(v)[0]] for h, v in zip((1, 0, 1, 0), geo)]
+            with self.g.inserting_before(n):
+                xd = self.g.call_function(aten.unsqueeze.default, (xd, -2))
+                wd = self.g.call_function(aten.unsqueeze.default, (wd, -2))
+        stride, padding, dilation, out_pad = (_pair(v) for v in geo)
+        if transposed:
+            target = fxops.scaled_conv_transpose2d.default
+            args = (xd, xs, wd, ws, cbias, stride, padding, out_pad, int(groups or 1), dilation, dtype)
+        else:
+            target = fxops.scaled_conv2d.default
+            args = (xd, xs, wd, ws, cbias, stride, padding, dilation, int(groups or 1), dtype)
+        if not one_d:
+            return target, tuple(args)
+        with self.g.inserting_before(n):
+            conv = self.g.call_function(target, args)
+        info(conv).kind = "plumbing"
+        return aten.squeeze.dim, (conv, -2)
+
     # ------------------------------------------------------------------ rewrite
     def lower_node(self, n: fx.Node, positions: tuple[int, ...]) -> None:
         t = n.target
@@ -193,55 +232,14 @@ class Lowering:
             xd, xs = self.operand(a)
             wd, ws = self.weight(b, False)
             target, args = fxops.scaled_grouped_mm.default, (xd, xs, wd, ws, offs, dtype)
-        elif t in (aten.conv2d.default, aten.conv1d.default, aten.conv2d.padding, aten.conv1d.padding):
-            args = list(n.args) + [None] * (7 - len(n.args))
-            _, _, cbias, stride, padding, dilation, groups = args
-            if t in (aten.conv2d.padding, aten.conv1d.padding):
-                padding = _explicit_padding(padding or "valid", b.meta["val"].shape[2:], dilation or 1)
-                if padding is None:
-                    info(n).reasons.append('padding="same" with an even kernel (padded more on one side): high precision')
-                    return
-            if isinstance(padding, str) or not const_b:
-                info(n).reasons.append(f"{t.__name__.split('.')[0]} with string padding or a run-time weight: high precision")
-                return
-            xd, xs = self.operand(a)
-            wd, ws = self.weight(b, False)
-            one_d = t in (aten.conv1d.default, aten.conv1d.padding)
-            if one_d:  # conv1d(x, w) = conv2d over a height of 1: (.., C, L) -> (.., C, 1, L)
-                stride, padding, dilation = ([k, _pair(v)[0]] for k, v in ((1, stride or 1), (0, padding or 0), (1, dilation or 1)))
-                with self.g.inserting_before(n):
-                    xd = self.g.call_function(aten.unsqueeze.default, (xd, -2))
-                    wd = self.g.call_function(aten.unsqueeze.default, (wd, -2))
-            target = fxops.scaled_conv2d.default
-            args = (xd, xs, wd, ws, cbias, _pair(stride or 1), _pair(padding or 0), _pair(dilation or 1), int(groups or 1), dtype)
-            if one_d:  # the conv2d, then back to (.., C, L): ``n`` (its name and record) stays the result
-                with self.g.inserting_before(n):
-                    conv = self.g.call_function(target, args)
-                info(conv).kind = "plumbing"
-                target, args = aten.squeeze.dim, (conv, -2)
-        elif t in (aten.conv_transpose2d.input, aten.conv_transpose1d.default):
-            args = list(n.args) + [None] * (8 - len(n.args))
-            _, _, cbias, stride, padding, out_pad, groups, dilation = args
+        elif t in _CONVS:
             if not const_b:
-                info(n).reasons.append("transposed convolution with a run-time weight: high precision")
+                info(n).reasons.append(f"{t.__name__.split('.')[0]} with a run-time weight: high precision")
                 return
-            xd, xs = self.operand(a)
-            wd, ws = self.weight(b, False)
-            one_d = t is aten.conv_transpose1d.default
-            geo = [stride or 1, padding or 0, out_pad or 0, dilation or 1]
-            if one_d:  # as conv1d: over a height of 1, (.., C, L) -> (.., C, 1, L)
-                geo = [[k, _pair(v)[0]] for k, v in zip((1, 0, 0, 1), geo)]
-                with self.g.inserting_before(n):
-                    xd = self.g.call_function(aten.unsqueeze.default, (xd, -2))
-                    wd = self.g.call_function(aten.unsqueeze.default, (wd, -2))
-            stride, padding, out_pad, dilation = (_pair(v) for v in geo)
-            target = fxops.scaled_conv_transpose2d.default
-            args = (xd, xs, wd, ws, cbias, stride, padding, out_pad, int(groups or 1), dilation, dtype)
-            if one_d:
-                with self.g.inserting_before(n):
-                    conv = self.g.call_function(target, args)
-                info(conv).kind = "plumbing"
-                target, args = aten.squeeze.dim, (conv, -2)
+            lowered = self.conv(n, a, b, dtype)
+            if lowered is None:
+                return
+            target, args = lowered
         elif wt is not None and const_b and not const_a:
             xd, xs = self.operand(a)
             wd, ws = self.weight(b, wt)
@@ -306,9 +304,14 @@ def _scalar(v: float, device) -> Tensor:
     return torch.tensor(v, dtype=torch.float32, device=device)
 
 
+#: The convolutions lowered by :meth:`Lowering.conv`.
+_CONVS = (aten.conv2d.default, aten.conv1d.default, aten.conv2d.padding, aten.conv1d.padding,
+          aten.conv_transpose2d.input, aten.conv_transpose1d.default)
+
+
 def _explicit_padding(padding: str, kernel, dilation) -> list[int] | None:
     """``padding="valid"`` / ``"same"`` as the symmetric padding per dim, or None where "same"
-    pads one side more (an even ``dilation * (kernel - 1)``-free total: torch pads the end)."""
+    pads one side more (an odd total ``dilation * (kernel - 1)``: torch pads the end more)."""
     if padding == "valid":
         return [0] * len(kernel)
     dil = [int(dilation)] * len(kernel) if isinstance(dilation, int) else [int(d) for d in dilation]
